@@ -1,0 +1,266 @@
+"""The dataset catalog: built-in MovieLens entries, synthetic presets and archive layouts.
+
+A :class:`DatasetSpec` says where a dataset comes from (``url``), how to check it (``sha256``,
+``size``) and how to read it (``format``). User entries from ``flexmf.yaml`` are built with
+:func:`user_dataset`; the project config merges them with :func:`builtin_catalog`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+from flexmf_assets.errors import ConfigError
+
+GROUPLENS_BASE_URL = "https://files.grouplens.org/datasets/movielens/"
+MIRROR_ENV = "FLEXMF_MIRROR_URL"
+MIRROR_SUMS_ENV = "FLEXMF_MIRROR_SHA256SUMS"
+
+CANONICAL_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
+
+
+@dataclass(frozen=True)
+class ArchiveLayout:
+    """Where the ratings (and items) live inside a MovieLens-style archive and how they are written.
+
+    Files are found by base name anywhere in the archive (``ml-10m`` unpacks to ``ml-10M100K/``).
+    """
+
+    ratings_file: str
+    separator: str
+    has_header: bool
+    items_file: str | None = None
+    items_separator: str = ","
+    items_has_header: bool = True
+    encoding: str = "utf-8"
+    rating_scale: tuple[float, float] = (0.5, 5.0)
+    rating_step: float | None = 0.5
+
+
+_CSV_LAYOUT = ArchiveLayout("ratings.csv", ",", True, "movies.csv", ",", True)
+
+LAYOUTS: dict[str, ArchiveLayout] = {
+    "ml-latest-small": _CSV_LAYOUT,
+    "ml-latest": _CSV_LAYOUT,
+    "ml-100k": ArchiveLayout(
+        "u.data", "\t", False, "u.item", "|", False, encoding="latin-1",
+        rating_scale=(1.0, 5.0), rating_step=1.0,
+    ),
+    "ml-1m": ArchiveLayout(
+        "ratings.dat", "::", False, "movies.dat", "::", False, encoding="latin-1",
+        rating_scale=(1.0, 5.0), rating_step=1.0,
+    ),
+    "ml-10m": ArchiveLayout("ratings.dat", "::", False, "movies.dat", "::", False),
+    "ml-20m": _CSV_LAYOUT,
+    "ml-25m": _CSV_LAYOUT,
+    "ml-32m": _CSV_LAYOUT,
+}
+
+#: formats that are not archives
+PLAIN_FORMATS = ("csv", "parquet")
+SYNTHETIC_FORMAT = "synthetic"
+FORMATS = (*LAYOUTS, *PLAIN_FORMATS, SYNTHETIC_FORMAT)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset the code location offers (a ``dataset`` partition).
+
+    name: partition key.
+    url: ``http(s)://`` or ``file://`` location of the archive or file; None for synthetic data.
+    format: a key of :data:`LAYOUTS` (the archive layout), ``csv``/``parquet`` (a plain file read
+        with ``columns``) or ``synthetic``.
+    sha256, size: expected checksum and byte size, when known; a mismatch is an error.
+    columns: for csv/parquet, canonical column -> source column (``user_id``, ``item_id``,
+        ``rating`` required; ``timestamp`` optional).
+    separator, has_header: for csv.
+    rating_scale, rating_step: the declared scale, checked by validation.
+    preset: for synthetic entries, the generator preset name.
+    builtin: True for catalog entries (their checksums are enforced, never skipped).
+    """
+
+    name: str
+    format: str
+    url: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    columns: Mapping[str, str] | None = None
+    separator: str = ","
+    has_header: bool = True
+    rating_scale: tuple[float, float] = (0.5, 5.0)
+    rating_step: float | None = 0.5
+    preset: str | None = None
+    builtin: bool = False
+    description: str = ""
+
+    @property
+    def layout(self) -> ArchiveLayout | None:
+        return LAYOUTS.get(self.format)
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.format == SYNTHETIC_FORMAT
+
+
+def _ml(name: str, size: int | None = None, sha256: str | None = None, desc: str = "") -> DatasetSpec:
+    layout = LAYOUTS[name]
+    return DatasetSpec(
+        name=name,
+        format=name,
+        url=f"{GROUPLENS_BASE_URL}{name}.zip",
+        sha256=sha256,
+        size=size,
+        rating_scale=layout.rating_scale,
+        rating_step=layout.rating_step,
+        builtin=True,
+        description=desc,
+    )
+
+
+_BUILTIN_MOVIELENS = (
+    _ml("ml-latest-small", 978202, "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436",
+        "MovieLens latest small: 100,836 ratings, 610 users, 9,724 movies"),
+    _ml("ml-100k", 4924029, "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
+        "MovieLens 100K (1998): 100,000 ratings, 943 users, 1,682 movies"),
+    _ml("ml-1m", 5917549, "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+        "MovieLens 1M (2003): 1,000,209 ratings, 6,040 users, 3,706 movies"),
+    _ml("ml-10m", desc="MovieLens 10M (2009): 10,000,054 ratings, 69,878 users, 10,677 movies"),
+    _ml("ml-20m", 198702078, "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3",
+        "MovieLens 20M (2015): 20,000,263 ratings"),
+    _ml("ml-25m", 261978986, "8b21cfb7eb1706b4ec0aac894368d90acf26ebdfb6aced3ebd4ad5bd1eb9c6aa",
+        "MovieLens 25M (2019): 25,000,095 ratings"),
+    _ml("ml-32m", desc="MovieLens 32M (2024): 32,000,204 ratings"),
+)
+
+#: synthetic presets: name -> approximate rating count (see datasets.synthetic)
+SYNTHETIC_PRESETS = ("synthetic-100k", "synthetic-1m", "synthetic-10m", "synthetic-25m")
+
+
+def _synthetic(name: str) -> DatasetSpec:
+    return DatasetSpec(
+        name=name, format=SYNTHETIC_FORMAT, preset=name, builtin=True,
+        description=f"Seeded synthetic ratings shaped like MovieLens ({name.split('-')[1]} ratings)",
+    )
+
+
+def _read_sums(path: str) -> dict[str, str]:
+    """Parse a ``sha256sum``-style file: '<hex>  <file name>' per line."""
+    sums: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                parts = line.split()
+                if len(parts) != 2 or len(parts[0]) != 64:
+                    raise ConfigError(f"{MIRROR_SUMS_ENV}: {path} line {lineno} is not '<sha256>  <file>'")
+                sums[parts[1].lstrip("*")] = parts[0].lower()
+    except OSError as exc:
+        raise ConfigError(f"{MIRROR_SUMS_ENV}: cannot read {path}: {exc.strerror}") from None
+    return sums
+
+
+def builtin_catalog(env: Mapping[str, str] | None = None) -> dict[str, DatasetSpec]:
+    """The built-in entries, with ``FLEXMF_MIRROR_URL`` applied to the MovieLens ones.
+
+    A mirror normally serves byte-identical archives, so the catalog checksums still apply. A
+    mirror that repacks them publishes its own sums: ``FLEXMF_MIRROR_SHA256SUMS`` names a
+    ``sha256sum``-style file whose entries replace the catalog's checksum (and drop the size) of
+    the archives it lists.
+    """
+    env = os.environ if env is None else env
+    mirror = env.get(MIRROR_ENV, "").strip()
+    sums = _read_sums(env[MIRROR_SUMS_ENV]) if env.get(MIRROR_SUMS_ENV, "").strip() else {}
+    out: dict[str, DatasetSpec] = {}
+    for spec in _BUILTIN_MOVIELENS:
+        if mirror:
+            spec = replace(spec, url=mirror.rstrip("/") + "/" + f"{spec.name}.zip")
+        file_name = f"{spec.name}.zip"
+        if file_name in sums:
+            spec = replace(spec, sha256=sums[file_name], size=None)
+        out[spec.name] = spec
+    for name in SYNTHETIC_PRESETS:
+        out[name] = _synthetic(name)
+    return out
+
+
+_USER_KEYS = ("url", "format", "sha256", "size", "columns", "separator", "has_header",
+              "rating_scale", "rating_step", "description")
+
+
+def user_dataset(name: str, entry: Mapping[str, object], *, where: str = "flexmf.yaml") -> DatasetSpec:
+    """Build a :class:`DatasetSpec` from a ``flexmf.yaml`` ``datasets:`` entry, validating it."""
+    from flexmf_assets.flexmf._config import suggest
+
+    at = f"{where} datasets.{name}"
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{at}: expected a mapping with url and format, got {type(entry).__name__}")
+    for key in entry:
+        if key not in _USER_KEYS:
+            raise ConfigError(f"{at}: unknown key {key!r}{suggest(str(key), list(_USER_KEYS))}; "
+                              f"valid keys: {', '.join(_USER_KEYS)}")
+    url = entry.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://", "file://")):
+        raise ConfigError(f"{at}.url: must be an http://, https:// or file:// URL, got {url!r}")
+    fmt = entry.get("format")
+    if fmt not in LAYOUTS and fmt not in PLAIN_FORMATS:
+        raise ConfigError(
+            f"{at}.format: {fmt!r} is not one of {', '.join([*LAYOUTS, *PLAIN_FORMATS])}"
+            f"{suggest(str(fmt), [*LAYOUTS, *PLAIN_FORMATS])}"
+        )
+    sha = entry.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64
+                            or any(c not in "0123456789abcdefABCDEF" for c in sha)):
+        raise ConfigError(f"{at}.sha256: expected 64 hex digits, got {sha!r}")
+    size = entry.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+        raise ConfigError(f"{at}.size: expected a positive integer (bytes), got {size!r}")
+    columns = entry.get("columns")
+    if fmt in PLAIN_FORMATS:
+        if not isinstance(columns, Mapping):
+            raise ConfigError(f"{at}.columns: format {fmt!r} needs a column mapping, e.g. "
+                              "{user_id: userId, item_id: movieId, rating: rating, timestamp: ts}")
+        for key in columns:
+            if key not in CANONICAL_COLUMNS:
+                raise ConfigError(f"{at}.columns: unknown canonical column {key!r}"
+                                  f"{suggest(str(key), list(CANONICAL_COLUMNS))}; "
+                                  f"valid: {', '.join(CANONICAL_COLUMNS)}")
+        for required in ("user_id", "item_id", "rating"):
+            if required not in columns:
+                raise ConfigError(f"{at}.columns: missing required column {required!r}")
+    elif columns is not None:
+        raise ConfigError(f"{at}.columns: only csv/parquet formats take a column mapping")
+    layout = LAYOUTS.get(str(fmt))
+    scale = entry.get("rating_scale", layout.rating_scale if layout else (0.5, 5.0))
+    if (not isinstance(scale, (list, tuple)) or len(scale) != 2
+            or not all(isinstance(v, (int, float)) for v in scale) or scale[0] >= scale[1]):
+        raise ConfigError(f"{at}.rating_scale: expected [low, high] with low < high, got {scale!r}")
+    step = entry.get("rating_step", layout.rating_step if layout else None)
+    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
+        raise ConfigError(f"{at}.rating_step: expected a positive number or null, got {step!r}")
+    sep = entry.get("separator", ",")
+    if not isinstance(sep, str) or not sep:
+        raise ConfigError(f"{at}.separator: expected a non-empty string, got {sep!r}")
+    return DatasetSpec(
+        name=name,
+        format=str(fmt),
+        url=url,
+        sha256=sha.lower() if isinstance(sha, str) else None,
+        size=size,  # type: ignore[arg-type]
+        columns=dict(columns) if isinstance(columns, Mapping) else None,  # type: ignore[arg-type]
+        separator=sep,
+        has_header=bool(entry.get("has_header", True)),
+        rating_scale=(float(scale[0]), float(scale[1])),
+        rating_step=float(step) if step is not None else None,
+        builtin=False,
+        description=str(entry.get("description", "")),
+    )
+
+
+__all__ = [
+    "ArchiveLayout", "DatasetSpec", "LAYOUTS", "FORMATS", "PLAIN_FORMATS", "SYNTHETIC_FORMAT",
+    "SYNTHETIC_PRESETS", "CANONICAL_COLUMNS", "GROUPLENS_BASE_URL", "MIRROR_ENV", "MIRROR_SUMS_ENV",
+    "builtin_catalog", "user_dataset",
+]

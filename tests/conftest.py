@@ -1,0 +1,77 @@
+"""Shared fixtures: a real HTTP server on 127.0.0.1, the shared MovieLens archive, temp dirs."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ZIP = REPO.parent / "shared" / "data" / "movielens" / "ml-latest-small.zip"
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+        pass
+
+
+class LoopbackServer:
+    """A real threaded HTTP server on 127.0.0.1 serving ``root``; ``url(name)`` gives a file's URL."""
+
+    def __init__(self, root: Path, handler_cls=_QuietHandler):
+        self.root = Path(root)
+        handler = functools.partial(handler_cls, directory=str(self.root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_root(tmp_path) -> Path:
+    root = tmp_path / "www"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def http_server(http_root):
+    server = LoopbackServer(http_root)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def movielens_zip() -> Path:
+    if not SHARED_ZIP.exists():
+        pytest.skip(f"{SHARED_ZIP} is not present")
+    return SHARED_ZIP
+
+
+@pytest.fixture(scope="session")
+def movielens_server(tmp_path_factory, movielens_zip):
+    """Serves ml-latest-small.zip as ``/ml-latest-small.zip`` (a GroupLens-like mirror) on loopback."""
+    root = tmp_path_factory.mktemp("mirror")
+    shutil.copy(movielens_zip, root / "ml-latest-small.zip")
+    server = LoopbackServer(root)
+    yield server
+    server.close()
