@@ -1,0 +1,133 @@
+"""``flexmf``: register hyperparameter partitions, materialize the graph, start the UI.
+
+    flexmf register                      # add flexmf.yaml's hparams sets as dynamic partitions
+    flexmf materialize                   # data + explicit/implicit `default` for the default dataset
+    flexmf materialize --dataset ml-1m --explicit tuned --implicit bpr warp
+    flexmf dev                           # dagster dev on 127.0.0.1 with the project's DAGSTER_HOME
+
+Runs are recorded in the instance at ``$DAGSTER_HOME`` (default ``data/dagster_home``), so the UI shows
+them. Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from flexmf_assets.errors import FlexMFError
+from flexmf_assets.project import TRACKS, ProjectConfig, load_project
+
+
+def _ensure_home(project: ProjectConfig) -> str:
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        home = str(project.dagster_home)
+        os.environ["DAGSTER_HOME"] = home
+    os.makedirs(home, exist_ok=True)
+    return home
+
+
+def register(project: ProjectConfig, instance=None) -> dict[str, list[str]]:
+    """Add every named hparams set of the file as a dynamic partition; returns the new names per track."""
+    import dagster as dg
+
+    from flexmf_assets.defs.partitions import HPARAMS_PARTITIONS
+
+    instance = instance or dg.DagsterInstance.get()
+    added: dict[str, list[str]] = {}
+    for track in TRACKS:
+        pdef = HPARAMS_PARTITIONS[track]
+        existing = set(instance.get_dynamic_partitions(pdef.name))
+        new = [name for name in project.hparam_sets(track) if name not in existing]
+        for name in new:
+            project.resolve_hparams(track, name)  # a set that does not build is never registered
+        if new:
+            instance.add_dynamic_partitions(pdef.name, new)
+        added[track] = new
+    return added
+
+
+def materialize(project: ProjectConfig, dataset: str, sets: dict[str, list[str]], *, instance=None) -> bool:
+    import dagster as dg
+
+    from flexmf_assets.defs.definitions import build_definitions
+
+    instance = instance or dg.DagsterInstance.get()
+    project.dataset(dataset)
+    for track, names in sets.items():
+        for name in names:
+            project.resolve_hparams(track, name)
+            if name not in instance.get_dynamic_partitions(f"{track}_hparams"):
+                instance.add_dynamic_partitions(f"{track}_hparams", [name])
+    defs = build_definitions(project)
+    jobs = [("data_job", dataset)] + [
+        (f"{track}_job", dg.MultiPartitionKey({"dataset": dataset, "hparams": name}))
+        for track, names in sets.items() for name in names
+    ]
+    for job_name, key in jobs:
+        print(f"flexmf: {job_name} {key} ...", flush=True)
+        result = defs.resolve_job_def(job_name).execute_in_process(
+            instance=instance, partition_key=key, raise_on_error=False)
+        if not result.success:
+            failure = next((e for e in result.all_events if e.is_failure), None)
+            msg = failure.message if failure is not None else "see the run in the UI"
+            print(f"flexmf: error: {job_name} {key} failed (run {result.run_id}): {msg}", file=sys.stderr)
+            return False
+        print(f"flexmf: {job_name} {key} succeeded (run {result.run_id})", flush=True)
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flexmf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="path of flexmf.yaml (default: $FLEXMF_CONFIG or ./flexmf.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("register", help="register flexmf.yaml's hyperparameter sets as partitions")
+    mat = sub.add_parser("materialize", help="materialize data and model partitions in the instance")
+    mat.add_argument("--dataset", help="dataset partition (default: flexmf.yaml default_dataset)")
+    mat.add_argument("--explicit", nargs="*", default=None, metavar="SET",
+                     help="explicit hparams sets (default: default; none to skip)")
+    mat.add_argument("--implicit", nargs="*", default=None, metavar="SET",
+                     help="implicit hparams sets (default: default; none to skip)")
+    mat.add_argument("--data-only", action="store_true", help="only the data assets")
+    dev = sub.add_parser("dev", help="start `dagster dev` (webserver + daemon) on 127.0.0.1")
+    dev.add_argument("--port", default="3000")
+    dev.add_argument("--host", default="127.0.0.1",
+                     help="bind address; 0.0.0.0 exposes the UI to the network (see docs/operations.md)")
+    args = parser.parse_args(argv)
+    try:
+        project = load_project(args.config)
+        if args.config:
+            os.environ["FLEXMF_CONFIG"] = os.path.abspath(args.config)
+        home = _ensure_home(project)
+        if args.command == "register":
+            added = register(project)
+            for track, names in added.items():
+                print(f"flexmf: {track}_hparams: {len(names)} new partition(s)"
+                      + (f": {', '.join(names)}" if names else ""))
+            return 0
+        if args.command == "materialize":
+            sets = {"explicit": ["default"] if args.explicit is None else args.explicit,
+                    "implicit": ["default"] if args.implicit is None else args.implicit}
+            if args.data_only:
+                sets = {}
+            register(project)
+            ok = materialize(project, args.dataset or project.default_dataset, sets)
+            return 0 if ok else 1
+        if args.command == "dev":
+            print(f"flexmf: DAGSTER_HOME={home}", flush=True)
+            os.execvp("dagster", ["dagster", "dev", "-h", args.host, "-p", args.port])
+    except FlexMFError as exc:
+        print(f"flexmf: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register_main() -> int:
+    """``flexmf-register``: same as ``flexmf register``."""
+    return main([*sys.argv[1:], "register"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

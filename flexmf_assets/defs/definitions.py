@@ -1,0 +1,53 @@
+"""Assemble the code location: assets by stage, resources, IO manager, jobs.
+
+``defs`` is built from ``flexmf.yaml`` (``$FLEXMF_CONFIG``) at load time; tests call
+:func:`build_definitions` with their own project config.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from flexmf_assets.defs.assets.data import build_data_assets
+from flexmf_assets.defs.assets.models import build_track_assets
+from flexmf_assets.defs.io_managers import FlexMFIOManager
+from flexmf_assets.defs.partitions import dataset_partitions
+from flexmf_assets.defs.resources import DeviceResource, ProjectResource
+from flexmf_assets.project import ProjectConfig, load_project
+
+DATA_GROUP = "data"
+
+
+def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
+                      storage_dir: str | None = None) -> dg.Definitions:
+    datasets = dataset_partitions(project)
+    data_assets = build_data_assets(project, datasets)
+    model_assets = [a for track in ("explicit", "implicit") for a in build_track_assets(project, track)]
+    device = project.device
+    resources = {
+        "project_config": ProjectResource(config_path=config_path or (str(project.path) if project.path else None)),
+        "device": DeviceResource(
+            device=str(device.get("device", "auto")),
+            threads=device.get("threads"),
+            matmul_precision=str(device.get("matmul_precision", "highest")),
+            allow_fallback=bool(device.get("allow_fallback", False)),
+        ),
+        "io_manager": FlexMFIOManager(base_dir=storage_dir or str(project.storage_dir)),
+    }
+    jobs = [
+        dg.define_asset_job("data_job", selection=dg.AssetSelection.groups(DATA_GROUP),
+                            description="Download, parse, validate and split one dataset partition."),
+        dg.define_asset_job("explicit_job", selection=dg.AssetSelection.groups("explicit"),
+                            description="Train, evaluate and publish one dataset|hparams explicit partition."),
+        dg.define_asset_job("implicit_job", selection=dg.AssetSelection.groups("implicit"),
+                            description="Train, evaluate and publish one dataset|hparams implicit partition."),
+    ]
+    return dg.Definitions(
+        assets=[*data_assets, *model_assets],
+        resources=resources,
+        jobs=jobs,
+        executor=dg.multiprocess_executor,
+    )
+
+
+defs = build_definitions(load_project())

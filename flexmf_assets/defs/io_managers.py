@@ -1,0 +1,220 @@
+"""Our storage layer: polars frames, frame bundles, JSON records and models, written atomically.
+
+Each asset partition lives in a folder holding immutable version folders and a ``CURRENT`` pointer:
+
+    <base>/<asset key>/<dataset>/<hparams>/CURRENT          -> "v-<ns>-<id>"
+    <base>/<asset key>/<dataset>/<hparams>/v-<ns>-<id>/manifest.json, data.parquet | <name>.parquet | model/
+
+A writer fills a fresh version folder, writes ``manifest.json`` last, then replaces ``CURRENT``
+(``os.replace`` locally; a single PUT on object stores). Readers follow ``CURRENT``, so a run killed
+mid-write leaves the previous materialization readable, and two writers of one partition never tear
+each other's files: the last pointer written wins. Superseded versions are pruned after a grace period.
+
+dagster-polars does not work with polars 2.x, hence this small manager on ``UPathIOManager``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+from upath import UPath
+
+POINTER = "CURRENT"
+MANIFEST = "manifest.json"
+
+#: model classes the manager may load: name -> module (never arbitrary import paths from disk)
+MODEL_CLASSES = {
+    "FlexMFExplicitScorer": "flexmf_assets.flexmf.explicit",
+    "FlexMFImplicitScorer": "flexmf_assets.flexmf.implicit",
+}
+
+
+def _is_local(path: UPath) -> bool:
+    return getattr(path, "protocol", "") in ("", "file", "local")
+
+
+def _local(path: UPath) -> Path:
+    return Path(path.path if hasattr(path, "path") else str(path))
+
+
+def _atomic_write_text(path: UPath, text: str) -> None:
+    if _is_local(path):
+        target = _local(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    else:  # object stores: a single PUT is atomic
+        path.write_text(text, encoding="utf-8")
+
+
+def current_version(partition_dir: UPath) -> UPath | None:
+    """The version folder ``CURRENT`` points at, or None when nothing was materialized."""
+    pointer = partition_dir / POINTER
+    if not pointer.exists():
+        return None
+    name = pointer.read_text(encoding="utf-8").strip()
+    if not name.startswith("v-") or "/" in name or ".." in name:
+        raise ValueError(f"{pointer}: corrupt pointer {name!r}")
+    return partition_dir / name
+
+
+def read_manifest(version_dir: UPath) -> dict[str, Any]:
+    return json.loads((version_dir / MANIFEST).read_text(encoding="utf-8"))
+
+
+class VersionedStore:
+    """The write/read protocol described in the module docstring, usable without Dagster too."""
+
+    def __init__(self, retain_seconds: float = 3600.0):
+        self.retain_seconds = retain_seconds
+
+    # -- writing ----------------------------------------------------------------------
+    def write(self, partition_dir: UPath, obj: Any, *, crash_before_commit: bool = False) -> tuple[UPath, dict]:
+        name = f"v-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        version = partition_dir / name
+        if _is_local(version):
+            _local(version).mkdir(parents=True, exist_ok=False)
+            manifest = self._dump(obj, _local(version))
+        else:
+            with tempfile.TemporaryDirectory(prefix="flexmf-") as tmp:
+                manifest = self._dump(obj, Path(tmp))
+                for file in sorted(Path(tmp).rglob("*")):
+                    if file.is_file() and file.name != MANIFEST:
+                        (version / file.relative_to(tmp).as_posix()).write_bytes(file.read_bytes())
+        _atomic_write_text(version / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        if crash_before_commit:  # fault injection for the reliability tests
+            raise RuntimeError("simulated crash between write and pointer switch")
+        _atomic_write_text(partition_dir / POINTER, name)
+        self._prune(partition_dir, keep=name)
+        return version, manifest
+
+    def _dump(self, obj: Any, folder: Path) -> dict[str, Any]:
+        if isinstance(obj, pl.DataFrame):
+            obj.write_parquet(folder / "data.parquet")
+            return {"kind": "frame", "files": ["data.parquet"], "rows": obj.height}
+        if isinstance(obj, dict) and obj and all(isinstance(v, pl.DataFrame) for v in obj.values()):
+            files = []
+            for key, frame in obj.items():
+                if not str(key).isidentifier():
+                    raise ValueError(f"frame bundle key {key!r} is not a plain name")
+                frame.write_parquet(folder / f"{key}.parquet")
+                files.append(f"{key}.parquet")
+            return {"kind": "frames", "files": files, "rows": {k: v.height for k, v in obj.items()}}
+        cls_name = type(obj).__name__
+        if cls_name in MODEL_CLASSES and hasattr(obj, "save"):
+            obj.save(folder / "model")
+            return {"kind": "model", "class": cls_name, "files": ["model"]}
+        if isinstance(obj, dict):
+            (folder / "value.json").write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            return {"kind": "json", "files": ["value.json"]}
+        raise TypeError(f"cannot store a {cls_name}: expected a polars DataFrame, a dict of them, "
+                        "a JSON-able dict or a FlexMF scorer")
+
+    def _prune(self, partition_dir: UPath, keep: str) -> None:
+        """Remove superseded versions older than ``keep`` and older than the grace period."""
+        now = time.time_ns()
+        try:
+            entries = list(partition_dir.iterdir())
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            name = entry.name
+            if not name.startswith("v-") or name >= keep:
+                continue
+            try:
+                written_ns = int(name.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            if (now - written_ns) / 1e9 < self.retain_seconds:
+                continue
+            if _is_local(entry):
+                shutil.rmtree(_local(entry), ignore_errors=True)
+            else:
+                entry.fs.rm(entry.path, recursive=True)
+
+    # -- reading ----------------------------------------------------------------------
+    def read(self, partition_dir: UPath, *, device: Any = None) -> Any:
+        version = current_version(partition_dir)
+        if version is None:
+            raise FileNotFoundError(f"{partition_dir}: nothing materialized yet (no {POINTER})")
+        manifest = read_manifest(version)
+        kind = manifest.get("kind")
+        if kind == "frame":
+            return pl.read_parquet(self._local_file(version / "data.parquet"))
+        if kind == "frames":
+            return {f[: -len(".parquet")]: pl.read_parquet(self._local_file(version / f)) for f in manifest["files"]}
+        if kind == "json":
+            return json.loads((version / "value.json").read_text(encoding="utf-8"))
+        if kind == "model":
+            cls_name = manifest.get("class")
+            if cls_name not in MODEL_CLASSES:
+                raise ValueError(f"{version}: unknown model class {cls_name!r}")
+            cls = getattr(importlib.import_module(MODEL_CLASSES[cls_name]), cls_name)
+            return cls.load(self._local_dir(version / "model"), device=device)
+        raise ValueError(f"{version / MANIFEST}: unknown kind {kind!r}")
+
+    def _local_file(self, path: UPath) -> Any:
+        return _local(path) if _is_local(path) else io.BytesIO(path.read_bytes())
+
+    def _local_dir(self, path: UPath) -> Path:
+        if _is_local(path):
+            return _local(path)
+        tmp = Path(tempfile.mkdtemp(prefix="flexmf-model-"))
+        path.fs.get(path.path, str(tmp), recursive=True)
+        return tmp / path.name if (tmp / path.name).exists() else tmp
+
+
+class _FlexMFUPathIOManager(dg.UPathIOManager):
+    def __init__(self, base_path: UPath, store: VersionedStore):
+        super().__init__(base_path=base_path)
+        self.store = store
+
+    def make_safe_partition_path(self, base_path: UPath, partition: str) -> UPath:
+        from dagster._core.storage.upath_io_manager import escape_dotdot_segments, escape_leading_slash
+
+        return base_path / escape_dotdot_segments(escape_leading_slash(partition))
+
+    def has_output(self, context: dg.OutputContext) -> bool:  # pragma: no cover - UI helper
+        return current_version(self._get_path(context)) is not None
+
+    def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
+        version, manifest = self.store.write(path, obj)
+        context.add_output_metadata({
+            "storage_version": dg.MetadataValue.path(str(version)),
+            "storage_kind": manifest["kind"],
+        })
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
+        return self.store.read(path)
+
+    def path_exists(self, path: UPath) -> bool:
+        return (path / POINTER).exists()
+
+
+class FlexMFIOManager(dg.ConfigurableIOManagerFactory):
+    """Stores every asset of the project under ``base_dir`` (a local path or an fsspec URL)."""
+
+    base_dir: str
+    retain_seconds: float = 3600.0
+
+    def create_io_manager(self, context) -> _FlexMFUPathIOManager:
+        return _FlexMFUPathIOManager(UPath(self.base_dir), VersionedStore(self.retain_seconds))

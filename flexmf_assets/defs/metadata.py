@@ -1,0 +1,54 @@
+"""Helpers that turn frames and dicts into Dagster metadata values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def md_table(frame: pl.DataFrame, max_rows: int = 20) -> dg.MarkdownMetadataValue:
+    """A Markdown table of the first ``max_rows`` rows."""
+    head = frame.head(max_rows)
+    lines = ["| " + " | ".join(head.columns) + " |", "|" + "---|" * len(head.columns)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in head.iter_rows()]
+    if frame.height > max_rows:
+        lines.append(f"\n_{frame.height - max_rows:,} more rows_")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def frame_stats(ratings: pl.DataFrame) -> dict[str, Any]:
+    users = ratings["user_id"].n_unique() if ratings.height else 0
+    items = ratings["item_id"].n_unique() if ratings.height else 0
+    density = ratings.height / (users * items) if users and items else 0.0
+    return {"rows": ratings.height, "users": users, "items": items, "density": round(density, 6)}
+
+
+def rating_histogram(ratings: pl.DataFrame) -> dg.MarkdownMetadataValue:
+    hist = ratings.group_by("rating").len().sort("rating").rename({"len": "count"})
+    return md_table(hist, max_rows=50)
+
+
+def column_schema(frame: pl.DataFrame) -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(n, str(t)) for n, t in frame.schema.items()])
+
+
+def jsonable(value: Any) -> Any:
+    """Recursively convert numpy scalars/tuples so a value fits MetadataValue.json."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    try:
+        return value.item()
+    except AttributeError:
+        return str(value)

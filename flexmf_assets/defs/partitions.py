@@ -1,0 +1,45 @@
+"""Partitions: a static ``dataset`` dimension and one dynamic hyperparameter-set dimension per track.
+
+A model partition key reads ``"<dataset>|<hparams>"`` (Dagster sorts dimensions by name).
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from flexmf_assets.project import ProjectConfig
+
+DATASET_DIM = "dataset"
+HPARAMS_DIM = "hparams"
+
+explicit_hparams_partitions = dg.DynamicPartitionsDefinition(name="explicit_hparams")
+implicit_hparams_partitions = dg.DynamicPartitionsDefinition(name="implicit_hparams")
+
+HPARAMS_PARTITIONS = {
+    "explicit": explicit_hparams_partitions,
+    "implicit": implicit_hparams_partitions,
+}
+
+
+def dataset_partitions(project: ProjectConfig) -> dg.StaticPartitionsDefinition:
+    return dg.StaticPartitionsDefinition(list(project.datasets))
+
+
+def model_partitions(project: ProjectConfig, track: str) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition(
+        {DATASET_DIM: dataset_partitions(project), HPARAMS_DIM: HPARAMS_PARTITIONS[track]}
+    )
+
+
+#: downstream model assets read the dataset's split through the ``dataset`` dimension
+BY_DATASET = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=DATASET_DIM)
+
+
+def split_key(context: dg.AssetExecutionContext) -> tuple[str, str]:
+    """(dataset, hparams) of a model-partitioned run."""
+    key = context.partition_key
+    if isinstance(key, dg.MultiPartitionKey):
+        dims = key.keys_by_dimension
+    else:
+        dims = dict(zip((DATASET_DIM, HPARAMS_DIM), str(key).split("|", 1)))
+    return dims[DATASET_DIM], dims[HPARAMS_DIM]

@@ -1,0 +1,273 @@
+"""The project config file ``flexmf.yaml``: datasets, split, device, hyperparameter sets, schedule.
+
+Loaded by the Dagster layer and the CLI; no Dagster import here. The file is found at
+``$FLEXMF_CONFIG`` or ``./flexmf.yaml``; a missing default file means "built-in defaults only".
+Local state lives under ``$FLEXMF_DATA_DIR`` or ``data/`` beside the config file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from flexmf_assets.datasets.catalog import DatasetSpec, builtin_catalog, user_dataset
+from flexmf_assets.errors import ConfigError
+from flexmf_assets.flexmf._config import suggest
+
+CONFIG_ENV = "FLEXMF_CONFIG"
+DATA_DIR_ENV = "FLEXMF_DATA_DIR"
+CONFIG_FILE = "flexmf.yaml"
+
+TRACKS = ("explicit", "implicit")
+
+_TOP_KEYS = (
+    "default_dataset", "datasets", "split", "download", "device", "recommendations",
+    "explicit_hparams", "implicit_hparams", "explicit_grid", "implicit_grid", "sweep", "schedule",
+    "validation",
+)
+_DOWNLOAD_KEYS = ("timeout", "retries", "allowed_file_roots")
+_DEVICE_KEYS = ("device", "threads", "matmul_precision", "allow_fallback")
+_RECS_KEYS = ("n",)
+_SWEEP_KEYS = ("datasets",)
+_SCHEDULE_KEYS = ("cron", "enabled", "timezone")
+_VALIDATION_KEYS = ("min_rows",)
+
+#: built-in hyperparameter sets, extended/overridden by the file
+BUILTIN_SETS: dict[str, dict[str, dict[str, Any]]] = {
+    "explicit": {"default": {}},
+    "implicit": {"default": {}, "bpr": {"preset": "bpr"}, "warp": {"preset": "warp"}},
+}
+
+
+def _check_keys(where: str, data: Mapping[str, Any], valid: tuple[str, ...]) -> None:
+    for key in data:
+        if key not in valid:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{suggest(str(key), list(valid))}; valid keys: {', '.join(valid)}"
+            )
+
+
+def _mapping(where: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+    return dict(value)
+
+
+def config_class(track: str):
+    """The scorer config class of a track (imported lazily: torch is heavy)."""
+    if track == "explicit":
+        from flexmf_assets.flexmf.config import FlexMFExplicitConfig
+
+        return FlexMFExplicitConfig
+    if track == "implicit":
+        from flexmf_assets.flexmf.implicit_config import FlexMFImplicitConfig
+
+        return FlexMFImplicitConfig
+    raise ConfigError(f"unknown track {track!r}; valid: {', '.join(TRACKS)}")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def expand_grid(where: str, grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Expand ``{base: {...}, field: [v1, v2], ...}`` to named sets.
+
+    Names are the varying fields as ``field=value`` pairs joined by commas in file order, so a
+    grid set's name is also a valid UI-style override key.
+    """
+    grid = dict(grid)
+    base = _mapping(f"{where}.base", grid.pop("base", None))
+    axes: list[tuple[str, list[Any]]] = []
+    for name, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.{name}: expected a non-empty list of values, got {values!r}")
+        axes.append((str(name), values))
+    if not axes:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for combo in itertools.product(*(values for _, values in axes)):
+        params = dict(zip((n for n, _ in axes), combo))
+        key = ",".join(f"{n}={_format_value(v)}" for n, v in params.items())
+        out[key] = {**base, **params}
+    return out
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """The parsed ``flexmf.yaml`` (or the built-in defaults when there is no file)."""
+
+    path: Path | None
+    data_dir: Path
+    datasets: dict[str, DatasetSpec]
+    default_dataset: str = "ml-latest-small"
+    split: dict[str, Any] = field(default_factory=dict)
+    download: dict[str, Any] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
+    recommendations_n: int = 20
+    hparams: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    swept_datasets: tuple[str, ...] = ("ml-latest-small",)
+    schedule: dict[str, Any] = field(default_factory=dict)
+    min_rows: int | None = None
+
+    # -- paths ---------------------------------------------------------------------------
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "storage"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.data_dir / "dagster_home"
+
+    # -- datasets ------------------------------------------------------------------------
+    def dataset(self, name: str) -> DatasetSpec:
+        try:
+            return self.datasets[name]
+        except KeyError:
+            raise ConfigError(
+                f"dataset {name!r} is not in the catalog{suggest(name, list(self.datasets))}; "
+                f"known: {', '.join(self.datasets)}"
+            ) from None
+
+    def split_config(self):
+        from flexmf_assets.datasets.split import SplitConfig
+
+        return SplitConfig.from_dict(self.split, where=f"{self._where} split")
+
+    def allowed_file_roots(self) -> list[Path] | None:
+        roots = self.download.get("allowed_file_roots")
+        if not roots:
+            return None
+        base = self.path.parent if self.path else Path.cwd()
+        return [(base / r).resolve() for r in roots]
+
+    # -- hyperparameters -----------------------------------------------------------------
+    @property
+    def _where(self) -> str:
+        return str(self.path.name if self.path else "built-in defaults")
+
+    def hparam_sets(self, track: str) -> dict[str, dict[str, Any]]:
+        return dict(self.hparams.get(track, {}))
+
+    def resolve_hparams(self, track: str, key: str):
+        """The config object for hparams partition ``key``: a named set, else a UI-style override key.
+
+        A key that is neither raises :class:`ConfigError` listing the valid fields.
+        """
+        cls = config_class(track)
+        sets = self.hparams.get(track, {})
+        if key in sets:
+            return cls.from_dict(sets[key], where=f"{self._where} {track}_hparams.{key}")
+        overrides = cls.parse_overrides(key)
+        base = sets.get("default", {})
+        return cls.from_dict({**base, **overrides}, where=f"{track} hparams partition {key!r}")
+
+
+def config_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get(CONFIG_ENV) or CONFIG_FILE).expanduser().resolve()
+
+
+def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> ProjectConfig:
+    """Load and validate ``flexmf.yaml``. Unknown keys suggest the close match."""
+    env = os.environ if env is None else env
+    explicit_path = path is not None or bool(env.get(CONFIG_ENV))
+    cfg_path = Path(path).expanduser().resolve() if path is not None else config_path(env)
+    raw: dict[str, Any] = {}
+    if cfg_path.exists():
+        try:
+            loaded = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{cfg_path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raw = _mapping(str(cfg_path), loaded)
+    elif explicit_path:
+        raise ConfigError(f"{CONFIG_ENV}: config file {cfg_path} does not exist")
+    else:
+        cfg_path = None  # type: ignore[assignment]
+    where = cfg_path.name if cfg_path else "built-in defaults"
+    _check_keys(where, raw, _TOP_KEYS)
+
+    base_dir = cfg_path.parent if cfg_path else Path.cwd()
+    data_dir = Path(env.get(DATA_DIR_ENV) or (base_dir / "data")).expanduser().resolve()
+
+    datasets = builtin_catalog(env)
+    for name, entry in _mapping(f"{where} datasets", raw.get("datasets")).items():
+        datasets[str(name)] = user_dataset(str(name), entry, where=where)
+
+    default_dataset = raw.get("default_dataset", "ml-latest-small")
+    if default_dataset not in datasets:
+        raise ConfigError(f"{where} default_dataset: {default_dataset!r} is not a known dataset"
+                          f"{suggest(str(default_dataset), list(datasets))}")
+
+    download = _mapping(f"{where} download", raw.get("download"))
+    _check_keys(f"{where} download", download, _DOWNLOAD_KEYS)
+    device = _mapping(f"{where} device", raw.get("device"))
+    _check_keys(f"{where} device", device, _DEVICE_KEYS)
+    recs = _mapping(f"{where} recommendations", raw.get("recommendations"))
+    _check_keys(f"{where} recommendations", recs, _RECS_KEYS)
+    n = recs.get("n", 20)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"{where} recommendations.n: expected a positive integer, got {n!r}")
+    validation = _mapping(f"{where} validation", raw.get("validation"))
+    _check_keys(f"{where} validation", validation, _VALIDATION_KEYS)
+    min_rows = validation.get("min_rows")
+    if min_rows is not None and (not isinstance(min_rows, int) or min_rows < 1):
+        raise ConfigError(f"{where} validation.min_rows: expected a positive integer, got {min_rows!r}")
+
+    hparams: dict[str, dict[str, dict[str, Any]]] = {}
+    for track in TRACKS:
+        sets = {k: dict(v) for k, v in BUILTIN_SETS[track].items()}
+        for name, entry in _mapping(f"{where} {track}_hparams", raw.get(f"{track}_hparams")).items():
+            sets[str(name)] = _mapping(f"{where} {track}_hparams.{name}", entry)
+        grid = raw.get(f"{track}_grid")
+        if grid is not None:
+            sets.update(expand_grid(f"{where} {track}_grid", _mapping(f"{where} {track}_grid", grid)))
+        hparams[track] = sets
+
+    sweep = _mapping(f"{where} sweep", raw.get("sweep"))
+    _check_keys(f"{where} sweep", sweep, _SWEEP_KEYS)
+    swept = sweep.get("datasets", [default_dataset])
+    if not isinstance(swept, list) or any(d not in datasets for d in swept):
+        bad = [d for d in (swept if isinstance(swept, list) else [swept]) if d not in datasets]
+        raise ConfigError(f"{where} sweep.datasets: unknown dataset(s) {bad!r}; known: {', '.join(datasets)}")
+    schedule = _mapping(f"{where} schedule", raw.get("schedule"))
+    _check_keys(f"{where} schedule", schedule, _SCHEDULE_KEYS)
+
+    project = ProjectConfig(
+        path=cfg_path,
+        data_dir=data_dir,
+        datasets=datasets,
+        default_dataset=str(default_dataset),
+        split=_mapping(f"{where} split", raw.get("split")),
+        download=download,
+        device=device,
+        recommendations_n=n,
+        hparams=hparams,
+        swept_datasets=tuple(swept),
+        schedule=schedule,
+        min_rows=min_rows,
+    )
+    return project
+
+
+def validate_project(project: ProjectConfig) -> None:
+    """Deep validation that needs the engine: every named set builds, the split config builds."""
+    project.split_config()
+    for track in TRACKS:
+        for name in project.hparams[track]:
+            project.resolve_hparams(track, name)
