@@ -1,0 +1,134 @@
+"""Typed, validated configuration of the implicit FlexMF model (LensKit-compatible names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from flexmf_assets.errors import ConfigError
+from flexmf_assets.flexmf._config import ConfigBase
+
+Loss = Literal["logistic", "pairwise", "warp"]
+Strategy = Literal["uniform", "popular", "misranked"]
+Preset = Literal["bpr", "warp"]
+RegMethod = Literal["L2", "AdamW"]
+
+#: what a preset fills in (fields the caller sets explicitly win)
+PRESETS: dict[str, dict[str, Any]] = {
+    "bpr": {"loss": "pairwise", "negative_strategy": "uniform"},
+    "warp": {"loss": "warp", "negative_strategy": "misranked", "misranked_candidates": 64},
+}
+_BASE = {"loss": "logistic", "negative_strategy": "uniform", "negative_count": 1, "misranked_candidates": 20}
+
+
+@dataclass(frozen=True)
+class FlexMFImplicitConfig(ConfigBase):
+    """Matrix factorization on implicit feedback (interactions), trained with sampled negatives.
+
+    embedding_size: number of latent factors k.
+    batch_size: positive interactions per minibatch (shuffled per epoch).
+    learning_rate: Adam's step size.
+    epochs: maximum number of passes over the training interactions.
+    regularization: strength of the penalty chosen by ``reg_method``.
+    reg_method: ``"AdamW"`` decoupled weight decay on all parameters (as LensKit's implicit model),
+        ``"L2"`` ``regularization * ||row||^2`` of the batch's rows added to the loss, ``None`` none.
+    seed: seeds initialisation, shuffling and sampling (same seed and device -> identical model).
+    patience: early stopping on validation NDCG@``eval_k``: stop after this many epochs without
+        improvement and restore the best epoch; ``None`` trains all epochs.
+    init_scale: embeddings start as N(0, init_scale); biases start at 0.
+    loss: ``"logistic"`` (BCE on positives and sampled negatives, Johnson 2014), ``"pairwise"``
+        (BPR, Rendle 2009) or ``"warp"`` (Weston 2011; needs the ``misranked`` strategy).
+        Default from ``preset``, else ``"logistic"``.
+    negative_strategy: ``"uniform"``, ``"popular"`` (proportional to training popularity) or
+        ``"misranked"`` (hard negatives scored by the current model). Default from ``preset``,
+        else ``"uniform"``.
+    negative_count: negatives per positive (default 1).
+    misranked_candidates: candidates scored per negative by the misranked sampler (default 20;
+        64 with preset warp).
+    positive_weight: weight of the positive term in the logistic loss.
+    user_bias: learn a user bias; default ``True`` for logistic loss and ``False`` otherwise (it
+        cancels in pairwise and WARP losses).
+    item_bias: learn an item bias.
+    preset: ``"bpr"`` (pairwise, uniform) or ``"warp"`` (warp, misranked, 64 candidates); fills the
+        fields above that are not given explicitly.
+    min_rating: ratings >= this count as interactions; ``None`` keeps every rating.
+    eval_k: cutoff of the validation NDCG used for early stopping.
+    """
+
+    embedding_size: int = 64
+    batch_size: int = 4096
+    learning_rate: float = 0.005
+    epochs: int = 20
+    regularization: float = 0.05
+    reg_method: RegMethod | None = "AdamW"
+    seed: int = 42
+    patience: int | None = None
+    init_scale: float = 0.1
+    loss: Loss | None = None
+    negative_strategy: Strategy | None = None
+    negative_count: int | None = None
+    misranked_candidates: int | None = None
+    positive_weight: float = 1.0
+    user_bias: bool | None = None
+    item_bias: bool = True
+    preset: Preset | None = None
+    min_rating: float | None = None
+    eval_k: int = 10
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"{name}.preset: {self.preset!r} is not one of 'bpr', 'warp', None")
+        fill = {**_BASE, **PRESETS.get(self.preset or "", {})}
+        for field, value in fill.items():
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, value)
+        if self.user_bias is None:
+            object.__setattr__(self, "user_bias", self.loss == "logistic")
+
+        for field in ("embedding_size", "batch_size", "epochs", "negative_count",
+                      "misranked_candidates", "eval_k"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}.{field}: must be a positive integer, got {value!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"{name}.learning_rate: must be > 0, got {self.learning_rate!r}")
+        for field in ("regularization", "init_scale"):
+            if not getattr(self, field) >= 0:
+                raise ConfigError(f"{name}.{field}: must be >= 0, got {getattr(self, field)!r}")
+        if not self.positive_weight > 0:
+            raise ConfigError(f"{name}.positive_weight: must be > 0, got {self.positive_weight!r}")
+        if self.reg_method not in ("L2", "AdamW", None):
+            raise ConfigError(f"{name}.reg_method: {self.reg_method!r} is not one of 'L2', 'AdamW', None")
+        if self.loss not in ("logistic", "pairwise", "warp"):
+            raise ConfigError(
+                f"{name}.loss: {self.loss!r} is not one of 'logistic', 'pairwise', 'warp'"
+            )
+        if self.negative_strategy not in ("uniform", "popular", "misranked"):
+            raise ConfigError(
+                f"{name}.negative_strategy: {self.negative_strategy!r} is not one of "
+                "'uniform', 'popular', 'misranked'"
+            )
+        if self.loss == "warp" and self.negative_strategy != "misranked":
+            raise ConfigError(
+                f"{name}.negative_strategy: loss 'warp' needs negative_strategy 'misranked', "
+                f"got {self.negative_strategy!r}"
+            )
+        if self.loss == "warp" and self.negative_count != 1:
+            raise ConfigError(
+                f"{name}.negative_count: loss 'warp' takes one violating negative per positive, "
+                f"got {self.negative_count}"
+            )
+        if self.patience is not None and (isinstance(self.patience, bool) or self.patience < 1):
+            raise ConfigError(f"{name}.patience: must be >= 1 or None, got {self.patience!r}")
+        if self.min_rating is not None and self.min_rating != self.min_rating:
+            raise ConfigError(f"{name}.min_rating: must be a number or None, got nan")
+
+
+#: Named hyperparameter sets measured on ml-latest-small (LensKit's crossfold_users protocol);
+#: see benchmarks/implicit_movielens.py and docs/metrics.md.
+IMPLICIT_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "bpr": {"preset": "bpr"},
+    "warp": {"preset": "warp"},
+}

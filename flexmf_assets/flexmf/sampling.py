@@ -1,0 +1,195 @@
+"""Negative samplers for implicit-feedback training, vectorised over a whole batch.
+
+Every sampler returns a :class:`NegativeSample`: ``items`` of shape ``[B, count]`` and a boolean
+``valid`` mask of the same shape. A sampled item that is a training positive of its user is
+redrawn (up to ``max_rounds`` times for the random samplers) and masked out if it still collides,
+so the loss never treats a positive as a negative. Membership is a ``searchsorted`` in a sorted
+array of ``user * n_items + item`` keys: no Python loop per sample and no device sync per try.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``score_fn(users[B], items[B, T]) -> scores[B, T]`` with the current model (called under no_grad)."""
+
+
+@dataclass
+class NegativeSample:
+    """Sampled negatives, their validity mask and (misranked/WARP only) tries to the first violator."""
+
+    items: torch.Tensor
+    valid: torch.Tensor
+    trials: torch.Tensor | None = None
+
+
+class PositiveSet:
+    """The training (user, item) pairs as sorted int64 keys, for batched membership tests."""
+
+    def __init__(self, users: torch.Tensor, items: torch.Tensor, n_items: int) -> None:
+        self.n_items = int(n_items)
+        keys = users.to(torch.int64) * self.n_items + items.to(torch.int64)
+        self.keys = torch.unique(keys)  # sorted, duplicates removed
+
+    def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Boolean tensor shaped like ``items``: is ``(users[b], items[b, ...])`` a positive?"""
+        u = users.to(torch.int64)
+        while u.dim() < items.dim():
+            u = u.unsqueeze(-1)
+        keys = (u * self.n_items + items.to(torch.int64)).reshape(-1)
+        if self.keys.numel() == 0:
+            return torch.zeros_like(items, dtype=torch.bool)
+        pos = torch.searchsorted(self.keys, keys).clamp_(max=self.keys.numel() - 1)
+        return (self.keys[pos] == keys).reshape(items.shape)
+
+
+class NegativeSampler(Protocol):
+    def sample(
+        self,
+        users: torch.Tensor,
+        count: int,
+        *,
+        pos_scores: torch.Tensor | None = None,
+        score_fn: ScoreFn | None = None,
+        generator: torch.Generator | None = None,
+    ) -> NegativeSample: ...
+
+
+class _RandomSampler:
+    """Shared redraw-and-mask loop of the uniform and popularity samplers."""
+
+    def __init__(self, positives: PositiveSet, max_rounds: int = 8) -> None:
+        self.positives = positives
+        self.max_rounds = max_rounds
+
+    def _draw(self, shape: tuple[int, ...], device: torch.device, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(
+        self,
+        users: torch.Tensor,
+        count: int,
+        *,
+        pos_scores: torch.Tensor | None = None,
+        score_fn: ScoreFn | None = None,
+        generator: torch.Generator | None = None,
+    ) -> NegativeSample:
+        items = self._draw((users.shape[0], count), users.device, generator)
+        bad = self.positives.contains(users, items)
+        for _ in range(self.max_rounds):
+            # redraw everywhere but keep only the redraws where the old draw collided: no sync needed
+            fresh = self._draw(items.shape, users.device, generator)
+            items = torch.where(bad, fresh, items)
+            bad = bad & self.positives.contains(users, items)
+        return NegativeSample(items=items, valid=~bad)
+
+
+class UniformSampler(_RandomSampler):
+    """Items drawn uniformly from the catalogue, positives redrawn then masked."""
+
+    def _draw(self, shape, device, generator) -> torch.Tensor:
+        return torch.randint(
+            0, self.positives.n_items, shape, device=device, generator=generator
+        )
+
+
+class PopularSampler(_RandomSampler):
+    """Items drawn proportionally to their training popularity (a random training interaction's item)."""
+
+    def __init__(self, positives: PositiveSet, train_items: torch.Tensor, max_rounds: int = 8) -> None:
+        super().__init__(positives, max_rounds)
+        self.train_items = train_items.to(torch.int64)
+
+    def _draw(self, shape, device, generator) -> torch.Tensor:
+        idx = torch.randint(0, self.train_items.numel(), shape, device=device, generator=generator)
+        return self.train_items[idx]
+
+
+class MisrankedSampler:
+    """Scores ``candidates`` uniform items per row with the current model and picks hard negatives.
+
+    Without ``pos_scores`` it returns, per requested negative, the highest-scoring non-positive of a
+    fresh block of candidates. With ``pos_scores`` (WARP) it returns the first candidate that
+    violates the margin (``score > pos_score - margin``) and ``trials`` = its 1-based position;
+    rows with no violator are marked invalid.
+    """
+
+    def __init__(self, positives: PositiveSet, candidates: int = 20, margin: float = 1.0) -> None:
+        self.positives = positives
+        self.candidates = int(candidates)
+        self.margin = margin
+
+    def sample(
+        self,
+        users: torch.Tensor,
+        count: int,
+        *,
+        pos_scores: torch.Tensor | None = None,
+        score_fn: ScoreFn | None = None,
+        generator: torch.Generator | None = None,
+    ) -> NegativeSample:
+        if score_fn is None:
+            raise ValueError("MisrankedSampler.sample needs score_fn (the current model's scorer)")
+        b, t = users.shape[0], self.candidates
+        cand = torch.randint(
+            0, self.positives.n_items, (b, count * t), device=users.device, generator=generator
+        )
+        is_pos = self.positives.contains(users, cand)
+        with torch.no_grad():
+            scores = score_fn(users, cand).reshape(b, count, t)
+        cand = cand.reshape(b, count, t)
+        is_pos = is_pos.reshape(b, count, t)
+        if pos_scores is None:
+            scores = scores.masked_fill(is_pos, float("-inf"))
+            best = scores.argmax(dim=2, keepdim=True)
+            items = cand.gather(2, best).squeeze(2)
+            valid = ~is_pos.gather(2, best).squeeze(2)
+            return NegativeSample(items=items, valid=valid)
+        violates = (scores > pos_scores.reshape(b, 1, 1) - self.margin) & ~is_pos
+        first = violates.to(torch.uint8).argmax(dim=2, keepdim=True)  # first True (0 when none)
+        items = cand.gather(2, first).squeeze(2)
+        valid = violates.gather(2, first).squeeze(2)
+        return NegativeSample(items=items, valid=valid, trials=first.squeeze(2) + 1)
+
+
+def make_sampler(
+    strategy: str,
+    positives: PositiveSet,
+    train_items: torch.Tensor,
+    *,
+    candidates: int = 20,
+    margin: float = 1.0,
+) -> NegativeSampler:
+    """The sampler for a config's ``negative_strategy`` ("uniform", "popular", "misranked")."""
+    if strategy == "uniform":
+        return UniformSampler(positives)
+    if strategy == "popular":
+        return PopularSampler(positives, train_items)
+    if strategy == "misranked":
+        return MisrankedSampler(positives, candidates=candidates, margin=margin)
+    raise ValueError(f"negative_strategy: {strategy!r} is not one of 'uniform', 'popular', 'misranked'")
+
+
+def warp_rank_weights(n_items: int, device: torch.device | None = None) -> torch.Tensor:
+    """``table[t] = L(floor((n_items - 1) / t))`` with ``L(r) = sum_{j<=r} 1/j`` (index 0 unused)."""
+    n = max(int(n_items) - 1, 1)
+    harmonic = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(1.0 / torch.arange(1, n + 1, dtype=torch.float64), 0)])
+    trials = torch.arange(0, n + 1, dtype=torch.int64).clamp_(min=1)
+    table = harmonic[torch.div(n, trials, rounding_mode="floor")]
+    return table.to(dtype=torch.float32, device=device)
+
+
+__all__ = [
+    "MisrankedSampler",
+    "NegativeSample",
+    "NegativeSampler",
+    "PopularSampler",
+    "PositiveSet",
+    "UniformSampler",
+    "make_sampler",
+    "warp_rank_weights",
+]
