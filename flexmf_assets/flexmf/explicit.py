@@ -1,0 +1,418 @@
+"""Explicit-feedback FlexMF: biased matrix factorization trained on squared error.
+
+prediction(u, i) = mu + b_u + b_i + P_u . Q_i
+
+The biases ride inside the embedding tables as two extra columns: a user row is
+``[P_u, b_u, 1]`` and an item row is ``[Q_i, 1, b_i]``, so one gather per side and one dot product give
+the full prediction. The constant ``1`` columns are restored after each update. One extra, never
+trained row at the end of each table (all zeros, with its ``1``) stands for "unknown": a cold-start
+user or item gets the bias-only prediction ``mu + b_(known side)``.
+
+The hot loop uses no autograd and no DataLoader: per epoch the training arrays are permuted once, and
+every batch does a handful of fused tensor ops with hand-derived gradients and sparse ``index_add_``
+row updates (SGD), or a hand-written lazy sparse Adam.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+import torch
+
+from flexmf_assets.errors import DataValidationError
+from flexmf_assets.flexmf._common import (
+    IdIndex,
+    SeenItems,
+    check_finite,
+    hot_loop_threads,
+    requested_threads,
+    load_model_dir,
+    make_generator,
+    oom_guard,
+    recommend_in_batches,
+    save_model_dir,
+)
+from flexmf_assets.flexmf.config import FlexMFExplicitConfig
+from flexmf_assets.flexmf.device import DeviceSettings, resolve_device
+
+KIND = "flexmf-explicit"
+_PREDICT_CHUNK = 1 << 20
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+
+
+def _check_frame(df: pl.DataFrame, name: str) -> None:
+    missing = [c for c in ("user_id", "item_id", "rating") if c not in df.columns]
+    if missing:
+        raise DataValidationError(f"{name}: missing column(s) {', '.join(missing)}; got {df.columns}")
+    nulls = [c for c in ("user_id", "item_id", "rating") if df[c].null_count()]
+    if nulls:
+        raise DataValidationError(f"{name}: null values in column(s) {', '.join(nulls)}")
+    if df.height and not np.isfinite(df["rating"].cast(pl.Float64).to_numpy()).all():
+        raise DataValidationError(f"{name}: column 'rating' has NaN or infinite values")
+
+
+class FlexMFExplicitScorer:
+    """Train and score biased MF on explicit ratings (see module docstring)."""
+
+    def __init__(
+        self,
+        config: FlexMFExplicitConfig | None = None,
+        *,
+        device: DeviceSettings | str | torch.device | None = None,
+        **overrides: Any,
+    ):
+        config = config or FlexMFExplicitConfig()
+        self.config = config.replace(**overrides) if overrides else config
+        self._device_spec = device
+        self.device: torch.device | None = None
+        self.history: list[dict[str, Any]] = []
+        self.epochs_run = 0
+        self.best_epoch: int | None = None
+        self.train_seconds = 0.0
+        self.updates_per_second = 0.0
+        self.n_users = 0
+        self.n_items = 0
+
+    # ------------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        train: pl.DataFrame,
+        validation: pl.DataFrame | None = None,
+        *,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+    ) -> "FlexMFExplicitScorer":
+        """Train on ``train`` (user_id, item_id, rating); ``validation`` drives early stopping."""
+        _check_frame(train, "train")
+        if train.height == 0:
+            raise DataValidationError("train: no ratings to train on")
+        if validation is not None:
+            _check_frame(validation, "validation")
+        cfg = self.config
+        self.device = dev = resolve_device(self._device_spec)
+        t0 = time.perf_counter()
+
+        self.users, u_np = IdIndex.fit(train["user_id"])
+        self.items, i_np = IdIndex.fit(train["item_id"])
+        self.n_users, self.n_items = len(self.users), len(self.items)
+        r_np = np.array(train["rating"].cast(pl.Float32).to_numpy())
+        self.global_mean = float(r_np.astype(np.float64).mean())
+        self.rating_range = (float(r_np.min()), float(r_np.max()))
+        self.seen = SeenItems.build(u_np, i_np, self.n_users, dev)
+
+        gen = make_generator(cfg.seed, dev)
+        k = cfg.embedding_size
+        width = k + 2 if cfg.bias else k
+        self.user_table = self._init_table(self.n_users, width, k, gen, user_side=True)
+        self.item_table = self._init_table(self.n_items, width, k, gen, user_side=False)
+
+        users = torch.from_numpy(u_np).to(dev)
+        items = torch.from_numpy(i_np).to(dev)
+        resid = torch.from_numpy(r_np).to(dev) - self.global_mean
+        val = self._validation_rows(validation) if validation is not None else None
+
+        self.history = []
+        best_rmse, best_state, bad = math.inf, None, 0
+        self.best_epoch = None
+        state = _AdamState(self.user_table, self.item_table) if cfg.optimizer == "adam" else None
+        lr = cfg.learning_rate
+        n = len(resid)
+        with oom_guard(cfg.batch_size), hot_loop_threads(dev, requested_threads(self._device_spec)):
+            for epoch in range(1, cfg.epochs + 1):
+                e0 = time.perf_counter()
+                perm = torch.randperm(n, generator=gen, device=dev)
+                loss = self._run_epoch(users[perm], items[perm], resid[perm], lr, state)
+                train_loss = float(loss) / n
+                check_finite(train_loss, epoch, cfg.learning_rate)
+                record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "val_rmse": None}
+                if val is not None:
+                    record["val_rmse"] = self._rmse_rows(*val)
+                record["seconds"] = time.perf_counter() - e0
+                self.history.append(record)
+                self.epochs_run = epoch
+                if callback is not None:
+                    callback(dict(record))
+                lr *= cfg.lr_decay
+                if val is None:
+                    self.best_epoch = epoch
+                    continue
+                if record["val_rmse"] < best_rmse:
+                    best_rmse, self.best_epoch, bad = record["val_rmse"], epoch, 0
+                    if cfg.patience is not None:
+                        best_state = (self.user_table.clone(), self.item_table.clone())
+                else:
+                    bad += 1
+                    if cfg.patience is not None and bad >= cfg.patience:
+                        break
+        if best_state is not None and self.best_epoch != self.epochs_run:
+            self.user_table, self.item_table = best_state
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self.train_seconds = time.perf_counter() - t0
+        self.updates_per_second = self.epochs_run * n / max(self.train_seconds, 1e-9)
+        return self
+
+    def _init_table(self, rows: int, width: int, k: int, gen: torch.Generator, *, user_side: bool) -> torch.Tensor:
+        """``rows`` trained rows plus one zero 'unknown' row; bias columns as described above."""
+        table = torch.zeros(rows + 1, width, device=self.device)
+        table[:rows, :k].normal_(0.0, self.config.init_scale, generator=gen)
+        if width > k:
+            table[:, k + 1 if user_side else k] = 1.0
+        return table
+
+    def _run_epoch(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        resid: torch.Tensor,
+        lr: float,
+        adam: "_AdamState | None",
+    ) -> torch.Tensor:
+        """One pass over already-permuted ratings; returns the summed squared error (a tensor)."""
+        cfg = self.config
+        P, Q = self.user_table, self.item_table
+        k = cfg.embedding_size
+        reg = cfg.regularization if cfg.reg_method is not None else 0.0
+        l2 = reg if cfg.reg_method == "L2" or cfg.optimizer == "sgd" else 0.0
+        decay = reg if cfg.reg_method == "AdamW" and cfg.optimizer == "adam" else 0.0
+        bias = cfg.bias
+        loss = torch.zeros((), device=P.device, dtype=torch.float64)
+        bs = cfg.batch_size
+        for start in range(0, len(resid), bs):
+            u = users[start : start + bs]
+            i = items[start : start + bs]
+            pu = P.index_select(0, u)
+            qi = Q.index_select(0, i)
+            err = resid[start : start + bs] - (pu * qi).sum(1)
+            loss += err.dot(err)
+            if adam is None:
+                # SGD: row += lr * (err * other_row - l2 * row); lr folded in (index_add_'s alpha is slow)
+                e = (err * lr).unsqueeze(1)
+                gp = qi * e
+                gq = pu * e
+                if l2:
+                    gp.sub_(pu, alpha=lr * l2)
+                    gq.sub_(qi, alpha=lr * l2)
+                P.index_add_(0, u, gp)
+                Q.index_add_(0, i, gq)
+            else:
+                # ascent directions (= -gradient of the loss) per rating, aggregated per row by Adam
+                e = err.unsqueeze(1)
+                gp = qi * e
+                gq = pu * e
+                if l2:
+                    gp.sub_(pu, alpha=l2)
+                    gq.sub_(qi, alpha=l2)
+                adam.t += 1
+                adam.step(P, adam.P, u, gp, lr, decay)
+                adam.step(Q, adam.Q, i, gq, lr, decay)
+            if bias:
+                P[:, k + 1].index_fill_(0, u, 1.0)
+                Q[:, k].index_fill_(0, i, 1.0)
+        return loss
+
+    def _validation_rows(self, df: pl.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        u = torch.from_numpy(self._user_rows(df["user_id"])).to(self.device)
+        i = torch.from_numpy(self._item_rows(df["item_id"])).to(self.device)
+        r = torch.from_numpy(np.array(df["rating"].cast(pl.Float32).to_numpy())).to(self.device)
+        return u, i, r
+
+    def _rmse_rows(self, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor) -> float:
+        if len(r) == 0:
+            return float("nan")
+        pred = self._predict_rows(u, i)
+        return float(torch.sqrt(((pred.double() - r.double()) ** 2).mean()))
+
+    # ------------------------------------------------------------------------------------------
+    # scoring
+    # ------------------------------------------------------------------------------------------
+
+    def _require_fit(self) -> None:
+        if not hasattr(self, "user_table"):
+            raise DataValidationError("FlexMFExplicitScorer: call fit() (or load()) before scoring")
+
+    def _user_rows(self, values: Any) -> np.ndarray:
+        rows = self.users.lookup(values)
+        rows[rows < 0] = self.n_users  # the 'unknown' row
+        return rows
+
+    def _item_rows(self, values: Any) -> np.ndarray:
+        rows = self.items.lookup(values)
+        rows[rows < 0] = self.n_items
+        return rows
+
+    @torch.no_grad()
+    def _predict_rows(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(len(u), device=self.user_table.device)
+        for s in range(0, len(u), _PREDICT_CHUNK):
+            pu = self.user_table.index_select(0, u[s : s + _PREDICT_CHUNK])
+            qi = self.item_table.index_select(0, i[s : s + _PREDICT_CHUNK])
+            out[s : s + _PREDICT_CHUNK] = (pu * qi).sum(1) + self.global_mean
+        if self.config.clamp:
+            out.clamp_(*self.rating_range)
+        return out
+
+    def predict(self, users: Any, items: Any) -> np.ndarray:
+        """Predicted ratings (float32) for parallel arrays of raw user and item ids.
+
+        Users or items unseen in training get the bias-only prediction (never NaN).
+        """
+        self._require_fit()
+        u = self._user_rows(users)
+        i = self._item_rows(items)
+        if len(u) != len(i):
+            raise DataValidationError(f"predict: {len(u)} users but {len(i)} items")
+        dev = self.user_table.device
+        return self._predict_rows(torch.from_numpy(u).to(dev), torch.from_numpy(i).to(dev)).cpu().numpy()
+
+    def predict_frame(self, df: pl.DataFrame) -> pl.DataFrame:
+        """``df`` with a Float32 ``prediction`` column added."""
+        pred = self.predict(df["user_id"], df["item_id"])
+        return df.with_columns(pl.Series("prediction", pred, dtype=pl.Float32))
+
+    def recommend(
+        self,
+        users: Any = None,
+        n: int = 20,
+        exclude_seen: bool = True,
+        batch_size: int = 1024,
+    ) -> pl.DataFrame:
+        """Top-``n`` items per user: ``user_id, item_id, score, rank`` (rank 1-based).
+
+        ``users=None`` means every training user. Scores are unclamped predicted ratings; items the
+        user rated in training are excluded when ``exclude_seen``. Users are scored ``batch_size``
+        at a time on the model's device (memory ``batch_size x n_items``).
+        """
+        self._require_fit()
+        raw = self.users.ids if users is None else (
+            users.to_numpy() if isinstance(users, pl.Series) else np.asarray(users).reshape(-1)
+        )
+        dev = self.user_table.device
+        rows = torch.from_numpy(self.users.lookup(raw)).to(dev)
+        P, Q = self.user_table, self.item_table[: self.n_items]
+        QT = Q.T.contiguous()
+
+        def score(batch: torch.Tensor) -> torch.Tensor:
+            safe = torch.where(batch >= 0, batch, torch.full_like(batch, self.n_users))
+            return (P.index_select(0, safe) @ QT).add_(self.global_mean)
+
+        pos, item_rows, scores, ranks = recommend_in_batches(
+            score, rows, n, self.n_items, self.seen if exclude_seen else None, batch_size
+        )
+        return pl.DataFrame(
+            {
+                "user_id": pl.Series(raw[pos]) if len(pos) else pl.Series(raw[:0]),
+                "item_id": pl.Series(self.items.ids[item_rows]) if len(item_rows) else pl.Series(self.items.ids[:0]),
+                "score": pl.Series(scores, dtype=pl.Float32),
+                "rank": pl.Series(ranks, dtype=pl.Int32),
+            }
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # persistence
+    # ------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model to directory ``path`` atomically (safetensors + json, no pickle)."""
+        self._require_fit()
+        tensors = {
+            "user_table": self.user_table,
+            "item_table": self.item_table,
+            "seen_indptr": self.seen.indptr,
+            "seen_indices": self.seen.indices,
+        }
+        meta: dict[str, Any] = {
+            "kind": KIND,
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "global_mean": self.global_mean,
+            "rating_range": list(self.rating_range),
+            "history": self.history,
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "train_seconds": self.train_seconds,
+            "updates_per_second": self.updates_per_second,
+            "device": str(self.device),
+        }
+        for name, index in (("user", self.users), ("item", self.items)):
+            t, m = index.to_state(name)
+            tensors.update(t)
+            meta.update(m)
+        return save_model_dir(path, tensors, self.config.to_dict(), meta)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, device: DeviceSettings | str | torch.device | None = None
+    ) -> "FlexMFExplicitScorer":
+        """Load a model saved with :meth:`save`; verifies the tensor file's sha256 first."""
+        dev = resolve_device(device)
+        tensors, config, meta = load_model_dir(path, dev, kind=KIND)
+        cfg = FlexMFExplicitConfig.from_dict(config, where=f"{Path(path) / 'config.json'}")
+        self = cls(cfg, device=dev)
+        self.device = dev
+        self.users = IdIndex.from_state("user", tensors, meta)
+        self.items = IdIndex.from_state("item", tensors, meta)
+        self.n_users, self.n_items = int(meta["n_users"]), int(meta["n_items"])
+        self.user_table, self.item_table = tensors["user_table"], tensors["item_table"]
+        width = cfg.embedding_size + (2 if cfg.bias else 0)
+        if (
+            tuple(self.user_table.shape) != (self.n_users + 1, width)
+            or tuple(self.item_table.shape) != (self.n_items + 1, width)
+            or len(self.users) != self.n_users
+            or len(self.items) != self.n_items
+        ):
+            raise DataValidationError(f"{path}: tensor shapes do not match metadata.json / config.json")
+        self.seen = SeenItems(tensors["seen_indptr"], tensors["seen_indices"])
+        self.global_mean = float(meta["global_mean"])
+        self.rating_range = tuple(float(x) for x in meta["rating_range"])
+        self.history = list(meta.get("history", []))
+        self.epochs_run = int(meta.get("epochs_run", 0))
+        self.best_epoch = meta.get("best_epoch")
+        self.train_seconds = float(meta.get("train_seconds", 0.0))
+        self.updates_per_second = float(meta.get("updates_per_second", 0.0))
+        return self
+
+
+class _AdamState:
+    """Lazy sparse Adam moments for the two tables (a row's moments move only when it is used)."""
+
+    def __init__(self, P: torch.Tensor, Q: torch.Tensor):
+        self.P = (torch.zeros_like(P), torch.zeros_like(P))
+        self.Q = (torch.zeros_like(Q), torch.zeros_like(Q))
+        self.t = 0
+
+    def step(
+        self,
+        table: torch.Tensor,
+        moments: tuple[torch.Tensor, torch.Tensor],
+        idx: torch.Tensor,
+        ascent: torch.Tensor,
+        lr: float,
+        decay: float,
+    ) -> None:
+        """Apply one Adam step to rows ``idx`` given per-rating ascent directions (= -gradient).
+
+        ``decay`` > 0 adds decoupled weight decay ``row -= lr * decay * row`` (AdamW) to those rows.
+        """
+        t = max(self.t, 1)
+        b1, b2 = _ADAM_BETAS
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        g = torch.zeros(len(uniq), table.shape[1], device=table.device).index_add_(0, inv, ascent)
+        m, v = moments
+        m_rows = m.index_select(0, uniq).mul_(b1).add_(g, alpha=1 - b1)
+        v_rows = v.index_select(0, uniq).mul_(b2).addcmul_(g, g, value=1 - b2)
+        m.index_copy_(0, uniq, m_rows)
+        v.index_copy_(0, uniq, v_rows)
+        step = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        update = m_rows.div_(v_rows.sqrt_().add_(_ADAM_EPS)).mul_(step)
+        if decay:
+            update.sub_(table.index_select(0, uniq), alpha=lr * decay)
+        table.index_add_(0, uniq, update)
