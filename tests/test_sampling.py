@@ -19,9 +19,11 @@ def _dense_positives(n_users=50, n_items=40, seed=0):
     return mask, u, i
 
 
-def test_positive_set_membership():
+@pytest.mark.parametrize("dense_limit", [0, 1 << 20])
+def test_positive_set_membership(dense_limit):
     mask, u, i = _dense_positives()
-    ps = PositiveSet(u, i, mask.shape[1])
+    ps = PositiveSet(u, i, mask.shape[1], dense_limit=dense_limit)
+    assert (ps.table is None) == (dense_limit == 0)
     users = torch.arange(mask.shape[0]).repeat_interleave(mask.shape[1])
     items = torch.arange(mask.shape[1]).repeat(mask.shape[0])
     assert torch.equal(ps.contains(users, items), mask.reshape(-1))

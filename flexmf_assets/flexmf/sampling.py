@@ -27,13 +27,27 @@ class NegativeSample:
     trials: torch.Tensor | None = None
 
 
-class PositiveSet:
-    """The training (user, item) pairs as sorted int64 keys, for batched membership tests."""
+#: below this many user x item cells, membership is a lookup in a dense bool table (one gather)
+DENSE_LIMIT = 1 << 26
 
-    def __init__(self, users: torch.Tensor, items: torch.Tensor, n_items: int) -> None:
+
+class PositiveSet:
+    """The training (user, item) pairs for batched membership tests.
+
+    Small catalogues use a dense ``users x items`` bool table (one gather per test); larger ones a
+    sorted array of ``user * n_items + item`` keys searched with ``searchsorted``.
+    """
+
+    def __init__(self, users: torch.Tensor, items: torch.Tensor, n_items: int,
+                 dense_limit: int = DENSE_LIMIT) -> None:
         self.n_items = int(n_items)
         keys = users.to(torch.int64) * self.n_items + items.to(torch.int64)
         self.keys = torch.unique(keys)  # sorted, duplicates removed
+        n_users = int(users.max()) + 1 if users.numel() else 0
+        self.table: torch.Tensor | None = None
+        if n_users * self.n_items <= dense_limit:
+            self.table = torch.zeros(n_users * self.n_items, dtype=torch.bool, device=keys.device)
+            self.table[self.keys] = True
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Boolean tensor shaped like ``items``: is ``(users[b], items[b, ...])`` a positive?"""
@@ -41,6 +55,9 @@ class PositiveSet:
         while u.dim() < items.dim():
             u = u.unsqueeze(-1)
         keys = (u * self.n_items + items.to(torch.int64)).reshape(-1)
+        if self.table is not None:
+            inside = keys < self.table.numel()  # users beyond the training range have no positives
+            return (self.table[torch.where(inside, keys, 0)] & inside).reshape(items.shape)
         if self.keys.numel() == 0:
             return torch.zeros_like(items, dtype=torch.bool)
         pos = torch.searchsorted(self.keys, keys).clamp_(max=self.keys.numel() - 1)
