@@ -78,7 +78,7 @@ def test_early_stopping_restores_best_epoch_and_save_load(planted, tmp_path):
     train, test, _ = planted
     model = FlexMFImplicitScorer(embedding_size=16, epochs=12, batch_size=256, learning_rate=0.05,
                                  patience=2, device="cpu").fit(train, validation=test)
-    curve = [row["val_ndcg@10"] for row in model.history]
+    curve = [row["val_ndcg"] for row in model.history]
     assert model.best_epoch == int(np.argmax(curve)) + 1
     recs = model.recommend(test["user_id"].unique(), n=10)
     assert topn_metrics(recs, test, ks=(10,)).means["ndcg@10"] == pytest.approx(max(curve))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -24,10 +25,12 @@ from flexmf_assets.flexmf._common import (
     SeenItems,
     check_finite,
     epoch_batches,
+    hot_loop_threads,
     load_model_dir,
     make_generator,
     oom_guard,
     recommend_in_batches,
+    requested_threads,
     save_model_dir,
 )
 from flexmf_assets.flexmf.device import DeviceSettings, resolve_device
@@ -72,6 +75,7 @@ class FlexMFImplicitScorer:
             self.config = config.replace(**overrides) if overrides else config
         else:
             raise ConfigError(f"config: expected FlexMFImplicitConfig or a mapping, got {type(config).__name__}")
+        self._device_spec = device
         self.device = resolve_device(device)
         self.history: list[dict[str, Any]] = []
         self.epochs_run = 0
@@ -172,7 +176,7 @@ class FlexMFImplicitScorer:
         best_metric, best_state, stale = -math.inf, None, 0
         n = users_t.numel()
         train_time = 0.0
-        with oom_guard(cfg.batch_size):
+        with oom_guard(cfg.batch_size), hot_loop_threads(dev, requested_threads(self._device_spec)):
             for epoch in range(1, cfg.epochs + 1):
                 t0 = time.perf_counter()
                 total = torch.zeros((), device=dev)
@@ -189,11 +193,12 @@ class FlexMFImplicitScorer:
                 seconds = time.perf_counter() - t0
                 train_time += seconds
                 check_finite(epoch_loss, epoch, cfg.learning_rate)
-                row: dict[str, Any] = {"epoch": epoch, "loss": epoch_loss, "seconds": seconds}
+                row: dict[str, Any] = {"epoch": epoch, "train_loss": epoch_loss, "val_ndcg": None,
+                                       "seconds": seconds}
                 self.epochs_run = epoch
                 if val is not None:
                     metric = self._validation_ndcg(*val)
-                    row[f"val_ndcg@{cfg.eval_k}"] = metric
+                    row["val_ndcg"] = metric
                     if metric > best_metric:
                         best_metric, self.best_epoch, stale = metric, epoch, 0
                         best_state = {name: t.detach().clone() for name, t in p.items()}
@@ -280,12 +285,16 @@ class FlexMFImplicitScorer:
                 out[ok] = self._score(self.params_, ut, it).cpu().numpy()
         return out
 
+    def predict_frame(self, df: pl.DataFrame) -> pl.DataFrame:
+        """``df`` with a Float32 ``prediction`` column (the model's score) added."""
+        pred = self.predict(df["user_id"], df["item_id"])
+        return df.with_columns(pl.Series("prediction", pred, dtype=pl.Float32))
+
     def recommend(
         self,
         users: Any = None,
         n: int = 20,
         exclude_seen: bool = True,
-        *,
         batch_size: int = 1024,
     ) -> pl.DataFrame:
         """Top-``n`` items per user as ``user_id, item_id, score, rank`` (rank 1 = best).
@@ -318,7 +327,7 @@ class FlexMFImplicitScorer:
                 "user_id": user_ids,
                 "item_id": self.items_.ids[irow],
                 "score": score.astype(np.float32),
-                "rank": rank.astype(np.int64),
+                "rank": rank.astype(np.int32),
             }
         )
 
@@ -326,11 +335,11 @@ class FlexMFImplicitScorer:
     # persistence
     # ------------------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike) -> Path:
         """Write the model directory atomically (safetensors + JSON; no pickle)."""
         self._require_fitted()
         tensors = dict(self.params_)
-        meta: dict[str, Any] = {"kind": KIND}
+        meta: dict[str, Any] = {"kind": KIND, "device": str(self.device), "eval_k": self.config.eval_k}
         for name, index in (("user", self.users_), ("item", self.items_)):
             t, m = index.to_state(name)
             tensors.update(t)
@@ -341,7 +350,7 @@ class FlexMFImplicitScorer:
             history=self.history, epochs_run=self.epochs_run, best_epoch=self.best_epoch,
             train_seconds=self.train_seconds, updates_per_second=self.updates_per_second,
         )
-        save_model_dir(path, tensors, self.config.to_dict(), meta)
+        return save_model_dir(path, tensors, self.config.to_dict(), meta)
 
     @classmethod
     def load(
