@@ -1,0 +1,250 @@
+"""Parsing of every MovieLens layout and of user csv/parquet files into the canonical frames."""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flexmf_assets.datasets.catalog import LAYOUTS, DatasetSpec, builtin_catalog
+from flexmf_assets.datasets.parsing import (
+    ITEMS_SCHEMA,
+    RATINGS_SCHEMA,
+    load_dataset,
+    parse_items_file,
+    parse_plain,
+    parse_ratings_file,
+)
+from flexmf_assets.errors import ParseError
+
+ROWS = [(1, 10, 4.0, 978300760), (1, 20, 3.5, 978300761), (2, 10, 1.0, 978300762)]
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    return path
+
+
+def _lines(sep: str, rows=ROWS) -> str:
+    return "".join(sep.join(str(v if not isinstance(v, float) else v) for v in r) + "\n" for r in rows)
+
+
+def _assert_canonical(df: pl.DataFrame, rows=ROWS) -> None:
+    assert dict(df.schema) == RATINGS_SCHEMA
+    assert df.rows() == [tuple(r) for r in rows]
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def test_ml100k_tab_separated(tmp_path):
+    rows = [(196, 242, 3.0, 881250949), (186, 302, 3.0, 891717742)]
+    path = _write(tmp_path / "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
+    _assert_canonical(parse_ratings_file(path, LAYOUTS["ml-100k"]), rows)
+
+
+def test_ml1m_and_ml10m_double_colon(tmp_path):
+    path = _write(tmp_path / "ratings.dat", _lines("::"))
+    _assert_canonical(parse_ratings_file(path, LAYOUTS["ml-1m"]))
+    _assert_canonical(parse_ratings_file(path, LAYOUTS["ml-10m"]))
+
+
+def test_csv_with_header_crlf_and_trailing_blank_lines(tmp_path):
+    text = "userId,movieId,rating,timestamp\r\n" + _lines(",").replace("\n", "\r\n") + "\n\n"
+    path = _write(tmp_path / "ratings.csv", text)
+    _assert_canonical(parse_ratings_file(path, LAYOUTS["ml-latest-small"]))
+
+
+def test_empty_csv_gives_empty_canonical_frame(tmp_path):
+    path = _write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n")
+    df = parse_ratings_file(path, LAYOUTS["ml-25m"])
+    assert df.height == 0 and dict(df.schema) == RATINGS_SCHEMA
+
+
+def test_items_csv_quoted_titles(tmp_path):
+    path = _write(tmp_path / "movies.csv", 'movieId,title,genres\n1,Toy Story (1995),Animation|Comedy\n'
+                  '11,"American President, The (1995)",Comedy|Drama|Romance\n')
+    df = parse_items_file(path, LAYOUTS["ml-latest-small"])
+    assert dict(df.schema) == ITEMS_SCHEMA
+    assert df.rows() == [(1, "Toy Story (1995)", "Animation|Comedy"),
+                         (11, "American President, The (1995)", "Comedy|Drama|Romance")]
+
+
+def test_items_ml1m_latin1(tmp_path):
+    path = _write(tmp_path / "movies.dat", "1::Toy Story (1995)::Animation|Children's\n"
+                  "73::Mis\xe9rables, Les (1995)::Drama|Musical\n".encode("latin-1"))
+    df = parse_items_file(path, LAYOUTS["ml-1m"])
+    assert df.rows() == [(1, "Toy Story (1995)", "Animation|Children's"),
+                         (73, "Misérables, Les (1995)", "Drama|Musical")]
+
+
+def test_items_ml100k_genre_flags(tmp_path):
+    flags = ["0"] * 19
+    flags[3] = flags[4] = flags[5] = "1"  # Animation, Children's, Comedy
+    line = "1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy|" + "|".join(flags)
+    path = _write(tmp_path / "u.item", (line + "\n").encode("latin-1"))
+    df = parse_items_file(path, LAYOUTS["ml-100k"])
+    assert df.rows() == [(1, "Toy Story (1995)", "Animation|Children's|Comedy")]
+
+
+# --------------------------------------------------------------------------- malformed rows
+
+
+@pytest.mark.parametrize(
+    ("layout", "file", "text", "expected"),
+    [
+        ("ml-latest-small", "ratings.csv",
+         "userId,movieId,rating,timestamp\n1,2,3.5,4\n1,3,abc,5\n", "ratings.csv line 3: rating 'abc' is not a number"),
+        ("ml-latest-small", "ratings.csv",
+         "userId,movieId,rating,timestamp\n1,2,3.5,4\n1,3,4.0\n1,4,4,4\n", "ratings.csv line 3: expected 4 fields"),
+        ("ml-latest-small", "ratings.csv",
+         "userId,movieId,rating,timestamp\n1,2,3.5,4\n1,3,4.0,5,6\n", "ratings.csv line 3: expected 4 fields"),
+        ("ml-latest-small", "ratings.csv",
+         "userId,movieId,rating,timestamp\n1,2,3.5,4\n1,x7,4.0,5\n", "ratings.csv line 3: movieId 'x7' is not an integer"),
+        ("ml-latest-small", "ratings.csv",
+         "userId,movieId,rating,timestamp\n1,2,3.5,4\n\n1,3,4.0,5\n", "ratings.csv line 3: blank line"),
+        ("ml-latest-small", "ratings.csv",
+         "userId,movieId,rating,timestamp\n1,2,3.5,4\n1,3,4.0,\n", "ratings.csv line 3: timestamp is empty"),
+        ("ml-latest-small", "ratings.csv",
+         "user,movie,rating,timestamp\n1,2,3.5,4\n", "ratings.csv line 1: header"),
+        ("ml-100k", "u.data", "1\t2\t3\t4\n1\t2.5\t3\t4\n", "u.data line 2: item_id '2.5' is not an integer"),
+        ("ml-1m", "ratings.dat", "1::2::3::4\n1::2::3::4\n1::3::3\n", "ratings.dat line 3: expected 4 fields"),
+        ("ml-1m", "ratings.dat", "1::2::3::4\n1:2::3::4::5\n", "ratings.dat line 2:"),
+        ("ml-10m", "ratings.dat", "1::2::3::4\n1::2::3::17e\n", "ratings.dat line 2: timestamp '17e' is not an integer"),
+    ],
+)
+def test_malformed_ratings_name_file_and_line(tmp_path, layout, file, text, expected):
+    path = _write(tmp_path / file, text)
+    with pytest.raises(ParseError) as info:
+        parse_ratings_file(path, LAYOUTS[layout])
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_bad_row_far_into_a_large_file(tmp_path):
+    lines = ["userId,movieId,rating,timestamp"] + [f"{u},{u % 97},3.5,{u}" for u in range(1, 200_001)]
+    lines[150_000] = "7,8,4.0,2021-01-01"
+    path = _write(tmp_path / "ratings.csv", "\n".join(lines) + "\n")
+    with pytest.raises(ParseError, match=r"^ratings.csv line 150001: timestamp '2021-01-01' is not an integer$"):
+        parse_ratings_file(path, LAYOUTS["ml-latest-small"])
+
+
+def test_undecodable_bytes_name_the_line(tmp_path):
+    path = _write(tmp_path / "ratings.csv", b"userId,movieId,rating,timestamp\n1,2,3.5,4\n1,2,3\xff5,4\n")
+    with pytest.raises(ParseError, match=r"ratings.csv line 3: .*not valid UTF-8"):
+        parse_ratings_file(path, LAYOUTS["ml-latest-small"])
+    items = _write(tmp_path / "movies.csv", b"movieId,title,genres\n1,T\xe9st,Drama\n")
+    with pytest.raises(ParseError, match=r"movies.csv line 2: .*not valid utf-8"):
+        parse_items_file(items, LAYOUTS["ml-latest-small"])
+
+
+def test_malformed_items(tmp_path):
+    path = _write(tmp_path / "movies.dat", "1::A (1995)::Drama\nx::B (1996)::Comedy\n")
+    with pytest.raises(ParseError, match=r"movies.dat line 2: item_id 'x' is not an integer"):
+        parse_items_file(path, LAYOUTS["ml-10m"])
+    path = _write(tmp_path / "movies.csv", "movieId,title,genres\n1,A,Drama\n2,B\n")
+    with pytest.raises(ParseError, match=r"movies.csv line 3: expected 3 fields"):
+        parse_items_file(path, LAYOUTS["ml-latest-small"])
+
+
+def test_name_override_is_used_in_messages(tmp_path):
+    path = _write(tmp_path / "u.data", "1\t2\t3\n")
+    with pytest.raises(ParseError, match=r"^ml-100k/u.data line 1: expected 4 fields"):
+        parse_ratings_file(path, LAYOUTS["ml-100k"], name="ml-100k/u.data")
+
+
+# --------------------------------------------------------------------------- plain files
+
+
+def _spec(fmt: str, **columns: str) -> DatasetSpec:
+    return DatasetSpec(name="mine", format=fmt, url="file:///x", columns=columns)
+
+
+def test_plain_csv_mapped_columns_any_order(tmp_path):
+    path = _write(tmp_path / "r.csv", "ts,extra,item,who,stars\n978300760,a,10,1,4\n978300761,b,20,1,3.5\n"
+                  "978300762,c,10,2,1\n")
+    df = parse_plain(path, _spec("csv", user_id="who", item_id="item", rating="stars", timestamp="ts"))
+    _assert_canonical(df)
+
+
+def test_plain_csv_without_timestamp_and_custom_separator(tmp_path):
+    path = _write(tmp_path / "r.csv", "u;i;r\n1;10;4\n2;20;2.5\n")
+    spec = replace(_spec("csv", user_id="u", item_id="i", rating="r"), separator=";")
+    df = parse_plain(path, spec)
+    assert dict(df.schema) == RATINGS_SCHEMA
+    assert df.rows() == [(1, 10, 4.0, None), (2, 20, 2.5, None)]
+
+
+def test_plain_csv_missing_column_and_bad_id(tmp_path):
+    path = _write(tmp_path / "r.csv", "u,i,r\n1,10,4\n1.5,20,2.5\n")
+    with pytest.raises(ParseError, match=r"r.csv: column 'rating' \(for rating\) not found; columns present: u, i, r"):
+        parse_plain(path, _spec("csv", user_id="u", item_id="i", rating="rating"))
+    with pytest.raises(ParseError, match=r"^r.csv line 3: u '1.5' is not an integer$"):
+        parse_plain(path, _spec("csv", user_id="u", item_id="i", rating="r"))
+
+
+def test_plain_parquet(tmp_path):
+    src = pl.DataFrame({"who": [1, 1, 2], "item": [10.0, 20.0, 10.0], "stars": [4.0, 3.5, 1.0],
+                        "when": pl.from_epoch(pl.Series([978300760, 978300761, 978300762]), "s")})
+    path = tmp_path / "r.parquet"
+    src.write_parquet(path)
+    df = parse_plain(path, _spec("parquet", user_id="who", item_id="item", rating="stars", timestamp="when"))
+    _assert_canonical(df)
+    bad = src.with_columns(pl.Series("item", [10.0, 20.5, 10.0]))
+    bad.write_parquet(path)
+    with pytest.raises(ParseError, match=r"r.parquet row 2: item 20.5 is not an integer"):
+        parse_plain(path, _spec("parquet", user_id="who", item_id="item", rating="stars"))
+    with pytest.raises(ParseError, match=r"column 'nope' \(for timestamp\) not found; columns present: who, item"):
+        parse_plain(path, _spec("parquet", user_id="who", item_id="item", rating="stars", timestamp="nope"))
+
+
+# --------------------------------------------------------------------------- whole datasets
+
+
+def _archive_module_ready() -> bool:
+    try:
+        from flexmf_assets.datasets.archive import find_member, safe_extract  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_archive = pytest.mark.skipif(not _archive_module_ready(), reason="datasets.archive not available")
+
+
+@needs_archive
+def test_load_real_movielens_zip(movielens_zip, tmp_path):
+    spec = builtin_catalog(env={})["ml-latest-small"]
+    data = load_dataset(spec, movielens_zip, tmp_path)
+    r = data.ratings
+    assert dict(r.schema) == RATINGS_SCHEMA
+    assert r.height == 100_836
+    assert r["user_id"].n_unique() == 610
+    assert r["item_id"].n_unique() == 9_724
+    assert r.null_count().sum_horizontal()[0] == 0
+    assert r["rating"].min() == 0.5 and r["rating"].max() == 5.0
+    assert data.items is not None and data.items.height == 9_742
+    assert data.items.filter(pl.col("item_id") == 1)["title"][0] == "Toy Story (1995)"
+
+
+@needs_archive
+def test_load_ml1m_style_archive_names_member_in_errors(tmp_path):
+    archive = tmp_path / "ml-1m.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ml-1m/ratings.dat", "1::10::4::978300760\n1::20::x::978300761\n")
+        zf.writestr("ml-1m/movies.dat", "10::A::Drama\n".encode("latin-1"))
+    spec = builtin_catalog(env={})["ml-1m"]
+    with pytest.raises(ParseError, match=r"^ml-1m/ratings.dat line 2: rating 'x' is not a number$"):
+        load_dataset(spec, archive, tmp_path / "work")
+
+
+def test_load_plain_and_synthetic(tmp_path):
+    path = _write(tmp_path / "r.csv", "u,i,r\n1,10,4\n")
+    data = load_dataset(_spec("csv", user_id="u", item_id="i", rating="r"), path, tmp_path)
+    assert data.items is None and data.ratings.rows() == [(1, 10, 4.0, None)]
+    syn = load_dataset(builtin_catalog(env={})["synthetic-100k"], None, tmp_path)
+    assert syn.ratings.height > 90_000 and dict(syn.ratings.schema) == RATINGS_SCHEMA

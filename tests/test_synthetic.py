@@ -1,0 +1,103 @@
+"""Synthetic datasets: sizes, determinism, planted structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from flexmf_assets.datasets.parsing import ITEMS_SCHEMA, RATINGS_SCHEMA
+from flexmf_assets.datasets.synthetic import PRESETS, SyntheticConfig, generate, planted_truth
+from flexmf_assets.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def small():
+    return generate("synthetic-100k")
+
+
+def test_synthetic_100k_shape_and_schema(small):
+    r = small.ratings
+    assert dict(r.schema) == RATINGS_SCHEMA
+    assert r.height == 100_000
+    assert r["user_id"].n_unique() == 610
+    assert 8_500 <= r["item_id"].n_unique() <= 9_742
+    assert r["user_id"].min() == 1 and r["user_id"].max() == 610
+    assert r.select(_pairs=pl.struct("user_id", "item_id").n_unique())["_pairs"][0] == r.height
+    assert r.null_count().sum_horizontal()[0] == 0
+    per_user = r.group_by("user_id").len()["len"]
+    assert per_user.min() >= 20
+    assert per_user.max() <= int(0.4 * 9_742)
+    assert dict(small.items.schema) == ITEMS_SCHEMA and small.items.height == 9_742
+    assert small.items["title"][0] == "Item 1"
+
+
+def test_ratings_on_scale_and_step(small):
+    ratings = small.ratings["rating"].to_numpy()
+    assert ratings.min() >= 0.5 and ratings.max() <= 5.0
+    assert np.all(np.isclose(ratings * 2, np.round(ratings * 2)))
+    assert 3.2 < ratings.mean() < 4.0
+
+
+def test_timestamps_between_2000_and_2020(small):
+    ts = small.ratings["timestamp"]
+    assert ts.min() >= 946_684_800 and ts.max() < 1_609_459_200
+
+
+def test_power_law_popularity(small):
+    counts = np.sort(small.ratings.group_by("item_id").len()["len"].to_numpy())[::-1]
+    top_share = counts[: len(counts) // 100].sum() / counts.sum()
+    assert top_share > 0.08  # top 1% of items carry far more than 1% of the ratings
+    users = np.sort(small.ratings.group_by("user_id").len()["len"].to_numpy())
+    assert users[-1] > 5 * np.median(users)  # heavy users far above the median
+
+
+def test_deterministic_and_seed_sensitive(small):
+    again = generate("synthetic-100k")
+    assert again.ratings.equals(small.ratings)
+    other = generate("synthetic-100k", seed=7)
+    assert not other.ratings.equals(small.ratings)
+    assert other.ratings.height == 100_000
+
+
+def test_planted_truth_explains_ratings(small):
+    truth = planted_truth("synthetic-100k")
+    floor = truth.rmse(small.ratings)
+    assert abs(floor - truth.noise_rmse()) < 0.05
+    # a bias-free guess is much worse than the truth
+    r = small.ratings["rating"].to_numpy()
+    assert np.sqrt(np.mean((r - r.mean()) ** 2)) > floor + 0.2
+    # other seed, other truth
+    assert not np.allclose(planted_truth("synthetic-100k", seed=7).user_bias, truth.user_bias)
+
+
+def test_selection_prefers_high_true_scores():
+    cfg = SyntheticConfig(n_users=200, n_items=2_000, n_ratings=20_000, seed=3)
+    picky = generate(cfg).ratings["rating"].mean()
+    plain = generate(SyntheticConfig(**{**cfg.to_dict(), "selection_strength": 0.0})).ratings["rating"].mean()
+    assert picky > plain + 0.1
+
+
+def test_preset_sizes_match_promise():
+    expect = {"synthetic-100k": (100_000, 610, 9_742), "synthetic-1m": (1_000_000, 6_040, 3_706),
+              "synthetic-10m": (10_000_000, 69_878, 10_677), "synthetic-25m": (25_000_000, 162_541, 59_047)}
+    for name, (n, users, items) in expect.items():
+        cfg = PRESETS[name]
+        assert (cfg.n_ratings, cfg.n_users, cfg.n_items) == (n, users, items)
+        assert cfg.n_users * cfg.min_user_ratings <= cfg.n_ratings <= cfg.n_users * cfg.user_cap
+
+
+def test_medium_config_reaches_exact_size():
+    cfg = SyntheticConfig(n_users=1_000, n_items=800, n_ratings=150_000, seed=1)  # dense: up to 320/user
+    r = generate(cfg).ratings
+    assert r.height == 150_000
+    assert r.group_by("user_id").len()["len"].max() <= 320
+
+
+def test_bad_configs():
+    with pytest.raises(ConfigError, match="n_ratings"):
+        SyntheticConfig(n_users=100, n_items=50, n_ratings=1_000)  # 100 users * 20 items cap
+    with pytest.raises(ConfigError, match="noise_sd"):
+        SyntheticConfig(n_users=10, n_items=500, n_ratings=1_000, noise_sd=-1)
+    with pytest.raises(ConfigError, match="synthetic-100k"):
+        generate("synthetic-100")
