@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ml-latest-small, random 80/20 split seed 42: train {fit_train.height}, "
           f"validation {val.height if use_val else 0}, test {test.height}")
     print(f"set={args.set} config={cfg.to_dict()}")
-    print(f"device={model.device} threads={torch.get_num_threads()} epochs_run={model.epochs_run} best_epoch={model.best_epoch}")
+    print(f"device={model.device} hot-loop threads={args.threads or 1} epochs_run={model.epochs_run} best_epoch={model.best_epoch}")
     print(f"FlexMF explicit  test RMSE {metrics.rmse:.4f}  MAE {metrics.mae:.4f}  "
           f"(per-user RMSE {metrics.user_rmse:.4f})")
     print(f"bias baseline    test RMSE {bm.rmse:.4f}  MAE {bm.mae:.4f}")

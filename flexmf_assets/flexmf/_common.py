@@ -76,6 +76,9 @@ class IdIndex:
     def fit(cls, values: Any) -> tuple["IdIndex", np.ndarray]:
         """Index the distinct ``values``; returns the index and each value's row (int64)."""
         arr = _as_numpy(values)
+        if arr.dtype.kind in "iu":  # polars' unique is much faster than np.unique's full sort
+            ids = pl.Series(arr).unique().sort().to_numpy()
+            return cls(ids), np.searchsorted(ids, arr).astype(np.int64, copy=False)
         ids, inverse = np.unique(arr, return_inverse=True)
         return cls(ids), inverse.astype(np.int64, copy=False)
 
@@ -124,7 +127,7 @@ class SeenItems:
 
     @classmethod
     def build(cls, users: np.ndarray, items: np.ndarray, n_users: int, device: torch.device) -> "SeenItems":
-        order = np.lexsort((items, users))
+        order = np.argsort(users.astype(np.int64) * max(int(items.max(initial=0)) + 1, 1) + items)
         counts = np.bincount(users, minlength=n_users)
         indptr = np.zeros(n_users + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
