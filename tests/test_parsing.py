@@ -248,3 +248,17 @@ def test_load_plain_and_synthetic(tmp_path):
     assert data.items is None and data.ratings.rows() == [(1, 10, 4.0, None)]
     syn = load_dataset(builtin_catalog(env={})["synthetic-100k"], None, tmp_path)
     assert syn.ratings.height > 90_000 and dict(syn.ratings.schema) == RATINGS_SCHEMA
+
+
+@pytest.mark.parametrize(("layout", "sep"), [("ml-latest-small", ","), ("ml-10m", "::")])
+def test_error_pass_in_small_blocks_keeps_line_numbers(tmp_path, monkeypatch, layout, sep):
+    import flexmf_assets.datasets.parsing as parsing
+
+    monkeypatch.setattr(parsing, "_CHUNK", 1000)  # many blocks, lines cut at block edges
+    header = ["userId,movieId,rating,timestamp"] if sep == "," else []
+    lines = header + [sep.join([str(u), str(u % 97), "3.5", str(u)]) for u in range(1, 5_001)]
+    bad_index = 4_321
+    lines[bad_index] = sep.join(["7", "8", "4..0", "9"])
+    path = _write(tmp_path / ("ratings.csv" if sep == "," else "ratings.dat"), "\n".join(lines) + "\n")
+    with pytest.raises(ParseError, match=rf"line {bad_index + 1}: rating '4..0' is not a number$"):
+        parse_ratings_file(path, LAYOUTS[layout])

@@ -19,7 +19,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import polars as pl
 
@@ -40,7 +40,7 @@ ML100K_GENRES = (
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
     "War", "Western",
 )
-_CHUNK = 1 << 24
+_CHUNK = 1 << 25  # bytes per block of the error-locating pass
 
 
 @dataclass
@@ -58,41 +58,64 @@ def _is_utf8(encoding: str) -> bool:
     return encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8lossy")
 
 
-def _check_utf8(path: Path, name: str) -> None:
-    """Raise ParseError at the first line holding bytes that are not UTF-8 (chunked, cheap)."""
-    lines_before = 0
+def _find_bad_row(
+    path: Path,
+    name: str,
+    encoding: str,
+    separator: str,
+    fields: Sequence[tuple[str, pl.DataType, bool]],
+    skip: int,
+    column_index: Sequence[int] | None = None,
+    block_ok: Callable[[bytes, int], bool] | None = None,
+) -> ParseError | None:
+    """Second pass after a failed strict read: scan the file in blocks of whole lines.
+
+    Each block is checked for undecodable bytes, then read strictly by ``block_ok`` (fast); only a
+    block that fails is split into lines and checked column by column (:func:`_locate_bad_row`).
+    The scan stops at the first bad line, so memory
+    stays at a few block sizes even for ML-25M.
+    """
+    line_no = 1  # number of the first line of the current block
     carry = b""
     with open(path, "rb") as fh:
         while True:
             block = fh.read(_CHUNK)
             data = carry + block
-            if not block:
-                cut = len(data)
-            else:
+            if block:
                 cut = data.rfind(b"\n") + 1
                 if cut == 0:
                     carry = data
                     continue
+            else:
+                cut = len(data)
             part, carry = data[:cut], data[cut:]
-            try:
-                part.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                line = lines_before + part.count(b"\n", 0, exc.start) + 1
-                bad = part[exc.start:exc.start + 4]
-                raise ParseError(f"{name} line {line}: bytes {bad!r} are not valid UTF-8 "
-                                 f"(wrong file encoding?)") from None
-            lines_before += part.count(b"\n")
+            del data
+            if part:
+                if _is_utf8(encoding):
+                    try:
+                        part.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        line = line_no + part.count(b"\n", 0, exc.start)
+                        bad = part[exc.start:exc.start + 4]
+                        return ParseError(f"{name} line {line}: bytes {bad!r} are not valid UTF-8 "
+                                          f"(wrong file encoding?)")
+                    text = part
+                else:
+                    text = part.decode(encoding, errors="replace").encode("utf-8")
+                if block_ok is not None and block_ok(text, skip if line_no == 1 else 0):
+                    line_no += part.count(b"\n")
+                    continue
+                lines = pl.read_lines(text)["line"]
+                first = line_no
+                if line_no == 1 and skip:
+                    lines, first = lines[skip:], 1 + skip
+                err = _locate_bad_row(lines, name, separator, fields, first, column_index,
+                                      trailing_blank_ok=not block)
+                if err is not None:
+                    return err
+                line_no += part.count(b"\n")
             if not block:
-                return
-
-
-def _read_lines(path: Path, name: str, encoding: str) -> pl.Series:
-    """The file as a string Series, one element per line (line ``i+1`` at index ``i``)."""
-    if _is_utf8(encoding):
-        _check_utf8(path, name)
-        return pl.read_lines(path)["line"]
-    text = path.read_bytes().decode(encoding, errors="replace")
-    return pl.read_lines(text.encode("utf-8"))["line"]
+                return None
 
 
 def _locate_bad_row(
@@ -102,22 +125,23 @@ def _locate_bad_row(
     fields: Sequence[tuple[str, pl.DataType, bool]],
     first_line: int,
     column_index: Sequence[int] | None = None,
+    trailing_blank_ok: bool = True,
 ) -> ParseError | None:
     """Find the first malformed data line; ``fields`` = (label, dtype, required) per used column.
 
     ``first_line`` is the 1-based number of ``lines[0]``; ``column_index`` maps each field to its
     position in the row (default: 0..n-1, with the row needing exactly ``len(fields)`` values).
-    Trailing blank lines are ignored. Returns None when no row is at fault.
+    Trailing blank lines are ignored when ``trailing_blank_ok``. Returns None when no row is at fault.
     """
     n_expected = len(fields) if column_index is None else None
     idx = list(range(len(fields))) if column_index is None else list(column_index)
     frame = pl.DataFrame({"line": lines}).with_row_index("i")
     blank = frame["line"].str.strip_chars().str.len_chars() == 0
-    # drop trailing blank lines
-    nonblank = (~blank).arg_true()
-    if nonblank.len() == 0:
-        return None
-    frame = frame.head(int(nonblank[-1]) + 1)
+    if trailing_blank_ok:
+        nonblank = (~blank).arg_true()
+        if nonblank.len() == 0:
+            return None
+        frame = frame.head(int(nonblank[-1]) + 1)
     parts = pl.col("line").str.split(separator)
     exprs = [parts.list.len().alias("__n")]
     for j, (label, dtype, _required) in enumerate(fields):
@@ -215,32 +239,36 @@ def parse_ratings_file(path: Path, layout: ArchiveLayout, *, name: str | None = 
     if len(separator) != 1:
         raise ParseError(f"{name}: unsupported separator {layout.separator!r}")
 
-    def locate(cause: str) -> ParseError:
-        lines = _read_lines(path, name, layout.encoding)
-        fields = [(lab, dt, True) for lab, dt in zip(labels, RATINGS_SCHEMA.values())]
-        err = _locate_bad_row(lines[skip:], name, layout.separator, fields, first_line=skip + 1)
-        return err or ParseError(f"{name}: could not be parsed: {cause}")
+    def strict(source: Path | bytes, skip_lines: int) -> tuple[pl.DataFrame | None, str]:
+        """(frame, '') from one strict polars read, or (None, why) when some row is at fault."""
+        try:
+            df = pl.read_csv(
+                source, has_header=False, skip_lines=skip_lines, separator=separator, schema=schema,
+                quote_char=None if not layout.has_header else '"', encoding=encoding,
+            )
+        except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as exc:
+            return None, str(exc).splitlines()[0]
+        except pl.exceptions.NoDataError:
+            df = pl.DataFrame(schema=schema)
+        if double_colon:
+            stray = df.select(pl.any_horizontal(pl.col("c1", "c3", "c5").is_not_null())).to_series()
+            if stray.any():
+                return None, "values separated by a single ':'"
+            df = df.select(pl.col("c0"), pl.col("c2"), pl.col("c4"), pl.col("c6"))
+        df.columns = list(RATINGS_SCHEMA)
+        if df.null_count().sum_horizontal()[0] > 0:
+            trimmed = _drop_trailing_null_rows(df)
+            if trimmed is None:
+                return None, "missing values"
+            df = trimmed
+        return df, ""
 
-    try:
-        df = pl.read_csv(
-            path, has_header=False, skip_lines=skip, separator=separator, schema=schema,
-            quote_char=None if not layout.has_header else '"', encoding=encoding,
-        )
-    except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as exc:
-        raise locate(str(exc).splitlines()[0]) from None
-    except pl.exceptions.NoDataError:
-        df = pl.DataFrame(schema=schema)
-    if double_colon:
-        stray = df.select(pl.any_horizontal(pl.col("c1", "c3", "c5").is_not_null())).to_series()
-        if stray.any():
-            raise locate("values separated by a single ':'") from None
-        df = df.select(pl.col("c0"), pl.col("c2"), pl.col("c4"), pl.col("c6"))
-    df.columns = list(RATINGS_SCHEMA)
-    if df.null_count().sum_horizontal()[0] > 0:
-        trimmed = _drop_trailing_null_rows(df)
-        if trimmed is None:
-            raise locate("missing values") from None
-        df = trimmed
+    df, cause = strict(path, skip)
+    if df is None:
+        fields = [(lab, dt, True) for lab, dt in zip(labels, RATINGS_SCHEMA.values())]
+        err = _find_bad_row(path, name, layout.encoding, layout.separator, fields, skip,
+                            block_ok=lambda text, skip_lines: strict(text, skip_lines)[0] is not None)
+        raise err or ParseError(f"{name}: could not be parsed: {cause}")
     return df
 
 
@@ -348,12 +376,13 @@ def _missing_column(name: str, canonical: str, source: str, present: Sequence[st
 
 def _parse_plain_csv(path: Path, spec: DatasetSpec, name: str) -> pl.DataFrame:
     mapping = _columns_of(spec, name)
-    _check_utf8(path, name)
     try:
         head = pl.read_csv(path, n_rows=0, separator=spec.separator, has_header=spec.has_header,
                            infer_schema=False)
     except pl.exceptions.NoDataError:
         raise ParseError(f"{name}: the file is empty") from None
+    except pl.exceptions.ComputeError:
+        raise ParseError(f"{name} line 1: header is not valid UTF-8 (wrong file encoding?)") from None
     present = head.columns
     for canonical, source in mapping.items():
         if source not in present:
@@ -362,11 +391,9 @@ def _parse_plain_csv(path: Path, spec: DatasetSpec, name: str) -> pl.DataFrame:
     overrides = {mapping[c]: RATINGS_SCHEMA[c] for c in order}
 
     def locate(cause: str) -> ParseError:
-        lines = _read_lines(path, name, "utf-8")
-        skip = 1 if spec.has_header else 0
         fields = [(mapping[c], RATINGS_SCHEMA[c], True) for c in order]
-        err = _locate_bad_row(lines[skip:], name, spec.separator, fields, first_line=skip + 1,
-                              column_index=[present.index(mapping[c]) for c in order])
+        err = _find_bad_row(path, name, "utf-8", spec.separator, fields, 1 if spec.has_header else 0,
+                            column_index=[present.index(mapping[c]) for c in order])
         return err or ParseError(f"{name}: could not be parsed: {cause}")
 
     try:

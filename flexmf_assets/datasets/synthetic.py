@@ -268,6 +268,7 @@ def _candidates(config: SyntheticConfig, target: np.ndarray, sampler: _AliasSamp
         gained = np.maximum(have - before, 1) / np.maximum(n_draw, 1)
         draws = np.ceil(1.3 * (target - have) / gained).astype(np.int64) + 4
         draws = np.minimum(draws, 50 * n_items)
+    keys.sort()  # users short in an early round were appended at the end
     return keys
 
 
