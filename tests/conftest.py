@@ -75,3 +75,28 @@ def movielens_server(tmp_path_factory, movielens_zip):
     server = LoopbackServer(root)
     yield server
     server.close()
+
+
+@pytest.fixture
+def dagster_instance(tmp_path):
+    """A real (SQLite) Dagster instance in a temporary DAGSTER_HOME."""
+    import dagster as dg
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        yield instance
+
+
+def failure_text(result) -> str:
+    """The user-facing text of a failed Dagster run's first step failure (description + error)."""
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    data = failure.step_failure_data
+    parts = []
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        parts.append(data.user_failure_data.description)
+    error = data.error
+    while error is not None:
+        parts.append(error.message)
+        error = error.cause
+    return "\n".join(parts)

@@ -59,6 +59,17 @@ CHECK_NAMES: tuple[str, ...] = (
     "min_rows",
 )
 
+#: what each check asserts, for the asset-check declarations (the run-time results carry the exact bounds)
+CHECK_DESCRIPTIONS: dict[str, str] = {
+    "schema": "user_id, item_id, rating, timestamp present with canonical dtypes (GX + polars schema)",
+    "no_nulls": "user_id, item_id and rating never null; timestamp fully present or fully absent",
+    "rating_in_scale": "ratings inside the dataset's declared scale (NaN and inf are unexpected)",
+    "rating_on_step": "ratings on the dataset's step grid, where it declares one",
+    "unique_user_item": "each (user_id, item_id) pair rated at most once",
+    "timestamp_plausible": "timestamps between 1990-01-01 and tomorrow",
+    "min_rows": "at least the minimum row count (flexmf.yaml validation.min_rows, default 1000)",
+}
+
 #: 1990-01-01T00:00:00Z, before any MovieLens rating (the first are from 1995/1996).
 DEFAULT_MIN_TIMESTAMP = 631_152_000
 #: tolerance of ``rating_on_step``, in steps (relative to max(1, |rating| / step) for float32 data)

@@ -87,6 +87,16 @@ class FlexMFImplicitScorer:
         self.seen_: SeenItems | None = None
         self.params_: dict[str, torch.Tensor] = {}
 
+    @property
+    def n_users(self) -> int:
+        """Users seen in training (0 before ``fit``)."""
+        return len(self.users_) if self.users_ is not None else 0
+
+    @property
+    def n_items(self) -> int:
+        """Items seen in training (0 before ``fit``)."""
+        return len(self.items_) if self.items_ is not None else 0
+
     # ------------------------------------------------------------------------------------------
     # scoring primitives
     # ------------------------------------------------------------------------------------------

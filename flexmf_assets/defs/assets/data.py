@@ -1,6 +1,5 @@
 """Data stage: ``archive`` -> ``ratings`` + ``items`` (with GX checks) -> ``split``, per dataset."""
 
-from __future__ import annotations
 
 import dataclasses
 import hashlib
@@ -13,6 +12,7 @@ import dagster as dg
 import polars as pl
 
 from flexmf_assets.defs.metadata import column_schema, frame_stats, jsonable, md_table, rating_histogram
+from flexmf_assets.defs.failures import user_errors
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.project import ProjectConfig
 
@@ -38,6 +38,7 @@ def build_data_assets(project: ProjectConfig, dataset_partitions: dg.PartitionsD
         description="The dataset's source archive, downloaded (streaming, retried, sha256-verified) into "
         "the cache; an unchanged archive keeps its data version so nothing downstream goes stale.",
     )
+    @user_errors
     def archive(context: dg.AssetExecutionContext, project_config: ProjectResource) -> dg.Output[dict]:
         from flexmf_assets.datasets.download import fetch
 
@@ -104,6 +105,7 @@ def build_data_assets(project: ProjectConfig, dataset_partitions: dg.PartitionsD
             ),
         },
     )
+    @user_errors
     def ratings_and_items(context: dg.AssetExecutionContext, project_config: ProjectResource, archive: dict):
         from flexmf_assets.datasets.parsing import ITEMS_SCHEMA, load_dataset
 
@@ -140,6 +142,7 @@ def build_data_assets(project: ProjectConfig, dataset_partitions: dg.PartitionsD
         description="Train / validation / test frames by the split protocol in flexmf.yaml (seeded). "
         "Validation is carved from train for early stopping.",
     )
+    @user_errors
     def split(context: dg.AssetExecutionContext, project_config: ProjectResource,
               ratings: pl.DataFrame) -> dg.Output[dict]:
         from flexmf_assets.datasets.split import split_ratings
@@ -171,8 +174,7 @@ def ratings_check_results(context, cfg: ProjectConfig, spec, ratings: pl.DataFra
                               min_rows=min_rows)
     for outcome in report.outcomes:
         if not outcome.success:
-            context.log.error(f"GX check {outcome.check_name} failed on {spec.name}: "
-                              f"{outcome.unexpected_count} unexpected, e.g. {outcome.unexpected_examples[:5]}")
+            context.log.error(f"{spec.name}: GX check {outcome.message}")
         yield dg.AssetCheckResult(
             check_name=outcome.check_name,
             asset_key="ratings",

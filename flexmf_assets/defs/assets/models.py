@@ -5,7 +5,6 @@ The asset functions stay thin: resolve the hyperparameter set, call the core lib
 What differs between the explicit and implicit tracks lives in a small :class:`Track` adapter.
 """
 
-from __future__ import annotations
 
 import io
 import platform
@@ -18,6 +17,7 @@ import polars as pl
 
 from flexmf_assets.defs.metadata import jsonable, md_table
 from flexmf_assets.defs.partitions import BY_DATASET, model_partitions, split_key
+from flexmf_assets.defs.failures import user_errors
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
 from flexmf_assets.project import ProjectConfig
 
@@ -145,6 +145,7 @@ def build_track_assets(project: ProjectConfig, track_name: str) -> list[dg.Asset
         description=f"{track.description}, trained on the dataset's split with the hyperparameter set "
         "named by the partition; early stopping on the validation split restores the best epoch.",
     )
+    @user_errors
     def model(context: dg.AssetExecutionContext, project_config: ProjectResource, device: DeviceResource,
               split: dict):
         cfg = project_config.load()
@@ -192,6 +193,7 @@ def build_track_assets(project: ProjectConfig, track_name: str) -> list[dg.Asset
         description=f"Test-set metrics of the {track_name} model beside its baseline on the same split; "
         "the stored value is the per-user metrics table.",
     )
+    @user_errors
     def evaluation(context: dg.AssetExecutionContext, project_config: ProjectResource, model, split: dict):
         cfg = project_config.load()
         dataset, hparams = split_key(context)
@@ -221,6 +223,7 @@ def build_track_assets(project: ProjectConfig, track_name: str) -> list[dg.Asset
         description="Top-N items per user (items the user rated excluded) with score, rank and the "
         "model partition; stored as Parquet (readable by polars or DuckDB).",
     )
+    @user_errors
     def recommendations(context: dg.AssetExecutionContext, project_config: ProjectResource, model):
         cfg = project_config.load()
         dataset, hparams = split_key(context)

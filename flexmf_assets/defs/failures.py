@@ -1,0 +1,35 @@
+"""Turn the core library's one-line errors into clean Dagster step failures (no traceback soup)."""
+
+import functools
+import inspect
+
+import dagster as dg
+
+from flexmf_assets.errors import FlexMFError
+
+
+def _failure(exc: FlexMFError) -> dg.Failure:
+    return dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False)
+
+
+def user_errors(fn):
+    """Decorator (below ``@asset``): a :class:`FlexMFError` fails the step with its one-line message."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except FlexMFError as exc:
+                raise _failure(exc) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FlexMFError as exc:
+            raise _failure(exc) from None
+
+    return wrapper
