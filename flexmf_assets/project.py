@@ -37,11 +37,15 @@ _SWEEP_KEYS = ("datasets",)
 _SCHEDULE_KEYS = ("cron", "enabled", "timezone")
 _VALIDATION_KEYS = ("min_rows",)
 
-#: built-in hyperparameter sets, extended/overridden by the file
-BUILTIN_SETS: dict[str, dict[str, dict[str, Any]]] = {
-    "explicit": {"default": {}},
-    "implicit": {"default": {}, "bpr": {"preset": "bpr"}, "warp": {"preset": "warp"}},
-}
+def builtin_sets(track: str) -> dict[str, dict[str, Any]]:
+    """The engine's named presets for a track; ``flexmf.yaml`` adds to and overrides them."""
+    if track == "explicit":
+        from flexmf_assets.flexmf.config import EXPLICIT_PRESETS as presets
+    elif track == "implicit":
+        from flexmf_assets.flexmf.implicit_config import IMPLICIT_PRESETS as presets
+    else:
+        raise ConfigError(f"unknown track {track!r}; valid: {', '.join(TRACKS)}")
+    return {name: dict(values) for name, values in presets.items()}
 
 
 def _check_keys(where: str, data: Mapping[str, Any], valid: tuple[str, ...]) -> None:
@@ -231,7 +235,7 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
 
     hparams: dict[str, dict[str, dict[str, Any]]] = {}
     for track in TRACKS:
-        sets = {k: dict(v) for k, v in BUILTIN_SETS[track].items()}
+        sets = builtin_sets(track)
         for name, entry in _mapping(f"{where} {track}_hparams", raw.get(f"{track}_hparams")).items():
             sets[str(name)] = _mapping(f"{where} {track}_hparams.{name}", entry)
         grid = raw.get(f"{track}_grid")

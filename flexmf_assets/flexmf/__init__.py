@@ -7,11 +7,16 @@
 from flexmf_assets.flexmf.config import EXPLICIT_PRESETS, FlexMFExplicitConfig
 from flexmf_assets.flexmf.device import DeviceSettings, resolve_device
 from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
+from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer
+from flexmf_assets.flexmf.implicit_config import IMPLICIT_PRESETS, FlexMFImplicitConfig
 
 __all__ = [
     "EXPLICIT_PRESETS",
+    "IMPLICIT_PRESETS",
     "DeviceSettings",
     "FlexMFExplicitConfig",
     "FlexMFExplicitScorer",
+    "FlexMFImplicitConfig",
+    "FlexMFImplicitScorer",
     "resolve_device",
 ]
