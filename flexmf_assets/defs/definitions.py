@@ -9,7 +9,9 @@ from __future__ import annotations
 import dagster as dg
 
 from flexmf_assets.defs.assets.data import build_data_assets
+from flexmf_assets.defs.assets.leaderboard import build_leaderboard_assets
 from flexmf_assets.defs.assets.models import build_track_assets
+from flexmf_assets.defs.automation import build_automation
 from flexmf_assets.defs.io_managers import FlexMFIOManager
 from flexmf_assets.defs.partitions import dataset_partitions
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
@@ -22,8 +24,12 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
                       storage_dir: str | None = None) -> dg.Definitions:
     datasets = dataset_partitions(project)
     data_assets = build_data_assets(project, datasets)
-    model_assets = [a for track in ("explicit", "implicit") for a in build_track_assets(project, track)]
     device = project.device
+    # two trainings never share a GPU: CUDA training steps take the `gpu` pool (set its limit with
+    # `dagster instance concurrency set gpu 1`); CPU training uses `flexmf_training`
+    pool = "gpu" if str(device.get("device", "auto")).startswith("cuda") else "flexmf_training"
+    model_assets = [a for track in ("explicit", "implicit") for a in build_track_assets(project, track, pool=pool)]
+    board_assets = build_leaderboard_assets(datasets)
     resources = {
         "project_config": ProjectResource(config_path=config_path or (str(project.path) if project.path else None)),
         "device": DeviceResource(
@@ -34,18 +40,27 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
         ),
         "io_manager": FlexMFIOManager(base_dir=storage_dir or str(project.storage_dir)),
     }
-    jobs = [
-        dg.define_asset_job("data_job", selection=dg.AssetSelection.groups(DATA_GROUP),
-                            description="Download, parse, validate and split one dataset partition."),
-        dg.define_asset_job("explicit_job", selection=dg.AssetSelection.groups("explicit"),
-                            description="Train, evaluate and publish one dataset|hparams explicit partition."),
-        dg.define_asset_job("implicit_job", selection=dg.AssetSelection.groups("implicit"),
-                            description="Train, evaluate and publish one dataset|hparams implicit partition."),
-    ]
+    jobs = {
+        "data_job": dg.define_asset_job(
+            "data_job", selection=dg.AssetSelection.groups(DATA_GROUP),
+            description="Download, parse, validate and split one dataset partition."),
+        "explicit_job": dg.define_asset_job(
+            "explicit_job", selection=dg.AssetSelection.groups("explicit"),
+            description="Train, evaluate and publish one dataset|hparams explicit partition."),
+        "implicit_job": dg.define_asset_job(
+            "implicit_job", selection=dg.AssetSelection.groups("implicit"),
+            description="Train, evaluate and publish one dataset|hparams implicit partition."),
+        "leaderboard_job": dg.define_asset_job(
+            "leaderboard_job", selection=dg.AssetSelection.groups("leaderboard"),
+            description="Rank every trained hparams partition of a dataset and publish the champions."),
+    }
+    sensors, schedules = build_automation(project, jobs)
     return dg.Definitions(
-        assets=[*data_assets, *model_assets],
+        assets=[*data_assets, *model_assets, *board_assets],
         resources=resources,
-        jobs=jobs,
+        jobs=list(jobs.values()),
+        sensors=sensors,
+        schedules=schedules,
         executor=dg.multiprocess_executor,
     )
 

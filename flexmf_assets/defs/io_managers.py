@@ -209,6 +209,13 @@ class _FlexMFUPathIOManager(dg.UPathIOManager):
     def path_exists(self, path: UPath) -> bool:
         return (path / POINTER).exists()
 
+    def read_partition(self, asset: str, *partition: str) -> Any:
+        """Read an asset partition outside an input (e.g. the champion's table picked at run time)."""
+        path = self._base_path / asset
+        for part in partition:
+            path = self.make_safe_partition_path(path, part)
+        return self.store.read(path)
+
 
 class FlexMFIOManager(dg.ConfigurableIOManagerFactory):
     """Stores every asset of the project under ``base_dir`` (a local path or an fsspec URL)."""

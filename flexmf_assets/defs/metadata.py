@@ -52,3 +52,28 @@ def jsonable(value: Any) -> Any:
         return value.item()
     except AttributeError:
         return str(value)
+
+
+def figure_markdown(fig, title: str) -> dg.MarkdownMetadataValue:
+    """Render a matplotlib figure as an inline PNG in a Markdown metadata value (closes the figure)."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

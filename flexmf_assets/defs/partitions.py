@@ -5,6 +5,8 @@ A model partition key reads ``"<dataset>|<hparams>"`` (Dagster sorts dimensions 
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from flexmf_assets.project import ProjectConfig
@@ -31,8 +33,11 @@ def model_partitions(project: ProjectConfig, track: str) -> dg.MultiPartitionsDe
     )
 
 
-#: downstream model assets read the dataset's split through the ``dataset`` dimension
-BY_DATASET = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=DATASET_DIM)
+#: model assets read the dataset's split through the ``dataset`` dimension (and leaderboards read
+#: every model partition of their dataset the same way)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", dg.BetaWarning)  # stable in practice since Dagster 1.4
+    BY_DATASET = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=DATASET_DIM)
 
 
 def split_key(context: dg.AssetExecutionContext) -> tuple[str, str]:

@@ -12,6 +12,7 @@ import dagster as dg
 import polars as pl
 
 from flexmf_assets.defs.metadata import column_schema, frame_stats, jsonable, md_table, rating_histogram
+from flexmf_assets.defs.automation import DATA_VERSION_TAG, latest_materialization
 from flexmf_assets.defs.failures import user_errors
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.project import ProjectConfig
@@ -152,7 +153,14 @@ def build_data_assets(project: ProjectConfig, dataset_partitions: dg.PartitionsD
         result = split_ratings(ratings, split_cfg)
         summary = result.summary()
         frames = {"train": result.train, "validation": result.validation, "test": result.test}
-        return dg.Output(frames, metadata={
+        # the data version covers the split settings too: a new seed or protocol in flexmf.yaml makes
+        # every model trained on the old split stale (Dagster's default would only see the ratings)
+        ratings_record = latest_materialization(context.instance, "ratings", context.partition_key)
+        ratings_version = ratings_record.asset_materialization.tags.get(DATA_VERSION_TAG, "") if ratings_record else ""
+        blob = json.dumps({"ratings": ratings_version, "split": split_cfg.to_dict(),
+                           "code": CODE_VERSIONS["split"]}, sort_keys=True, default=str)
+        version = hashlib.sha256(blob.encode()).hexdigest()[:24]
+        return dg.Output(frames, data_version=dg.DataVersion(version), metadata={
             "protocol": split_cfg.protocol,
             "seed": split_cfg.seed,
             "split_config": dg.MetadataValue.json(split_cfg.to_dict()),

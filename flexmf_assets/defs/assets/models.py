@@ -6,7 +6,6 @@ What differs between the explicit and implicit tracks lives in a small :class:`T
 """
 
 
-import io
 import platform
 import socket
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Any, Callable
 import dagster as dg
 import polars as pl
 
-from flexmf_assets.defs.metadata import jsonable, md_table
+from flexmf_assets.defs.metadata import figure_markdown, jsonable, md_table, pyplot
 from flexmf_assets.defs.partitions import BY_DATASET, model_partitions, split_key
 from flexmf_assets.defs.failures import user_errors
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
@@ -28,13 +27,7 @@ def loss_curve_plot(history: list[dict], val_key: str, title: str) -> dg.Markdow
     """Training loss and validation metric per epoch as an inline PNG in Markdown."""
     if not history:
         return None
-    import base64
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=90)
     ax.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train loss", color="tab:blue")
@@ -46,12 +39,7 @@ def loss_curve_plot(history: list[dict], val_key: str, title: str) -> dg.Markdow
         ax2.plot(epochs, vals, "s-", label=val_key, color="tab:orange")
         ax2.set_ylabel(val_key, color="tab:orange")
     ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode()
-    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
+    return figure_markdown(fig, title)
 
 
 @dataclass(frozen=True)
@@ -128,7 +116,45 @@ TRACKS = {
 }
 
 
-def build_track_assets(project: ProjectConfig, track_name: str) -> list[dg.AssetsDefinition]:
+def lineage_metadata(instance: dg.DagsterInstance, track: str, dataset: str, hparams: str) -> dict[str, Any]:
+    """Where a recommendations table comes from, read from the event log: the model partition and
+    its run, hparams, device and code version; the split protocol and seed; the validated ratings'
+    data version; the archive's url and sha256."""
+    from flexmf_assets.defs.automation import DATA_VERSION_TAG, latest_materialization, model_key
+
+    out: dict[str, Any] = {"model_partition": f"{dataset}|{hparams}"}
+    model = latest_materialization(instance, f"{track}_model", str(model_key(dataset, hparams)))
+    if model is not None and model.asset_materialization is not None:
+        meta = model.asset_materialization.metadata
+        out.update({
+            "model_run_id": model.run_id,
+            "model_data_version": model.asset_materialization.tags.get(DATA_VERSION_TAG, ""),
+            "model_code_version": CODE_VERSIONS["model"],
+            "device": meta["device"].value if "device" in meta else "",
+            "hparams": meta["hparams"] if "hparams" in meta else dg.MetadataValue.json({}),
+        })
+    split = latest_materialization(instance, "split", dataset)
+    if split is not None and split.asset_materialization is not None:
+        meta = split.asset_materialization.metadata
+        out.update({
+            "split_protocol": meta["protocol"].value if "protocol" in meta else "",
+            "split_seed": meta["seed"].value if "seed" in meta else -1,
+            "split_data_version": split.asset_materialization.tags.get(DATA_VERSION_TAG, ""),
+        })
+    ratings = latest_materialization(instance, "ratings", dataset)
+    if ratings is not None and ratings.asset_materialization is not None:
+        out["ratings_data_version"] = ratings.asset_materialization.tags.get(DATA_VERSION_TAG, "")
+    archive = latest_materialization(instance, "archive", dataset)
+    if archive is not None and archive.asset_materialization is not None:
+        meta = archive.asset_materialization.metadata
+        out["archive_sha256"] = meta["sha256"].value if "sha256" in meta else ""
+        url = meta.get("url")
+        out["archive_url"] = (url.value if url is not None else None) or "synthetic"
+    return out
+
+
+def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "flexmf_training"
+                       ) -> list[dg.AssetsDefinition]:
     track = TRACKS[track_name]
     partitions = model_partitions(project, track_name)
     model_key = f"{track_name}_model"
@@ -141,7 +167,7 @@ def build_track_assets(project: ProjectConfig, track_name: str) -> list[dg.Asset
         group_name=track_name,
         kinds={"pytorch"},
         code_version=CODE_VERSIONS["model"],
-        pool="flexmf_training",
+        pool=pool,
         description=f"{track.description}, trained on the dataset's split with the hyperparameter set "
         "named by the partition; early stopping on the validation split restores the best epoch.",
     )
@@ -234,6 +260,7 @@ def build_track_assets(project: ProjectConfig, track_name: str) -> list[dg.Asset
         n_items = model.n_items
         covered = recs["item_id"].n_unique()
         return dg.Output(recs, metadata={
+            **lineage_metadata(context.instance, track_name, dataset, hparams),
             "dataset": dataset,
             "hparams_set": hparams,
             "n": cfg.recommendations_n,
