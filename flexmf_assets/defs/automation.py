@@ -19,7 +19,8 @@ from flexmf_assets.errors import ConfigError
 from flexmf_assets.project import TRACKS, ProjectConfig
 
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00
-SPLIT_INPUT_TAG = "dagster/input_data_version/split"
+#: model metadata key holding the data version of the split it was trained on
+SPLIT_VERSION_KEY = "split_data_version"
 DATA_VERSION_TAG = "dagster/data_version"
 
 
@@ -84,7 +85,8 @@ def sweep_requests(project: ProjectConfig, instance: dg.DagsterInstance, log=Non
             for name in names:
                 key = model_key(dataset, name)
                 model = latest_materialization(instance, f"{track}_model", str(key))
-                trained_on = model.asset_materialization.tags.get(SPLIT_INPUT_TAG) if model else None
+                entry = model.asset_materialization.metadata.get(SPLIT_VERSION_KEY) if model else None
+                trained_on = entry.value if entry is not None else None
                 if model is None or trained_on != version:
                     runs.append(dg.RunRequest(job_name=f"{track}_job", partition_key=key,
                                               run_key=f"train:{track}:{key}:{version}"))

@@ -16,6 +16,7 @@ import polars as pl
 
 from flexmf_assets.defs.metadata import figure_markdown, jsonable, md_table, pyplot
 from flexmf_assets.defs.partitions import BY_DATASET, model_partitions, split_key
+from flexmf_assets.defs.automation import DATA_VERSION_TAG, SPLIT_VERSION_KEY, latest_materialization, model_key
 from flexmf_assets.defs.failures import user_errors
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
 from flexmf_assets.project import ProjectConfig
@@ -120,8 +121,6 @@ def lineage_metadata(instance: dg.DagsterInstance, track: str, dataset: str, hpa
     """Where a recommendations table comes from, read from the event log: the model partition and
     its run, hparams, device and code version; the split protocol and seed; the validated ratings'
     data version; the archive's url and sha256."""
-    from flexmf_assets.defs.automation import DATA_VERSION_TAG, latest_materialization, model_key
-
     out: dict[str, Any] = {"model_partition": f"{dataset}|{hparams}"}
     model = latest_materialization(instance, f"{track}_model", str(model_key(dataset, hparams)))
     if model is not None and model.asset_materialization is not None:
@@ -187,9 +186,13 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         scorer.fit(split["train"], split["validation"], callback=log_epoch)
         history = list(scorer.history)
         best = next((h for h in history if h.get("epoch") == scorer.best_epoch), history[-1] if history else {})
+        split_record = latest_materialization(context.instance, "split", dataset)
         metadata = {
             "dataset": dataset,
             "hparams_set": hparams,
+            # the sweep sensor retrains when this differs from the dataset's current split version
+            SPLIT_VERSION_KEY: split_record.asset_materialization.tags.get(DATA_VERSION_TAG, "")
+            if split_record else "",
             "hparams": dg.MetadataValue.json(jsonable(config.to_dict())),
             "device": str(scorer.device),
             "epochs_run": scorer.epochs_run,
