@@ -1,0 +1,212 @@
+"""Scale run: explicit k=64 training and top-20 recommendation vs data size (synthetic presets).
+
+    python benchmarks/scale.py [--max synthetic-10m] [--epochs N] [--threads 2] [field=value ...]
+
+For each preset (synthetic-100k, -1m, -10m, -25m, up to ``--max``), three fresh child processes:
+  1. generate the preset (seed 42) into ``benchmarks/out/synthetic/<preset>.parquet`` (cached);
+  2. train our explicit model, ``FlexMFExplicitConfig(embedding_size=64, epochs=E)`` plus the
+     overrides, on ALL ratings (throughput, not accuracy): updates/s = epochs x ratings / training
+     wall time (``model.train_seconds``); peak RSS = the child's ``ru_maxrss`` (data included);
+     the model is saved;
+  3. load it and recommend top-20 unseen items for every user (``recommend(n=20)``, default user
+     batch): wall time and the child's peak RSS.
+Prints a table, writes ``benchmarks/out/scale.json`` and the plot ``docs/benchmarks_scale.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+PRESETS = ("synthetic-100k", "synthetic-1m", "synthetic-10m", "synthetic-25m")
+PLOT = common.REPO / "docs" / "benchmarks_scale.png"
+
+
+def default_epochs(preset: str) -> int:
+    """Enough epochs for a stable rate, few enough to keep the run bounded."""
+    return 5 if preset in ("synthetic-100k", "synthetic-1m") else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# children
+# ----------------------------------------------------------------------------------------------
+
+
+def child_generate(job: dict[str, Any]) -> dict[str, Any]:
+    from flexmf_assets.datasets.synthetic import generate
+
+    t0 = time.perf_counter()
+    ratings = generate(job["preset"], seed=42).ratings.select("user_id", "item_id", "rating")
+    seconds = time.perf_counter() - t0
+    common.write_parquet(ratings, Path(job["data"]))
+    return {"generate_s": seconds, "ratings": ratings.height,
+            "users": ratings["user_id"].n_unique(), "items": ratings["item_id"].n_unique()}
+
+
+def child_train(job: dict[str, Any]) -> dict[str, Any]:
+    import polars as pl
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from flexmf_assets.flexmf.config import FlexMFExplicitConfig
+    from flexmf_assets.flexmf.device import DeviceSettings
+    from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
+
+    ratings = pl.read_parquet(job["data"])
+    cfg = FlexMFExplicitConfig.from_dict(job["config"])
+    t0 = time.perf_counter()
+    model = FlexMFExplicitScorer(cfg, device=DeviceSettings("cpu", threads=job["threads"])).fit(ratings)
+    fit_s = time.perf_counter() - t0
+    model.save(job["model"])
+    return {"fit_s": fit_s, "train_seconds": model.train_seconds, "epochs": model.epochs_run,
+            "updates_per_s": model.epochs_run * ratings.height / model.train_seconds,
+            "train_rss_mb": common.peak_rss_mb(), "config": cfg.to_dict()}
+
+
+def child_recommend(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from flexmf_assets.flexmf.device import DeviceSettings
+    from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
+
+    model = FlexMFExplicitScorer.load(job["model"], device=DeviceSettings("cpu", threads=job["threads"]))
+    loaded_rss = common.peak_rss_mb()
+    t0 = time.perf_counter()
+    recs = model.recommend(n=20)
+    seconds = time.perf_counter() - t0
+    return {"recommend_s": seconds, "users": model.n_users, "rows": recs.height,
+            "users_per_s": model.n_users / seconds, "rss_before_mb": loaded_rss}
+
+
+CHILDREN = {"generate": child_generate, "train": child_train, "recommend": child_recommend}
+
+
+# ----------------------------------------------------------------------------------------------
+# parent
+# ----------------------------------------------------------------------------------------------
+
+
+def run_step(step: str, job: dict[str, Any], stem: Path, timeout: float) -> dict[str, Any]:
+    job = {**job, "step": step, "result": f"{stem}-{step}.json"}
+    common.write_json(job, Path(f"{stem}-{step}.job.json"))
+    return common.run_child([sys.executable, str(Path(__file__).resolve()), "--child", f"{stem}-{step}.job.json"],
+                            Path(job["result"]), timeout)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "updates_per_s" in r]
+    if not ok:
+        return
+    x = [r["ratings"] for r in ok]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(x, [r["updates_per_s"] / 1e6 for r in ok], "o-", label="training (explicit k=64)")
+    a.axhline(2.0, color="grey", ls=":", label="target 2M/s (synthetic-10m)")
+    a.set(xscale="log", xlabel="ratings", ylabel="M updates/s", title="Training throughput (2 CPU threads)")
+    a.legend(fontsize=8)
+    b.plot(x, [r["train_rss_mb"] / 1024 for r in ok], "o-", label="training peak RSS")
+    rec = [r for r in ok if "recommend_rss_mb" in r]
+    b.plot([r["ratings"] for r in rec], [r["recommend_rss_mb"] / 1024 for r in rec], "s-", label="top-20 all users peak RSS")
+    b.axhline(3.0, color="grey", ls=":", label="target 3 GB (synthetic-25m)")
+    b.set(xscale="log", xlabel="ratings", ylabel="GiB", title="Peak memory")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", metavar="JOB", help=argparse.SUPPRESS)
+    ap.add_argument("--max", default=PRESETS[-1], choices=PRESETS, help="largest preset to run")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 5 up to 1m, else 1)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="FlexMFExplicitConfig field=value overrides")
+    args = ap.parse_args(argv)
+    if args.child:
+        job = json.loads(Path(args.child).read_text())
+        common.write_json(CHILDREN[job["step"]](job), Path(job["result"]))
+        return 0
+
+    from flexmf_assets.flexmf.config import FlexMFExplicitConfig
+
+    overrides = FlexMFExplicitConfig.parse_overrides(",".join(args.overrides)) if args.overrides else {}
+    out = common.OUT / "scale"
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for preset in PRESETS[: PRESETS.index(args.max) + 1]:
+        epochs = args.epochs or default_epochs(preset)
+        config = FlexMFExplicitConfig(embedding_size=64, epochs=epochs).replace(**overrides).to_dict()
+        data = common.OUT / "synthetic" / f"{preset}.parquet"
+        job = {"preset": preset, "data": str(data), "threads": args.threads, "config": config,
+               "model": str(out / f"{preset}-model")}
+        stem = out / preset
+        row: dict[str, Any] = {"preset": preset}
+        meta = data.with_suffix(".json")
+        if data.exists() and meta.exists():
+            row.update(json.loads(meta.read_text()))
+        else:
+            gen = run_step("generate", job, stem, args.timeout)
+            if "error" in gen:
+                print(f"{preset}: generation failed: {gen['error']}", flush=True)
+                rows.append({**row, "error": gen["error"]})
+                break
+            gen.pop("wall_s", None)
+            row.update({k: v for k, v in gen.items() if k != "peak_rss_mb"})
+            common.write_json({k: v for k, v in row.items() if k != "preset"}, meta)
+        tr = run_step("train", job, stem, args.timeout)
+        if "error" in tr:
+            print(f"{preset}: training failed: {tr['error']}", flush=True)
+            rows.append({**row, "error": tr["error"]})
+            break
+        row.update({k: tr[k] for k in ("updates_per_s", "train_seconds", "epochs", "config")},
+                   train_rss_mb=tr["peak_rss_mb"])
+        rec = run_step("recommend", job, stem, args.timeout)
+        if "error" in rec:
+            row["recommend_error"] = rec["error"]
+        else:
+            row.update(recommend_s=rec["recommend_s"], users=rec["users"], recommend_rss_mb=rec["peak_rss_mb"],
+                       model_loaded_rss_mb=rec["rss_before_mb"])
+        rows.append(row)
+        print(f"{preset:>15}: {row['ratings']:>11,} ratings  train {row['updates_per_s'] / 1e6:6.2f}M upd/s "
+              f"({row['epochs']} ep, {row['train_seconds']:.1f} s, RSS {row['train_rss_mb']:.0f} MiB)  "
+              f"top-20 all {row.get('users', 0):,} users {common.fmt(row.get('recommend_s'), '.2f')} s "
+              f"(RSS {common.fmt(row.get('recommend_rss_mb'), '.0f')} MiB)", flush=True)
+
+    headers = ["preset", "ratings", "users", "items", "epochs", "train s", "updates/s", "train peak RSS MiB",
+               "top-20 all users s", "recommend peak RSS MiB"]
+    table = [[r["preset"], f"{r.get('ratings', 0):,}", f"{r.get('users', 0):,}", f"{r.get('items', 0):,}",
+              r.get("epochs", "-"), common.fmt(r.get("train_seconds")), common.fmt((r.get("updates_per_s") or 0) / 1e6, ".2f") + "M",
+              common.fmt(r.get("train_rss_mb"), ".0f"), common.fmt(r.get("recommend_s")),
+              common.fmt(r.get("recommend_rss_mb"), ".0f")] for r in rows if "error" not in r]
+    print("\n" + common.text_table(headers, table))
+    report = {"machine": common.machine(), "threads": args.threads, "overrides": overrides, "rows": rows,
+              "command": " ".join(["python", "benchmarks/scale.py", *(argv if argv is not None else sys.argv[1:])]),
+              "total_s": time.perf_counter() - started}
+    common.write_json(report, common.OUT / "scale.json")
+    common.write_text(common.markdown_table(headers, table) + "\n", common.OUT / "scale.md")
+    if not args.no_plot:
+        plot(rows, PLOT)
+        print(f"plot: {PLOT}")
+    print(f"wrote {common.OUT / 'scale.json'} ({report['total_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
