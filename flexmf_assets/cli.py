@@ -20,13 +20,44 @@ from flexmf_assets.errors import FlexMFError
 from flexmf_assets.project import TRACKS, ProjectConfig, load_project
 
 
+#: written to a new DAGSTER_HOME (never over an existing file): run queue and concurrency pools
+DAGSTER_YAML = """\
+# Written by `flexmf` for a new DAGSTER_HOME; edit freely (docs/operations.md).
+concurrency:
+  runs:
+    max_concurrent_runs: 4   # backfills launch up to 4 partition runs at once
+  pools:
+    granularity: op
+    default_limit: 2         # training steps of unconfigured pools (flexmf_training) at once
+telemetry:
+  enabled: false
+"""
+
+#: concurrency pool limits set on a new instance (``dagster instance concurrency set`` changes them)
+POOL_LIMITS = {"gpu": 1}
+
+
 def _ensure_home(project: ProjectConfig) -> str:
     home = os.environ.get("DAGSTER_HOME")
     if not home:
         home = str(project.dagster_home)
         os.environ["DAGSTER_HOME"] = home
     os.makedirs(home, exist_ok=True)
+    config = os.path.join(home, "dagster.yaml")
+    if not os.path.exists(config):
+        with open(config, "w", encoding="utf-8") as fh:
+            fh.write(DAGSTER_YAML)
     return home
+
+
+def ensure_pools(instance) -> None:
+    """Give the ``gpu`` pool one slot unless the operator already set a limit: two trainings never
+    share one GPU."""
+    storage = instance.event_log_storage
+    configured = storage.get_concurrency_keys()
+    for pool, limit in POOL_LIMITS.items():
+        if pool not in configured:
+            storage.set_concurrency_slots(pool, limit)
 
 
 def register(project: ProjectConfig, instance=None) -> dict[str, list[str]]:
@@ -36,6 +67,7 @@ def register(project: ProjectConfig, instance=None) -> dict[str, list[str]]:
     from flexmf_assets.defs.partitions import HPARAMS_PARTITIONS
 
     instance = instance or dg.DagsterInstance.get()
+    ensure_pools(instance)
     added: dict[str, list[str]] = {}
     for track in TRACKS:
         pdef = HPARAMS_PARTITIONS[track]
