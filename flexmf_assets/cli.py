@@ -3,6 +3,7 @@
     flexmf register                      # add flexmf.yaml's hparams sets as dynamic partitions
     flexmf materialize                   # data + explicit/implicit `default` for the default dataset
     flexmf materialize --dataset ml-1m --explicit tuned --implicit bpr warp
+    flexmf sweep                         # every set of flexmf.yaml on the swept datasets + leaderboards
     flexmf dev                           # dagster dev on 127.0.0.1 with the project's DAGSTER_HOME
 
 Runs are recorded in the instance at ``$DAGSTER_HOME`` (default ``data/dagster_home``), so the UI shows
@@ -98,17 +99,52 @@ def materialize(project: ProjectConfig, dataset: str, sets: dict[str, list[str]]
         (f"{track}_job", dg.MultiPartitionKey({"dataset": dataset, "hparams": name}))
         for track, names in sets.items() for name in names
     ]
-    for job_name, key in jobs:
-        print(f"flexmf: {job_name} {key} ...", flush=True)
-        result = defs.resolve_job_def(job_name).execute_in_process(
-            instance=instance, partition_key=key, raise_on_error=False)
-        if not result.success:
-            failure = next((e for e in result.all_events if e.is_failure), None)
-            msg = failure.message if failure is not None else "see the run in the UI"
-            print(f"flexmf: error: {job_name} {key} failed (run {result.run_id}): {msg}", file=sys.stderr)
-            return False
-        print(f"flexmf: {job_name} {key} succeeded (run {result.run_id})", flush=True)
+    if all(sets.get(track) for track in TRACKS):
+        jobs.append(("leaderboard_job", dataset))
+    return all(run_job(defs, instance, job_name, key) for job_name, key in jobs)
+
+
+def run_job(defs, instance, job_name: str, key) -> bool:
+    print(f"flexmf: {job_name} {key} ...", flush=True)
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        instance=instance, partition_key=key, raise_on_error=False)
+    if not result.success:
+        failure = next((e for e in result.all_events if e.is_step_failure), None)
+        data = failure.step_failure_data if failure is not None else None
+        msg = (data.user_failure_data.description if data and data.user_failure_data else None) or (
+            data.error.message.strip().splitlines()[-1] if data and data.error else "see the run in the UI")
+        print(f"flexmf: error: {job_name} {key} failed (run {result.run_id}): {msg}", file=sys.stderr)
+        return False
+    print(f"flexmf: {job_name} {key} succeeded (run {result.run_id})", flush=True)
     return True
+
+
+def sweep(project: ProjectConfig, *, instance=None) -> bool:
+    """What the ``sweep`` sensor and the daemon do, in this process: register every set of
+    flexmf.yaml, train every missing or stale partition of the swept datasets, then rank them."""
+    import dagster as dg
+
+    from flexmf_assets.defs.automation import sweep_requests
+    from flexmf_assets.defs.definitions import build_definitions
+
+    instance = instance or dg.DagsterInstance.get()
+    ensure_pools(instance)
+    defs = build_definitions(project)
+    tried: set[str] = set()
+    ok = True
+    while True:
+        result = sweep_requests(project, instance)
+        for req in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        todo = [r for r in result.run_requests or [] if r.run_key not in tried]
+        if not todo:
+            break
+        for req in todo:
+            tried.add(req.run_key)
+            ok &= run_job(defs, instance, req.job_name, req.partition_key)
+    for dataset in project.swept_datasets:
+        ok &= run_job(defs, instance, "leaderboard_job", dataset)
+    return ok
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mat.add_argument("--implicit", nargs="*", default=None, metavar="SET",
                      help="implicit hparams sets (default: default; none to skip)")
     mat.add_argument("--data-only", action="store_true", help="only the data assets")
+    sub.add_parser("sweep", help="train every registered/declared set on the swept datasets, then "
+                   "rank them (what the sweep sensor does, without the daemon)")
     dev = sub.add_parser("dev", help="start `dagster dev` (webserver + daemon) on 127.0.0.1")
     dev.add_argument("--port", default="3000")
     dev.add_argument("--host", default="127.0.0.1",
@@ -147,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             register(project)
             ok = materialize(project, args.dataset or project.default_dataset, sets)
             return 0 if ok else 1
+        if args.command == "sweep":
+            return 0 if sweep(project) else 1
         if args.command == "dev":
             print(f"flexmf: DAGSTER_HOME={home}", flush=True)
             os.execvp("dagster", ["dagster", "dev", "-h", args.host, "-p", args.port])
