@@ -14,6 +14,7 @@ from flexmf_assets.defs.assets.models import build_track_assets
 from flexmf_assets.defs.automation import build_automation
 from flexmf_assets.defs.io_managers import FlexMFIOManager
 from flexmf_assets.defs.partitions import dataset_partitions
+from flexmf_assets.defs.profiles import select_profile
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
 from flexmf_assets.project import ProjectConfig, load_project
 
@@ -22,13 +23,15 @@ DATA_GROUP = "data"
 
 def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
                       storage_dir: str | None = None) -> dg.Definitions:
+    profile = select_profile(project, storage_dir)
     datasets = dataset_partitions(project)
     data_assets = build_data_assets(project, datasets)
     device = project.device
     # two trainings never share a GPU: CUDA training steps take the `gpu` pool (set its limit with
     # `dagster instance concurrency set gpu 1`); CPU training uses `flexmf_training`
     pool = "gpu" if str(device.get("device", "auto")).startswith("cuda") else "flexmf_training"
-    model_assets = [a for track in ("explicit", "implicit") for a in build_track_assets(project, track, pool=pool)]
+    model_assets = [a for track in ("explicit", "implicit") for a in build_track_assets(project, track, pool=pool,
+                                                                              op_tags=profile.training_tags)]
     board_assets = build_leaderboard_assets(datasets)
     resources = {
         "project_config": ProjectResource(config_path=config_path or (str(project.path) if project.path else None)),
@@ -38,7 +41,7 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
             matmul_precision=str(device.get("matmul_precision", "highest")),
             allow_fallback=bool(device.get("allow_fallback", False)),
         ),
-        "io_manager": FlexMFIOManager(base_dir=storage_dir or str(project.storage_dir)),
+        "io_manager": FlexMFIOManager(base_dir=profile.storage_base, storage_options=profile.storage_options),
     }
     jobs = {
         "data_job": dg.define_asset_job(
@@ -61,7 +64,7 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
         jobs=list(jobs.values()),
         sensors=sensors,
         schedules=schedules,
-        executor=dg.multiprocess_executor,
+        executor=profile.executor,
     )
 
 

@@ -222,6 +222,8 @@ class FlexMFIOManager(dg.ConfigurableIOManagerFactory):
 
     base_dir: str
     retain_seconds: float = 3600.0
+    #: fsspec options for a remote base_dir (e.g. {"endpoint_url": ...} for an S3-compatible store)
+    storage_options: dict = {}
 
     def create_io_manager(self, context) -> _FlexMFUPathIOManager:
-        return _FlexMFUPathIOManager(UPath(self.base_dir), VersionedStore(self.retain_seconds))
+        return _FlexMFUPathIOManager(UPath(self.base_dir, **self.storage_options), VersionedStore(self.retain_seconds))

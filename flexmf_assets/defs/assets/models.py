@@ -152,8 +152,8 @@ def lineage_metadata(instance: dg.DagsterInstance, track: str, dataset: str, hpa
     return out
 
 
-def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "flexmf_training"
-                       ) -> list[dg.AssetsDefinition]:
+def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "flexmf_training",
+                       op_tags: dict[str, str] | None = None) -> list[dg.AssetsDefinition]:
     track = TRACKS[track_name]
     partitions = model_partitions(project, track_name)
     model_key = f"{track_name}_model"
@@ -167,6 +167,7 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         kinds={"pytorch"},
         code_version=CODE_VERSIONS["model"],
         pool=pool,
+        op_tags=op_tags or None,
         description=f"{track.description}, trained on the dataset's split with the hyperparameter set "
         "named by the partition; early stopping on the validation split restores the best epoch.",
     )
