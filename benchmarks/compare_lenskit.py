@@ -286,7 +286,7 @@ def table_rows(model: str, results: dict[str, dict[str, Any]]) -> tuple[list[str
             sp = common.fmt(r["updates_per_s"] / lk["updates_per_s"], ".2f") + "x"
             fs = common.fmt(lk["first_fit_s"] / r["first_fit_s"], ".2f") + "x"
         rows.append([label, r["epochs"], common.fmt(r["first_fit_s"], ".2f"), steady,
-                     common.fmt(r["updates_per_s"] / 1e6, ".2f") + "M", common.fmt(r["peak_rss_mb"], ".0f"),
+                     common.fmt(r["updates_per_s"] / 1e6, ".3f") + "M", common.fmt(r["peak_rss_mb"], ".0f"),
                      common.fmt(r["quality"].get(qkey), ".4f"), sp, fs])
     return headers, rows
 
