@@ -214,16 +214,21 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def oom_guard(batch_size: int, what: str = "training") -> Iterator[None]:
-    """Turn an out-of-memory failure inside the block into a one-line :class:`TrainingError`."""
+def oom_guard(batch_size: int, what: str = "training", *, setting: str | None = None) -> Iterator[None]:
+    """Turn an out-of-memory failure inside the block into a one-line :class:`TrainingError`.
+
+    The message names ``batch_size``, or ``setting`` (``"name=value"``) when another setting
+    decides the size of what is allocated (e.g. ``embedding_size`` for the model tables).
+    """
     try:
         yield
     except (RuntimeError, MemoryError) as exc:
         if isinstance(exc, TrainingError) or not (isinstance(exc, MemoryError) or _is_oom(exc)):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        setting = setting or f"batch_size={batch_size}"
         raise TrainingError(
-            f"out of memory during {what} with batch_size={batch_size}; lower batch_size ({first})"
+            f"out of memory during {what} with {setting}; lower {setting.split('=', 1)[0]} ({first})"
         ) from exc
 
 

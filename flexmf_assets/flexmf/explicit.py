@@ -111,8 +111,10 @@ class FlexMFExplicitScorer:
         gen = make_generator(cfg.seed, dev)
         k = cfg.embedding_size
         width = k + 2 if cfg.bias else k
-        self.user_table = self._init_table(self.n_users, width, k, gen, user_side=True)
-        self.item_table = self._init_table(self.n_items, width, k, gen, user_side=False)
+        tables = f"embedding_size={k} ({self.n_users} users, {self.n_items} items)"
+        with oom_guard(cfg.batch_size, "model allocation", setting=tables):
+            self.user_table = self._init_table(self.n_users, width, k, gen, user_side=True)
+            self.item_table = self._init_table(self.n_items, width, k, gen, user_side=False)
 
         users = torch.from_numpy(u_np).to(dev)
         items = torch.from_numpy(i_np).to(dev)
