@@ -8,8 +8,12 @@ import dagster as dg
 from flexmf_assets.errors import FlexMFError
 
 
-def _failure(exc: FlexMFError) -> dg.Failure:
+def as_failure(exc: FlexMFError) -> dg.Failure:
+    """The step failure a user reads: ``"<ErrorClass>: <one-line message>"``, never retried."""
     return dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False)
+
+
+_failure = as_failure
 
 
 def user_errors(fn):

@@ -30,6 +30,9 @@ import dagster as dg
 import polars as pl
 from upath import UPath
 
+from flexmf_assets.defs.failures import as_failure
+from flexmf_assets.errors import FlexMFError
+
 POINTER = "CURRENT"
 MANIFEST = "manifest.json"
 
@@ -204,7 +207,10 @@ class _FlexMFUPathIOManager(dg.UPathIOManager):
         })
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
-        return self.store.read(path)
+        try:
+            return self.store.read(path)
+        except FlexMFError as exc:  # e.g. a tampered model file: one line, not a wrapped traceback
+            raise as_failure(exc) from None
 
     def path_exists(self, path: UPath) -> bool:
         return (path / POINTER).exists()
