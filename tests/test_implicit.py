@@ -95,3 +95,101 @@ def test_min_rating_filters_interactions():
         model.fit(train)
     with pytest.raises(DataValidationError, match="no 'rating' column"):
         model.fit(train.drop("rating"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the hand-derived training step
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["logistic", "pairwise", "warp"])
+def test_hand_derived_gradients_match_autograd(loss):
+    import torch.nn.functional as F
+
+    from flexmf_assets.flexmf.implicit import _backprop, _score_gradients
+
+    g = torch.Generator().manual_seed(3)
+    b, c, w = 40, 1 if loss == "warp" else 3, 6
+    P = torch.randn(7, w, generator=g)
+    Q = torch.randn(11, w, generator=g)
+    uinv = torch.randint(0, 7, (b,), generator=g).unsqueeze(1).expand(b, 1 + c).reshape(-1)
+    iinv = torch.randint(0, 11, (b * (1 + c),), generator=g)
+    valid = (torch.rand(b, c, generator=g) > 0.2).float()
+    warp_w = torch.rand(b, generator=g) * 3 if loss == "warp" else None
+
+    Pa, Qa = P.clone().requires_grad_(True), Q.clone().requires_grad_(True)
+    s = (Pa[uinv] * Qa[iinv]).sum(1).view(b, 1 + c)
+    if loss == "logistic":
+        ref = (2.0 * F.softplus(-s[:, 0]).sum() + (F.softplus(s[:, 1:]) * valid).sum()) / b
+    elif loss == "pairwise":
+        ref = (F.softplus(s[:, 1:] - s[:, :1]) * valid).sum() / b
+    else:
+        ref = (warp_w * valid[:, 0] * F.relu(1 - s[:, 0] + s[:, 1])).sum() / b
+    ref.backward()
+
+    ds, total = _score_gradients(loss, s.detach(), valid, b, 2.0, warp_w)
+    g_user, g_item = _backprop(ds, Q[iinv], P[uinv], uinv, iinv, 7, 11)
+    assert float(total) == pytest.approx(float(ref), rel=1e-5)
+    torch.testing.assert_close(g_user, Pa.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_item, Qa.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset, weight_decay", [(10_000, 0.05), (10_000, 0.0), (0, 0.05)])
+def test_lazy_adamw_catches_up_to_dense_adamw(offset, weight_decay):
+    """Sparse row updates + closed-form catch-up == torch's dense AdamW (exact once Adam's bias
+    correction has settled; within a few percent of the movement in the first steps)."""
+    from flexmf_assets.flexmf.implicit import _LazyAdamW
+
+    g = torch.Generator().manual_seed(0)
+    n, w, steps = 30, 5, 200
+    init = torch.randn(n, w, generator=g)
+    dense = init.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([dense], lr=0.01, weight_decay=weight_decay)
+    dense.grad = torch.zeros(n, w)
+    opt.step()  # creates the state; then start both from step ``offset`` with zero moments
+    opt.state[dense]["step"].fill_(offset)
+    with torch.no_grad():
+        dense.copy_(init)
+    table = init.clone()
+    lazy = _LazyAdamW(table, 0.01, weight_decay, torch.zeros(0, dtype=torch.int64))
+    lazy.last.fill_(offset)
+    for t in range(offset + 1, offset + steps + 1):
+        rows = torch.randperm(n, generator=g)[:4].sort().values
+        grad = torch.randn(len(rows), w, generator=g)
+        full = torch.zeros(n, w)
+        full[rows] = grad
+        dense.grad = full
+        opt.step()
+        lazy.step(rows, table.index_select(0, rows), grad, t)
+    lazy.flush(offset + steps)
+    moved = (dense.detach() - init).abs().max().item()
+    err = (table - dense.detach()).abs().max().item()
+    assert moved > 0.3
+    assert err < (1e-4 if offset else 0.05 * moved), (err, moved)
+
+
+def test_same_seed_same_model_on_cpu(planted):
+    train, _, _ = planted
+    cfg = dict(embedding_size=8, epochs=3, batch_size=128, device="cpu", preset="warp")
+    a = FlexMFImplicitScorer(**cfg).fit(train)
+    b = FlexMFImplicitScorer(**cfg).fit(train)
+    c = FlexMFImplicitScorer(**cfg, seed=43).fit(train)
+    for name, t in a.params_.items():
+        assert torch.equal(t, b.params_[name]), name
+    assert not torch.equal(a.params_["item_embedding"], c.params_["item_embedding"])
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("overrides", [{}, {"preset": "warp"}, {"loss": "pairwise", "negative_strategy": "misranked"}])
+def test_cuda_training_and_recommend(planted, overrides, tmp_path):
+    train, test, pop_ndcg = planted
+    model = FlexMFImplicitScorer(embedding_size=16, epochs=15, batch_size=256, learning_rate=0.02,
+                                 device="cuda", **overrides).fit(train, validation=test)
+    assert model.device.type == "cuda" and all(t.is_cuda for t in model.params_.values())
+    recs = model.recommend(test["user_id"].unique(), n=10)
+    assert topn_metrics(recs, test, ks=(10,)).means["ndcg@10"] > max(0.25, 3 * pop_ndcg)
+    assert recs.join(train, on=["user_id", "item_id"], how="inner").height == 0
+    back = FlexMFImplicitScorer.load(model.save(tmp_path / "m"), device="cpu")
+    assert back.recommend(n=5)["item_id"].len() == model.recommend(n=5)["item_id"].len()

@@ -29,8 +29,15 @@ def test_positive_set_membership(dense_limit):
     assert torch.equal(ps.contains(users, items), mask.reshape(-1))
 
 
-@pytest.mark.parametrize("strategy", ["uniform", "popular", "misranked"])
-def test_sampled_negatives_are_never_positives(strategy):
+def _pool_scores(table: torch.Tensor, users: torch.Tensor):
+    """The engine's pooled scorer: distinct users x pool, and each row's index into them."""
+    rows, inv = torch.unique(users, return_inverse=True)
+    return lambda pool: (table[rows][:, pool], inv)
+
+
+@pytest.mark.parametrize("strategy, pooled", [("uniform", False), ("popular", False),
+                                              ("misranked", False), ("misranked", True)])
+def test_sampled_negatives_are_never_positives(strategy, pooled):
     mask, u, i = _dense_positives()
     ps = PositiveSet(u, i, mask.shape[1])
     sampler = make_sampler(strategy, ps, i, candidates=8)
@@ -38,28 +45,48 @@ def test_sampled_negatives_are_never_positives(strategy):
     score_fn = lambda us, its: table[us.unsqueeze(1), its]  # noqa: E731
     users = u.repeat(4)
     gen = torch.Generator().manual_seed(1)
-    out = sampler.sample(users, 3, score_fn=score_fn, generator=gen)
+    if pooled:
+        out = sampler.sample(users, 3, pool_scores=_pool_scores(table, users), generator=gen)
+    else:
+        out = sampler.sample(users, 3, score_fn=score_fn, generator=gen)
     assert out.items.shape == (users.numel(), 3)
     is_pos = mask[users.unsqueeze(1), out.items]
     assert not (is_pos & out.valid).any()
     assert out.valid.float().mean() > 0.5  # masking is the exception, not the rule
 
 
-def test_misranked_picks_hardest_and_warp_first_violator():
+@pytest.mark.parametrize("pooled", [False, True])
+def test_misranked_picks_hardest_and_warp_first_violator(pooled):
     n_items = 20
     ps = PositiveSet(torch.tensor([0]), torch.tensor([19]), n_items)
     score = torch.arange(n_items, dtype=torch.float32)  # item 19 (positive) scores highest
     score_fn = lambda us, its: score[its]  # noqa: E731
     sampler = make_sampler("misranked", ps, torch.tensor([19]), candidates=n_items * 3)
+    users = torch.zeros(200, dtype=torch.long)
+    kw = ({"pool_scores": _pool_scores(score.unsqueeze(0), users)} if pooled else {"score_fn": score_fn})
     gen = torch.Generator().manual_seed(0)
-    out = sampler.sample(torch.zeros(200, dtype=torch.long), 1, score_fn=score_fn, generator=gen)
+    out = sampler.sample(users, 1, generator=gen, **kw)
     assert out.valid.all() and (out.items == 18).float().mean() > 0.9  # 18: best non-positive
     pos = torch.full((200,), 10.0)
-    warp = sampler.sample(torch.zeros(200, dtype=torch.long), 1, pos_scores=pos, score_fn=score_fn,
-                          generator=gen)
+    warp = sampler.sample(users, 1, pos_scores=pos, generator=gen, **kw)
     # violators of margin 1 against score 10: items 10..18; every returned negative violates
     assert warp.valid.all() and (warp.items[:, 0] >= 10).all() and (warp.items[:, 0] <= 18).all()
     assert (warp.trials >= 1).all()
+    # the first violator: every earlier candidate scored below the margin, so trials > 1 happens
+    assert (warp.trials > 1).any()
+
+
+def test_pooled_candidates_cover_the_catalogue():
+    """Each batch's pool is fresh and uniform: over batches every item is proposed."""
+    n_items = 300
+    ps = PositiveSet(torch.tensor([0]), torch.tensor([0]), n_items)
+    sampler = make_sampler("misranked", ps, torch.tensor([0]), candidates=4, pool_size=50)
+    users = torch.zeros(64, dtype=torch.long)
+    flat = torch.zeros(1, n_items)  # all ties: argmax picks the first candidate, a uniform pool slot
+    gen = torch.Generator().manual_seed(0)
+    seen = torch.cat([sampler.sample(users, 1, pool_scores=_pool_scores(flat, users),
+                                     generator=gen).items.reshape(-1) for _ in range(60)])
+    assert seen.unique().numel() > 0.95 * (n_items - 1) and not (seen == 0).any()
 
 
 def test_warp_rank_weights():

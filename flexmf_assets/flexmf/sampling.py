@@ -3,8 +3,14 @@
 Every sampler returns a :class:`NegativeSample`: ``items`` of shape ``[B, count]`` and a boolean
 ``valid`` mask of the same shape. A sampled item that is a training positive of its user is
 redrawn (up to ``max_rounds`` times for the random samplers) and masked out if it still collides,
-so the loss never treats a positive as a negative. Membership is a ``searchsorted`` in a sorted
-array of ``user * n_items + item`` keys: no Python loop per sample and no device sync per try.
+so the loss never treats a positive as a negative. Membership is one gather in a dense bool table
+(small catalogues) or a ``searchsorted`` in sorted ``user * n_items + item`` keys: no Python loop
+per sample and, on accelerators, no device sync per try.
+
+The misranked sampler can score its candidates in *pooled* mode: the batch draws one pool of
+items, every row draws its candidates from that pool, and the engine scores the batch's distinct
+users against the pool in one matrix product (``pool_scores``), instead of gathering
+``batch x candidates`` item rows. Marginally each candidate is still a uniform item.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ import torch
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``score_fn(users[B], items[B, T]) -> scores[B, T]`` with the current model (called under no_grad)."""
+
+PoolScoreFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``pool_scores(pool[C]) -> (scores[R, C], row[B])``: scores of the batch's R distinct users
+against the pool, and each batch row's index into those R rows."""
 
 
 @dataclass
@@ -73,6 +83,7 @@ class NegativeSampler(Protocol):
         pos_scores: torch.Tensor | None = None,
         score_fn: ScoreFn | None = None,
         generator: torch.Generator | None = None,
+        pool_scores: PoolScoreFn | None = None,
     ) -> NegativeSample: ...
 
 
@@ -94,10 +105,14 @@ class _RandomSampler:
         pos_scores: torch.Tensor | None = None,
         score_fn: ScoreFn | None = None,
         generator: torch.Generator | None = None,
+        pool_scores: PoolScoreFn | None = None,
     ) -> NegativeSample:
         items = self._draw((users.shape[0], count), users.device, generator)
         bad = self.positives.contains(users, items)
+        on_cpu = users.device.type == "cpu"
         for _ in range(self.max_rounds):
+            if on_cpu and not bool(bad.any()):  # free check on CPU; on GPUs it would sync
+                break
             # redraw everywhere but keep only the redraws where the old draw collided: no sync needed
             fresh = self._draw(items.shape, users.device, generator)
             items = torch.where(bad, fresh, items)
@@ -133,12 +148,22 @@ class MisrankedSampler:
     fresh block of candidates. With ``pos_scores`` (WARP) it returns the first candidate that
     violates the margin (``score > pos_score - margin``) and ``trials`` = its 1-based position;
     rows with no violator are marked invalid.
+
+    Candidates are scored either per row with ``score_fn(users, items[B, T])`` or, when the caller
+    passes ``pool_scores``, drawn from one batch-wide pool of ``pool_size`` uniform items
+    (default ``max(8 * T, 512)``, at most the catalogue) and scored in one matrix product.
     """
 
-    def __init__(self, positives: PositiveSet, candidates: int = 20, margin: float = 1.0) -> None:
+    def __init__(self, positives: PositiveSet, candidates: int = 20, margin: float = 1.0,
+                 pool_size: int | None = None) -> None:
         self.positives = positives
         self.candidates = int(candidates)
         self.margin = margin
+        self.pool_size = pool_size
+
+    def _pool(self, count: int) -> int:
+        size = self.pool_size or max(8 * self.candidates * count, 512)
+        return max(1, min(size, self.positives.n_items))
 
     def sample(
         self,
@@ -148,18 +173,28 @@ class MisrankedSampler:
         pos_scores: torch.Tensor | None = None,
         score_fn: ScoreFn | None = None,
         generator: torch.Generator | None = None,
+        pool_scores: PoolScoreFn | None = None,
     ) -> NegativeSample:
-        if score_fn is None:
-            raise ValueError("MisrankedSampler.sample needs score_fn (the current model's scorer)")
         b, t = users.shape[0], self.candidates
-        cand = torch.randint(
-            0, self.positives.n_items, (b, count * t), device=users.device, generator=generator
-        )
-        is_pos = self.positives.contains(users, cand)
-        with torch.no_grad():
-            scores = score_fn(users, cand).reshape(b, count, t)
+        dev = users.device
+        n_items = self.positives.n_items
+        if pool_scores is not None:
+            size = self._pool(count)
+            pool = torch.randint(0, n_items, (size,), device=dev, generator=generator)
+            slot = torch.randint(0, size, (b, count * t), device=dev, generator=generator)
+            with torch.no_grad():
+                table, row = pool_scores(pool)
+                flat = (row.to(torch.int64) * size).unsqueeze(1) + slot
+                scores = table.reshape(-1)[flat.reshape(-1)].reshape(b, count, t)
+            cand = pool[slot]
+        elif score_fn is not None:
+            cand = torch.randint(0, n_items, (b, count * t), device=dev, generator=generator)
+            with torch.no_grad():
+                scores = score_fn(users, cand).reshape(b, count, t)
+        else:
+            raise ValueError("MisrankedSampler.sample needs score_fn or pool_scores (the current model)")
+        is_pos = self.positives.contains(users, cand).reshape(b, count, t)
         cand = cand.reshape(b, count, t)
-        is_pos = is_pos.reshape(b, count, t)
         if pos_scores is None:
             scores = scores.masked_fill(is_pos, float("-inf"))
             best = scores.argmax(dim=2, keepdim=True)
@@ -180,6 +215,7 @@ def make_sampler(
     *,
     candidates: int = 20,
     margin: float = 1.0,
+    pool_size: int | None = None,
 ) -> NegativeSampler:
     """The sampler for a config's ``negative_strategy`` ("uniform", "popular", "misranked")."""
     if strategy == "uniform":
@@ -187,7 +223,7 @@ def make_sampler(
     if strategy == "popular":
         return PopularSampler(positives, train_items)
     if strategy == "misranked":
-        return MisrankedSampler(positives, candidates=candidates, margin=margin)
+        return MisrankedSampler(positives, candidates=candidates, margin=margin, pool_size=pool_size)
     raise ValueError(f"negative_strategy: {strategy!r} is not one of 'uniform', 'popular', 'misranked'")
 
 
@@ -204,6 +240,7 @@ __all__ = [
     "MisrankedSampler",
     "NegativeSample",
     "NegativeSampler",
+    "PoolScoreFn",
     "PopularSampler",
     "PositiveSet",
     "UniformSampler",
