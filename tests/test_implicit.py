@@ -129,7 +129,7 @@ def test_hand_derived_gradients_match_autograd(loss):
 
     ds, total = _score_gradients(loss, s.detach(), valid, b, 2.0, warp_w)
     g_user, g_item = _backprop(ds, Q[iinv], P[uinv], uinv, iinv, 7, 11)
-    assert float(total) == pytest.approx(float(ref), rel=1e-5)
+    assert float(total) == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(g_user, Pa.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_item, Qa.grad, rtol=1e-5, atol=1e-6)
 
