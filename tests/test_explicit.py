@@ -266,6 +266,46 @@ def test_adam_optimizer_learns(data, reg_method):
     assert rating_metrics(test, m.predict_frame(test)).rmse < 0.4 < baseline
 
 
+def test_sgd_stable_at_large_batches(data):
+    """A popular row's steps must not add up with the batch size: plain summed SGD diverged here."""
+    train, test = data
+    baseline = rating_metrics(test, BiasBaseline().fit(train).predict_frame(test)).rmse
+    for batch_size in (8192, train.height):  # several ratings per row per batch; one full batch
+        m = FlexMFExplicitScorer(
+            device="cpu", embedding_size=4, epochs=40, learning_rate=0.05, regularization=0.03,
+            batch_size=batch_size,
+        ).fit(train)
+        assert all(np.isfinite(h["train_loss"]) for h in m.history)
+        assert m.history[-1]["train_loss"] < m.history[0]["train_loss"]
+        assert rating_metrics(test, m.predict_frame(test)).rmse < baseline
+
+
+def test_row_groups_match_torch_unique():
+    from flexmf_assets.flexmf.explicit import _RowGroups
+
+    gen = torch.Generator().manual_seed(3)
+    groups = _RowGroups(50, torch.device("cpu"))
+    for size in (1, 7, 200, 2):  # dense flags (small tables) and the unique fallback (size 1, 2)
+        rows = torch.randint(0, 50, (size,), generator=gen)
+        uniq, inv = groups(rows)
+        want_u, want_inv = torch.unique(rows, return_inverse=True)
+        assert torch.equal(uniq, want_u) and torch.equal(inv, want_inv)
+        assert torch.equal(uniq[inv], rows)
+    assert not groups.mark.any()  # the flags are cleared for the next batch
+
+
+def test_adam_keeps_constant_bias_columns(data):
+    train, _ = data
+    for reg_method in ("L2", "AdamW"):
+        m = FlexMFExplicitScorer(
+            device="cpu", optimizer="adam", reg_method=reg_method, embedding_size=4, epochs=2, batch_size=256
+        ).fit(train)
+        k = m.config.embedding_size
+        assert torch.all(m.user_table[:, k + 1] == 1.0) and torch.all(m.item_table[:, k] == 1.0)
+        assert m.user_table.is_contiguous() and m.item_table.is_contiguous()
+        assert m.user_table[:, k].abs().sum() > 0 and m.item_table[:, k + 1].abs().sum() > 0
+
+
 def test_id_index_and_seen_items():
     index, rows = IdIndex.fit(np.array([30, 10, 20, 10]))
     assert index.ids.tolist() == [10, 20, 30] and rows.tolist() == [2, 0, 1, 0]
