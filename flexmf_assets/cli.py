@@ -4,6 +4,7 @@
     flexmf materialize                   # data + explicit/implicit `default` for the default dataset
     flexmf materialize --dataset ml-1m --explicit tuned --implicit bpr warp
     flexmf sweep                         # every set of flexmf.yaml on the swept datasets + leaderboards
+    flexmf leaderboard                   # print them
     flexmf dev                           # dagster dev on 127.0.0.1 with the project's DAGSTER_HOME
 
 Runs are recorded in the instance at ``$DAGSTER_HOME`` (default ``data/dagster_home``), so the UI shows
@@ -147,6 +148,29 @@ def sweep(project: ProjectConfig, *, instance=None) -> bool:
     return ok
 
 
+def print_leaderboards(project: ProjectConfig, dataset: str) -> bool:
+    """Print the materialized leaderboards of ``dataset`` (from the project's storage)."""
+    import polars as pl
+    from upath import UPath
+
+    from flexmf_assets.defs.io_managers import VersionedStore
+
+    found = False
+    for track in TRACKS:
+        try:
+            frame = VersionedStore().read(UPath(project.storage_dir) / f"{track}_leaderboard" / dataset)
+        except FileNotFoundError:
+            print(f"flexmf: no {track}_leaderboard for {dataset} yet (flexmf sweep, or materialize it in the UI)")
+            continue
+        found = True
+        cols = [c for c in frame.columns if c not in ("run_id", "partition")]
+        with pl.Config(tbl_rows=100, tbl_cols=20, tbl_width_chars=200, float_precision=4,
+                       tbl_hide_dataframe_shape=True):
+            print(f"{track} leaderboard, {dataset} (champion by validation score):")
+            print(frame.select(cols))
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flexmf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="path of flexmf.yaml (default: $FLEXMF_CONFIG or ./flexmf.yaml)")
@@ -161,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mat.add_argument("--data-only", action="store_true", help="only the data assets")
     sub.add_parser("sweep", help="train every registered/declared set on the swept datasets, then "
                    "rank them (what the sweep sensor does, without the daemon)")
+    board = sub.add_parser("leaderboard", help="print the leaderboards of a dataset")
+    board.add_argument("--dataset", help="dataset partition (default: flexmf.yaml default_dataset)")
     dev = sub.add_parser("dev", help="start `dagster dev` (webserver + daemon) on 127.0.0.1")
     dev.add_argument("--port", default="3000")
     dev.add_argument("--host", default="127.0.0.1",
@@ -185,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             register(project)
             ok = materialize(project, args.dataset or project.default_dataset, sets)
             return 0 if ok else 1
+        if args.command == "leaderboard":
+            return 0 if print_leaderboards(project, args.dataset or project.default_dataset) else 1
         if args.command == "sweep":
             return 0 if sweep(project) else 1
         if args.command == "dev":
