@@ -1,0 +1,148 @@
+"""End to end against a real ``dagster-webserver`` + ``dagster-daemon`` on 127.0.0.1.
+
+Runs are launched through the webserver's GraphQL API (as the UI's launchpad does), queued, launched
+by the daemon, and everything is asserted through the same API a user's browser reads: run status,
+the GX asset checks on ``ratings``, the evaluation metrics, and the lineage from the recommendations
+back to the downloaded archive.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from _webserver import DATASET, MODEL_KEY, SHARED_SHA, Deployment, deployment
+
+pytestmark = pytest.mark.slow
+
+CHECKS = ("schema", "no_nulls", "rating_in_scale", "rating_on_step", "unique_user_item",
+          "timestamp_plausible", "min_rows")
+
+ASSET = """
+query($key: AssetKeyInput!, $partitions: [String!]) {
+  assetNodeOrError(assetKey: $key) {
+    __typename
+    ... on AssetNode {
+      dependencyKeys { path }
+      assetMaterializations(partitions: $partitions) {
+        runId partition
+        metadataEntries {
+          label __typename
+          ... on FloatMetadataEntry { floatValue }
+          ... on IntMetadataEntry { intValue }
+          ... on TextMetadataEntry { text }
+          ... on UrlMetadataEntry { url }
+        }
+      }
+      assetChecksOrError { __typename ... on AssetChecks { checks { name blocking } } }
+    }
+  }
+}"""
+
+CHECK_EXECUTIONS = """
+query($key: AssetKeyInput!, $check: String!, $partition: String) {
+  assetCheckExecutions(assetKey: $key, checkName: $check, partition: $partition, limit: 5) {
+    runId status partition evaluation { success }
+  }
+}"""
+
+RUN = """
+query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status jobName tags { key value } } } }"""
+
+
+@pytest.fixture(scope="module")
+def dep(request, tmp_path_factory, movielens_server) -> Deployment:
+    d = deployment(request, tmp_path_factory, movielens_server)
+    d.materialize()
+    return d
+
+
+def asset(dep: Deployment, name: str, partitions: list[str] | None = None) -> dict:
+    data = dep.graphql(ASSET, {"key": {"path": [name]}, "partitions": partitions})["assetNodeOrError"]
+    assert data["__typename"] == "AssetNode", data
+    return data
+
+
+def metadata(event: dict) -> dict:
+    out = {}
+    for entry in event["metadataEntries"]:
+        for field in ("floatValue", "intValue", "text", "url"):
+            if field in entry:
+                out[entry["label"]] = entry[field]
+    return out
+
+
+def test_runs_launched_through_the_api_succeeded(dep):
+    expected = {"data_job": DATASET, "explicit_job": MODEL_KEY}
+    assert set(dep.runs) == set(expected)
+    for job, run_id in dep.runs.items():
+        run = dep.graphql(RUN, {"id": run_id})["runOrError"]
+        assert run["__typename"] == "Run"
+        assert (run["jobName"], run["status"]) == (job, "SUCCESS")
+        tags = {t["key"]: t["value"] for t in run["tags"]}
+        assert tags["dagster/partition"] == expected[job]
+
+
+def test_registered_hparams_partitions_are_visible(dep):
+    # the hparams dimension of the model asset lists the sets registered from flexmf.yaml
+    node = dep.graphql("""{ assetNodeOrError(assetKey: {path: ["explicit_model"]}) { ... on AssetNode {
+        partitionKeysByDimension { name partitionKeys } } } }""")["assetNodeOrError"]
+    dims = {d["name"]: d["partitionKeys"] for d in node["partitionKeysByDimension"]}
+    assert DATASET in dims["dataset"]
+    assert "default" in dims["hparams"] and "tuned" in dims["hparams"]
+
+
+def test_ratings_checks_passed(dep):
+    node = asset(dep, "ratings", [DATASET])
+    checks = node["assetChecksOrError"]["checks"]
+    assert {c["name"] for c in checks} == set(CHECKS)
+    assert all(c["blocking"] for c in checks)
+    for name in CHECKS:
+        execs = dep.graphql(CHECK_EXECUTIONS, {"key": {"path": ["ratings"]}, "check": name,
+                                               "partition": None})["assetCheckExecutions"]
+        assert execs, f"no execution of check {name}"
+        latest = execs[0]
+        assert latest["runId"] == dep.runs["data_job"]
+        assert (latest["status"], latest["evaluation"]["success"]) == ("SUCCEEDED", True), name
+    [mat] = node["assetMaterializations"]
+    meta = metadata(mat)
+    assert mat["runId"] == dep.runs["data_job"]
+    assert meta["rows"] == 100836  # ml-latest-small
+    assert meta["archive_sha256"] == SHARED_SHA  # the ratings name the archive they were parsed from
+
+
+def test_evaluation_metadata_holds_the_metrics(dep):
+    node = asset(dep, "explicit_evaluation", [MODEL_KEY])
+    [mat] = node["assetMaterializations"]
+    assert (mat["runId"], mat["partition"]) == (dep.runs["explicit_job"], MODEL_KEY)
+    meta = metadata(mat)
+    for name in ("rmse", "mae", "baseline_rmse", "baseline_mae"):
+        assert 0.5 < meta[name] < 1.5, (name, meta[name])
+    assert meta["mae"] < meta["rmse"]
+    assert meta["rmse_delta_vs_baseline"] == pytest.approx(meta["rmse"] - meta["baseline_rmse"])
+    assert meta["epochs_run"] == 3  # the test flexmf.yaml's default set
+    assert meta["hparams_set"] == "default" and meta["dataset"] == DATASET
+    # 20 % of 100836 ratings are test ratings (users/items unseen in training may be dropped)
+    assert 15000 < meta["test_ratings"] <= 20168
+
+
+def test_recommendations_lineage_reaches_the_archive(dep):
+    seen: dict[str, list[str]] = {}
+    frontier = ["explicit_recommendations"]
+    while frontier:
+        name = frontier.pop()
+        deps = ["/".join(k["path"]) for k in asset(dep, name)["dependencyKeys"]]
+        seen[name] = deps
+        frontier.extend(d for d in deps if d not in seen)
+    assert seen["explicit_recommendations"] == ["explicit_model"]
+    assert seen["explicit_model"] == ["split"]
+    assert "ratings" in seen["split"]
+    assert seen["ratings"] == ["archive"] and seen["archive"] == []
+    # every asset on the path was materialized for this dataset, by the runs launched above
+    for name, partition, job in (("explicit_recommendations", MODEL_KEY, "explicit_job"),
+                                 ("explicit_model", MODEL_KEY, "explicit_job"),
+                                 ("split", DATASET, "data_job"), ("archive", DATASET, "data_job")):
+        [mat] = asset(dep, name, [partition])["assetMaterializations"]
+        assert mat["runId"] == dep.runs[job], name
+    archive = metadata(asset(dep, "archive", [DATASET])["assetMaterializations"][0])
+    assert archive["sha256"] == SHARED_SHA
+    assert archive["url"].startswith("http://127.0.0.1:")
