@@ -4,13 +4,15 @@ prediction(u, i) = mu + b_u + b_i + P_u . Q_i
 
 The biases ride inside the embedding tables as two extra columns: a user row is
 ``[P_u, b_u, 1]`` and an item row is ``[Q_i, 1, b_i]``, so one gather per side and one dot product give
-the full prediction. The constant ``1`` columns are restored after each update. One extra, never
+the full prediction. The constant ``1`` columns are left out of every update. One extra, never
 trained row at the end of each table (all zeros, with its ``1``) stands for "unknown": a cold-start
 user or item gets the bias-only prediction ``mu + b_(known side)``.
 
 The hot loop uses no autograd and no DataLoader: per epoch the training arrays are permuted once, and
-every batch does a handful of fused tensor ops with hand-derived gradients and sparse ``index_add_``
-row updates (SGD), or a hand-written lazy sparse Adam.
+every batch does a handful of tensor ops into preallocated buffers with hand-derived gradients and
+sparse ``index_add_`` row updates (SGD, each row's step scaled by 1/sqrt(its ratings in the batch) so
+it stays stable at any batch size), or a hand-written lazy sparse Adam over the batch's distinct rows
+(grouped without sorting; parameters and moments gathered and written back together).
 """
 
 from __future__ import annotations
