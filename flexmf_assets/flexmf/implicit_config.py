@@ -127,7 +127,9 @@ class FlexMFImplicitConfig(ConfigBase):
 
 #: Named hyperparameter sets measured on ml-latest-small (LensKit's crossfold_users protocol);
 #: see benchmarks/implicit_movielens.py and docs/metrics.md.
-#: Fold 0, NDCG@10 (log2 discount): default 0.125, bpr 0.138, warp 0.156, best 0.177; popularity 0.072.
+#: Fold 0, NDCG@10 (log2 discount), autograd engine: default 0.125, bpr 0.138, warp 0.156, best 0.177.
+#: 5 folds, hand-derived engine (2026-11-29): default 0.130, bpr 0.122, warp 0.144, best 0.172;
+#: popularity 0.075. Seeds alone move bpr by +-0.02 (fold 0: 0.099 to 0.138), so compare means.
 IMPLICIT_PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "bpr": {"preset": "bpr", "embedding_size": 32, "epochs": 30, "learning_rate": 0.01},
