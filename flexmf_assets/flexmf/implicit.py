@@ -342,16 +342,17 @@ class FlexMFImplicitScorer:
         val = self._validation_pairs(validation) if validation is not None else None
 
         init = torch.Generator().manual_seed(cfg.seed)  # CPU init: same start on every device
-        user_emb = torch.randn(n_users, cfg.embedding_size, generator=init) * cfg.init_scale
-        item_emb = torch.randn(n_items, cfg.embedding_size, generator=init) * cfg.init_scale
-        tables = _Tables.build(user_emb, item_emb, cfg.user_bias, cfg.item_bias, dev)
-        self._tables = tables
-        self.params_ = tables.params()
-
+        sizes = f"embedding_size={cfg.embedding_size} ({n_users} users, {n_items} items)"
         wd = cfg.regularization if cfg.reg_method == "AdamW" else 0.0
         l2 = cfg.regularization if cfg.reg_method == "L2" else 0.0
-        opt_u = _LazyAdamW(tables.user, cfg.learning_rate, wd, tables.user_const)
-        opt_i = _LazyAdamW(tables.item, cfg.learning_rate, wd, tables.item_const)
+        with oom_guard(cfg.batch_size, "model allocation", setting=sizes):
+            user_emb = torch.randn(n_users, cfg.embedding_size, generator=init) * cfg.init_scale
+            item_emb = torch.randn(n_items, cfg.embedding_size, generator=init) * cfg.init_scale
+            tables = _Tables.build(user_emb, item_emb, cfg.user_bias, cfg.item_bias, dev)
+            opt_u = _LazyAdamW(tables.user, cfg.learning_rate, wd, tables.user_const)
+            opt_i = _LazyAdamW(tables.item, cfg.learning_rate, wd, tables.item_const)
+        self._tables = tables
+        self.params_ = tables.params()
         gen = make_generator(cfg.seed, dev)
         positives = PositiveSet(users_t, items_t, n_items)
         sampler = make_sampler(cfg.negative_strategy, positives, items_t,
