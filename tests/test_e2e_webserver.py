@@ -146,3 +146,14 @@ def test_recommendations_lineage_reaches_the_archive(dep):
     archive = metadata(asset(dep, "archive", [DATASET])["assetMaterializations"][0])
     assert archive["sha256"] == SHARED_SHA
     assert archive["url"].startswith("http://127.0.0.1:")
+
+
+def test_daemon_automation_is_loaded_and_follows_flexmf_yaml(dep):
+    data = dep.graphql("""{ repositoriesOrError { ... on RepositoryConnection { nodes {
+        sensors { name sensorState { status } } schedules { name cronSchedule scheduleState { status } } } } } }""")
+    [repo] = data["repositoriesOrError"]["nodes"]
+    sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
+    schedules = {s["name"]: (s["cronSchedule"], s["scheduleState"]["status"]) for s in repo["schedules"]}
+    # the test flexmf.yaml says schedule.enabled: false, so both start stopped (no surprise sweeps)
+    assert sensors == {"sweep": "STOPPED"}
+    assert schedules == {"retrain_schedule": ("0 3 * * 1", "STOPPED")}
