@@ -71,6 +71,7 @@ class Deployment:
     port: int
     env: dict[str, str]
     procs: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Any] = field(default_factory=list)  # open log files of the processes
     runs: dict[str, str] = field(default_factory=dict)  # job name -> run id
 
     @property
@@ -91,7 +92,8 @@ class Deployment:
             "daemon": [_bin("dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
         }
         for name, cmd in commands.items():
-            out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+            out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+            self.logs.append(out)
             self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                                start_new_session=True))
         self.wait_ready()
@@ -141,8 +143,8 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
-            if proc.stdout:
-                proc.stdout.close()
+        for out in self.logs:
+            out.close()
 
     # -- GraphQL -----------------------------------------------------------------------------
     def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
