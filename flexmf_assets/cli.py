@@ -33,6 +33,8 @@ concurrency:
     default_limit: 2         # training steps of unconfigured pools (flexmf_training) at once
 telemetry:
   enabled: false
+nux:
+  enabled: false             # no first-visit dialog in the UI
 """
 
 #: concurrency pool limits set on a new instance (``dagster instance concurrency set`` changes them)
