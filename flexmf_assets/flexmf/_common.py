@@ -54,6 +54,15 @@ METADATA_FILE = "metadata.json"
 # ----------------------------------------------------------------------------------------------
 
 
+class FrameScoring:
+    """``predict_frame`` on top of a scorer's ``predict(users, items)``."""
+
+    def predict_frame(self, df: pl.DataFrame) -> pl.DataFrame:
+        """``df`` (with ``user_id``, ``item_id``) plus a Float32 ``prediction`` column."""
+        pred = self.predict(df["user_id"], df["item_id"])  # type: ignore[attr-defined]
+        return df.with_columns(pl.Series("prediction", pred, dtype=pl.Float32))
+
+
 def _as_numpy(values: Any) -> np.ndarray:
     if isinstance(values, pl.Series):
         return values.to_numpy()

@@ -117,6 +117,24 @@ class ConfigBase:
         except ConfigError as exc:
             raise ConfigError(f"{prefix}{exc}") from None
 
+    def _check_common(self, *, positive_ints: tuple[str, ...] = ()) -> None:
+        """Range checks shared by the scorer configs (sizes, learning rate, penalties, patience)."""
+        name = type(self).__name__
+        for field in ("embedding_size", "batch_size", "epochs", *positive_ints):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}.{field}: must be a positive integer, got {value!r}")
+        if not self.learning_rate > 0:  # type: ignore[attr-defined]
+            raise ConfigError(f"{name}.learning_rate: must be > 0, got {self.learning_rate!r}")  # type: ignore[attr-defined]
+        for field in ("regularization", "init_scale"):
+            if not getattr(self, field) >= 0:
+                raise ConfigError(f"{name}.{field}: must be >= 0, got {getattr(self, field)!r}")
+        if self.reg_method not in ("L2", "AdamW", None):  # type: ignore[attr-defined]
+            raise ConfigError(f"{name}.reg_method: {self.reg_method!r} is not one of 'L2', 'AdamW', None")  # type: ignore[attr-defined]
+        patience = self.patience  # type: ignore[attr-defined]
+        if patience is not None and (isinstance(patience, bool) or patience < 1):
+            raise ConfigError(f"{name}.patience: must be >= 1 or None, got {patience!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 

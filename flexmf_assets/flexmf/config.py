@@ -57,26 +57,11 @@ class FlexMFExplicitConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        for field in ("embedding_size", "batch_size", "epochs"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}.{field}: must be a positive integer, got {value!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"{name}.learning_rate: must be > 0, got {self.learning_rate!r}")
-        for field in ("regularization", "init_scale"):
-            value = getattr(self, field)
-            if not value >= 0:
-                raise ConfigError(f"{name}.{field}: must be >= 0, got {value!r}")
+        self._check_common()
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"{name}.lr_decay: must be in (0, 1], got {self.lr_decay!r}")
-        if self.reg_method not in ("L2", "AdamW", None):
-            raise ConfigError(
-                f"{name}.reg_method: {self.reg_method!r} is not one of 'L2', 'AdamW', None"
-            )
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"{name}.optimizer: {self.optimizer!r} is not one of 'sgd', 'adam'")
-        if self.patience is not None and (isinstance(self.patience, bool) or self.patience < 1):
-            raise ConfigError(f"{name}.patience: must be >= 1 or None, got {self.patience!r}")
 
 
 #: Hyperparameter sets measured on ml-latest-small (random 80/20 split, seed 42); see

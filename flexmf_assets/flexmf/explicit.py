@@ -28,6 +28,7 @@ import torch
 
 from flexmf_assets.errors import DataValidationError
 from flexmf_assets.flexmf._common import (
+    FrameScoring,
     IdIndex,
     SeenItems,
     check_finite,
@@ -59,7 +60,7 @@ def _check_frame(df: pl.DataFrame, name: str) -> None:
         raise DataValidationError(f"{name}: column 'rating' has NaN or infinite values")
 
 
-class FlexMFExplicitScorer:
+class FlexMFExplicitScorer(FrameScoring):
     """Train and score biased MF on explicit ratings (see module docstring)."""
 
     def __init__(
@@ -279,11 +280,6 @@ class FlexMFExplicitScorer:
             raise DataValidationError(f"predict: {len(u)} users but {len(i)} items")
         dev = self.user_table.device
         return self._predict_rows(torch.from_numpy(u).to(dev), torch.from_numpy(i).to(dev)).cpu().numpy()
-
-    def predict_frame(self, df: pl.DataFrame) -> pl.DataFrame:
-        """``df`` with a Float32 ``prediction`` column added."""
-        pred = self.predict(df["user_id"], df["item_id"])
-        return df.with_columns(pl.Series("prediction", pred, dtype=pl.Float32))
 
     def recommend(
         self,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from flexmf_assets.errors import ConfigError, DataValidationError
 from flexmf_assets.flexmf._common import (
+    FrameScoring,
     IdIndex,
     SeenItems,
     check_finite,
@@ -237,7 +238,7 @@ class _LazyAdamW:
             self.table.index_fill_(1, self.const, 1.0)
 
 
-class FlexMFImplicitScorer:
+class FlexMFImplicitScorer(FrameScoring):
     """Implicit-feedback matrix factorization; same library API as the explicit scorer.
 
     ``FlexMFImplicitScorer(config=None, *, device=None, **overrides)``: ``config`` is a
@@ -493,11 +494,6 @@ class FlexMFImplicitScorer:
             with torch.no_grad():
                 out[ok] = self._score(self.params_, ut, it).cpu().numpy()
         return out
-
-    def predict_frame(self, df: pl.DataFrame) -> pl.DataFrame:
-        """``df`` with a Float32 ``prediction`` column (the model's score) added."""
-        pred = self.predict(df["user_id"], df["item_id"])
-        return df.with_columns(pl.Series("prediction", pred, dtype=pl.Float32))
 
     def recommend(
         self,

@@ -86,20 +86,9 @@ class FlexMFImplicitConfig(ConfigBase):
         if self.user_bias is None:
             object.__setattr__(self, "user_bias", self.loss == "logistic")
 
-        for field in ("embedding_size", "batch_size", "epochs", "negative_count",
-                      "misranked_candidates", "eval_k"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}.{field}: must be a positive integer, got {value!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"{name}.learning_rate: must be > 0, got {self.learning_rate!r}")
-        for field in ("regularization", "init_scale"):
-            if not getattr(self, field) >= 0:
-                raise ConfigError(f"{name}.{field}: must be >= 0, got {getattr(self, field)!r}")
+        self._check_common(positive_ints=("negative_count", "misranked_candidates", "eval_k"))
         if not self.positive_weight > 0:
             raise ConfigError(f"{name}.positive_weight: must be > 0, got {self.positive_weight!r}")
-        if self.reg_method not in ("L2", "AdamW", None):
-            raise ConfigError(f"{name}.reg_method: {self.reg_method!r} is not one of 'L2', 'AdamW', None")
         if self.loss not in ("logistic", "pairwise", "warp"):
             raise ConfigError(
                 f"{name}.loss: {self.loss!r} is not one of 'logistic', 'pairwise', 'warp'"
@@ -119,8 +108,6 @@ class FlexMFImplicitConfig(ConfigBase):
                 f"{name}.negative_count: loss 'warp' takes one violating negative per positive, "
                 f"got {self.negative_count}"
             )
-        if self.patience is not None and (isinstance(self.patience, bool) or self.patience < 1):
-            raise ConfigError(f"{name}.patience: must be >= 1 or None, got {self.patience!r}")
         if self.min_rating is not None and self.min_rating != self.min_rating:
             raise ConfigError(f"{name}.min_rating: must be a number or None, got nan")
 
