@@ -72,9 +72,16 @@ def _atomic_write_text(path: UPath, text: str) -> None:
 def current_version(partition_dir: UPath) -> UPath | None:
     """The version folder ``CURRENT`` points at, or None when nothing was materialized."""
     pointer = partition_dir / POINTER
-    if not pointer.exists():
-        return None
-    name = pointer.read_text(encoding="utf-8").strip()
+    if _is_local(pointer):
+        if not pointer.exists():
+            return None
+        name = pointer.read_text(encoding="utf-8").strip()
+    else:  # object stores: one plain GET; never a cached listing/HEAD (a long-lived worker would see a
+        # stale pointer, and s3fs's open() sends If-Match with the cached ETag: PreconditionFailed)
+        try:
+            name = pointer.fs.cat_file(pointer.path).decode("utf-8").strip()
+        except FileNotFoundError:
+            return None
     if not name.startswith("v-") or "/" in name or ".." in name:
         raise ValueError(f"{pointer}: corrupt pointer {name!r}")
     return partition_dir / name
@@ -213,7 +220,9 @@ class _FlexMFUPathIOManager(dg.UPathIOManager):
             raise as_failure(exc) from None
 
     def path_exists(self, path: UPath) -> bool:
-        return (path / POINTER).exists()
+        if _is_local(path):
+            return (path / POINTER).exists()
+        return current_version(path) is not None
 
     def read_partition(self, asset: str, *partition: str) -> Any:
         """Read an asset partition outside an input (e.g. the champion's table picked at run time)."""
