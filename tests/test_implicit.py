@@ -193,3 +193,17 @@ def test_cuda_training_and_recommend(planted, overrides, tmp_path):
     assert recs.join(train, on=["user_id", "item_id"], how="inner").height == 0
     back = FlexMFImplicitScorer.load(model.save(tmp_path / "m"), device="cpu")
     assert back.recommend(n=5)["item_id"].len() == model.recommend(n=5)["item_id"].len()
+
+
+def test_predict_matches_recommend_and_unknown_ids_are_finite():
+    from flexmf_assets.datasets.synthetic import generate
+
+    ratings = generate("synthetic-100k").ratings
+    model = FlexMFImplicitScorer(epochs=1, embedding_size=8).fit(ratings)
+    user = ratings["user_id"][0]
+    recs = model.recommend([user], n=5)
+    np.testing.assert_allclose(model.predict(recs["user_id"], recs["item_id"]), recs["score"].to_numpy(), rtol=1e-5)
+    item = ratings["item_id"][0]
+    out = model.predict([10**9, user, 10**9], [item, 10**9, 10**9])
+    assert np.isfinite(out).all() and out[2] == 0.0
+    assert out[0] == pytest.approx(float(model.params_["item_bias"][model.items_.lookup([item])[0]]))

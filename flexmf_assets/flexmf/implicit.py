@@ -480,20 +480,27 @@ class FlexMFImplicitScorer(FrameScoring):
             raise DataValidationError("FlexMFImplicitScorer: call fit() or load() before scoring")
 
     def predict(self, users: Any, items: Any) -> np.ndarray:
-        """Scores of aligned ``users``/``items`` (logits; higher = more likely); NaN for unknown ids."""
+        """Scores of aligned ``users``/``items`` (logits; higher = more likely).
+
+        As in the explicit scorer, an id unseen in training is never an error or NaN: an unknown
+        user gets the item's bias (what ``recommend`` ranks unknown users by), an unknown item the
+        user's bias, and both unknown 0.
+        """
         self._require_fitted()
-        u = self.users_.lookup(users)
-        i = self.items_.lookup(items)
+        u = torch.from_numpy(self.users_.lookup(users)).to(self.device)
+        i = torch.from_numpy(self.items_.lookup(items)).to(self.device)
         if len(u) != len(i):
             raise DataValidationError(f"predict: {len(u)} users but {len(i)} items")
-        ok = (u >= 0) & (i >= 0)
-        out = np.full(len(u), np.nan, dtype=np.float32)
-        if ok.any():
-            ut = torch.from_numpy(u[ok]).to(self.device)
-            it = torch.from_numpy(i[ok]).to(self.device)
-            with torch.no_grad():
-                out[ok] = self._score(self.params_, ut, it).cpu().numpy()
-        return out
+        p = self.params_
+        ku, ki = u >= 0, i >= 0
+        su, si = torch.where(ku, u, 0), torch.where(ki, i, 0)
+        with torch.no_grad():
+            dot = (p["user_embedding"][su] * p["item_embedding"][si]).sum(1) * (ku & ki)
+            if "item_bias" in p:
+                dot = dot + p["item_bias"][si] * ki
+            if "user_bias" in p:
+                dot = dot + p["user_bias"][su] * ku
+        return dot.to(torch.float32).cpu().numpy()
 
     def recommend(
         self,
