@@ -152,7 +152,9 @@ EOF
   # shellcheck disable=SC1091
   . "$STACK/env.sh"
   # create the instance schema once, before workers and runs race to do it
-  "$PY" -c "import dagster; dagster.DagsterInstance.get().get_runs(limit=1)"
+  # ... and the pools' slot rows: concurrent first runs otherwise race to insert them
+  "$PY" -c "import dagster; i = dagster.DagsterInstance.get(); i.get_runs(limit=1)
+i.event_log_storage.set_concurrency_slots('flexmf_training', 4); i.event_log_storage.set_concurrency_slots('gpu', 1)"
 
   # two Celery workers, one process each (plus its pool child), each in its own process group
   local w
