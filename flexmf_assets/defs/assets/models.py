@@ -6,6 +6,7 @@ What differs between the explicit and implicit tracks lives in a small :class:`T
 """
 
 
+import os
 import platform
 import socket
 from dataclasses import dataclass
@@ -206,6 +207,7 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
             "items": scorer.n_items,
             "history": dg.MetadataValue.json(jsonable(history)),
             "host": socket.gethostname(),
+            "pid": os.getpid(),
             "python": platform.python_version(),
         }
         plot = loss_curve_plot(history, track.val_key, f"{track_name} {dataset}|{hparams}")
