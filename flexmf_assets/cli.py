@@ -219,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if sweep(project) else 1
         if args.command == "dev":
             print(f"flexmf: DAGSTER_HOME={home}", flush=True)
-            os.execvp("dagster", ["dagster", "dev", "-h", args.host, "-p", args.port])
+            if project.path is not None:  # the webserver and daemon processes read the same file
+                os.environ["FLEXMF_CONFIG"] = str(project.path)
+            os.execvp("dagster", ["dagster", "dev", "-m", "flexmf_assets.defs.definitions",
+                                  "-h", args.host, "-p", args.port])
     except FlexMFError as exc:
         print(f"flexmf: error: {exc}", file=sys.stderr)
         return 2
