@@ -14,7 +14,7 @@ from flexmf_assets.defs.assets.models import build_track_assets
 from flexmf_assets.defs.automation import build_automation
 from flexmf_assets.defs.io_managers import FlexMFIOManager
 from flexmf_assets.defs.partitions import dataset_partitions
-from flexmf_assets.defs.profiles import select_profile
+from flexmf_assets.defs.profiles import select_profile, uses_cuda
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
 from flexmf_assets.project import ProjectConfig, load_project
 
@@ -29,7 +29,7 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
     device = project.device
     # two trainings never share a GPU: CUDA training steps take the `gpu` pool (set its limit with
     # `dagster instance concurrency set gpu 1`); CPU training uses `flexmf_training`
-    pool = "gpu" if str(device.get("device", "auto")).startswith("cuda") else "flexmf_training"
+    pool = "gpu" if uses_cuda(project) else "flexmf_training"
     model_assets = [a for track in ("explicit", "implicit") for a in build_track_assets(project, track, pool=pool,
                                                                               op_tags=profile.training_tags)]
     board_assets = build_leaderboard_assets(datasets)

@@ -103,7 +103,7 @@ LOCAL_EXECUTOR = dg.multiprocess_executor.configured(
 )
 
 
-def _uses_cuda(project: ProjectConfig) -> bool:
+def uses_cuda(project: ProjectConfig) -> bool:
     return str((project.device or {}).get("device", "auto")).startswith("cuda")
 
 
@@ -118,6 +118,6 @@ def select_profile(project: ProjectConfig, storage_dir: str | None = None,
 
         base, options = s3_storage(env)
         executor = celery_executor.configured(celery_settings(env), name="flexmf_celery")
-        tags = gpu_training_tags() if _uses_cuda(project) else {}
+        tags = gpu_training_tags() if uses_cuda(project) else {}
         return Profile("distributed", base, executor, storage_options=options, training_tags=tags)
     raise ConfigError(f"{PROFILE_ENV}: {name!r} is not one of {', '.join(PROFILES)}")
