@@ -36,6 +36,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from flexmf_assets.flexmf.config import EXPLICIT_PRESETS  # noqa: E402
+from flexmf_assets.flexmf.implicit_config import IMPLICIT_PRESETS  # noqa: E402
 
 LENSKIT_PY = str(Path.home() / ".pyenv" / "versions" / "3.13.0" / "bin" / "python")
 BASELINES_PY = sys.executable
@@ -237,6 +239,12 @@ def implementations(model: str, lk: dict[str, Any], quick: bool) -> list[tuple[s
     rows: list[tuple[str, str, str, dict[str, Any]]] = [("ours", "ours", model, ours_config(model, lk))]
     if model == "explicit":
         rows.append(("ours (sgd)", "ours", model, ours_config(model, lk, optimizer="sgd")))
+    # our named hyperparameter set for this loss (what flexmf.yaml trains), beside the shared config
+    named = {"explicit": "default", "logistic": "default", "bpr": "bpr", "warp": "warp"}[model]
+    presets = EXPLICIT_PRESETS if model == "explicit" else IMPLICIT_PRESETS
+    rows.append((f"ours, set {named}", "ours", model, dict(presets[named])))
+    if model == "warp":
+        rows.append(("ours, set best", "ours", model, dict(IMPLICIT_PRESETS["best"])))
     if not (quick and model == "warp"):
         rows.append(("LensKit FlexMF", "lenskit", model, lenskit_config(model)))
     if model == "explicit":
