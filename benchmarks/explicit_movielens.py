@@ -20,16 +20,15 @@ plus ``field=value`` overrides, e.g. ``embedding_size=128 epochs=60``.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 
+from common import load_movielens as load_ratings
 from flexmf_assets.evaluation.rating import BiasBaseline, rating_metrics
 from flexmf_assets.flexmf.config import EXPLICIT_PRESETS, FlexMFExplicitConfig
 from flexmf_assets.flexmf.device import DeviceSettings
@@ -38,14 +37,7 @@ from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
 #: LensKit 2026.4.0 FlexMF explicit defaults, mapped onto ours (as benchmarks/compare_lenskit.py does)
 LENSKIT = {"embedding_size": 64, "batch_size": 8192, "learning_rate": 0.01, "epochs": 10,
            "regularization": 0.1, "reg_method": "L2", "optimizer": "adam", "init_scale": 0.1}
-DEFAULT_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens" / "ml-latest-small.zip"
-
-
-def load_ratings(zip_path: Path) -> pl.DataFrame:
-    with zipfile.ZipFile(zip_path) as zf:
-        name = next(n for n in zf.namelist() if n.endswith("ratings.csv"))
-        data = zf.read(name)
-    return pl.read_csv(io.BytesIO(data)).rename({"userId": "user_id", "movieId": "item_id"})
+from common import SHARED_ZIP as DEFAULT_ZIP  # noqa: E402
 
 
 def split(ratings: pl.DataFrame, seed: int = 42, test_frac: float = 0.2, val_frac: float = 0.1):

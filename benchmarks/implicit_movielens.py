@@ -11,47 +11,20 @@ time per hyperparameter set, beside the popularity baseline.
 from __future__ import annotations
 
 import argparse
-import io
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from common import crossfold_users
+from common import load_movielens as load_ratings
 from flexmf_assets.evaluation.topn import PopularityBaseline, topn_metrics
 from flexmf_assets.flexmf.device import DeviceSettings
 from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer
 from flexmf_assets.flexmf.implicit_config import IMPLICIT_PRESETS
 
-DEFAULT_ZIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens" / "ml-latest-small.zip"
-
-
-def load_ratings(path: Path) -> pl.DataFrame:
-    with zipfile.ZipFile(path) as zf:
-        name = next(n for n in zf.namelist() if n.endswith("ratings.csv"))
-        data = zf.read(name)
-    return pl.read_csv(io.BytesIO(data)).rename({"userId": "user_id", "movieId": "item_id"})
-
-
-def crossfold_users(ratings: pl.DataFrame, folds: int = 5, holdout: int = 5, seed: int = 42):
-    """Yield (train, test) per fold: users partitioned into ``folds``; each test user holds out
-    ``holdout`` random ratings."""
-    rng = np.random.default_rng(seed)
-    users = ratings["user_id"].unique().sort().to_numpy().copy()
-    rng.shuffle(users)
-    rand = pl.Series("_r", rng.random(ratings.height))
-    ratings = ratings.with_columns(rand)
-    for fold_users in np.array_split(users, folds):
-        test_mask = pl.col("user_id").is_in(fold_users.tolist())
-        held = (
-            ratings.filter(test_mask)
-            .with_columns(pl.col("_r").rank("ordinal").over("user_id").alias("_k"))
-            .filter(pl.col("_k") <= holdout)
-        )
-        test = held.select("user_id", "item_id")
-        train = ratings.join(test, on=["user_id", "item_id"], how="anti").drop("_r")
-        yield train, test
+from common import SHARED_ZIP as DEFAULT_ZIP  # noqa: E402
 
 
 def evaluate(recs: pl.DataFrame, test: pl.DataFrame) -> dict[str, float]:
