@@ -102,7 +102,7 @@ def materialize(project: ProjectConfig, dataset: str, sets: dict[str, list[str]]
         (f"{track}_job", dg.MultiPartitionKey({"dataset": dataset, "hparams": name}))
         for track, names in sets.items() for name in names
     ]
-    if all(sets.get(track) for track in TRACKS):
+    if any(sets.values()):
         jobs.append(("leaderboard_job", dataset))
     return all(run_job(defs, instance, job_name, key) for job_name, key in jobs)
 

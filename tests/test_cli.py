@@ -45,6 +45,15 @@ implicit_hparams:
         assert [r.partition_key for r in records] == ["synthetic-100k|default"]
         assert records[0].asset_materialization.metadata["rmse"].value > 0
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1
+        # the leaderboards run too: the explicit one names its champion, the untrained implicit one is empty
+        def board(asset):
+            return instance.fetch_materializations(dg.AssetKey(asset), limit=1).records[0].asset_materialization
+        assert board("explicit_leaderboard").metadata["champion"].value == "synthetic-100k|default"
+        assert board("implicit_leaderboard").metadata["entries"].value == 0
+        assert board("champion_recommendations").metadata["explicit_champion"].value == "synthetic-100k|default"
+    assert "leaderboard_job synthetic-100k succeeded" in out.stdout
+    board_out = flexmf("leaderboard", env=env, cwd=tmp_path)
+    assert board_out.returncode == 0 and "explicit leaderboard, synthetic-100k" in board_out.stdout
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path):

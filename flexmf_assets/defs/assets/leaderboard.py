@@ -51,11 +51,9 @@ def leaderboard_frame(instance: dg.DagsterInstance, board: Board, dataset: str) 
         row.update({"epochs_run": _value(meta, "epochs_run"), "best_epoch": _value(meta, "best_epoch"),
                     "train_seconds": _value(meta, "train_seconds"), "run_id": record.run_id})
         rows.append(row)
-    if not rows:
-        raise DataValidationError(
-            f"no {board.track}_evaluation is materialized for dataset {dataset!r}: train at least one "
-            f"{board.track} hparams partition first"
-        )
+    if not rows:  # an empty board (this track was not trained on the dataset) is not an error
+        return pl.DataFrame(schema={"hparams": pl.String, "partition": pl.String, "validation": pl.Float64,
+                                    "champion": pl.Boolean, "position": pl.Int64})
     frame = pl.DataFrame(rows, infer_schema_length=None)
     # rows without a validation score (no validation split) rank last; ties by name
     frame = frame.sort(["validation", "hparams"], descending=[not board.lower_is_better, False],
@@ -116,7 +114,8 @@ def build_leaderboard_assets(dataset_partitions: dg.PartitionsDefinition) -> lis
             tables.append(recs.with_columns(pl.lit(track).alias("track"),
                                             pl.lit(f"{dataset}|{hparams}").alias("champion_partition")))
         if not tables:
-            raise DataValidationError(f"no champion for dataset {dataset!r}: no leaderboard has a validation score")
+            raise DataValidationError(f"no champion for dataset {dataset!r}: no leaderboard has a trained set "
+                                      "with a validation score")
         out = pl.concat(tables, how="diagonal_relaxed")
         return dg.Output(out, metadata={
             **{f"{t}_champion": key for t, key in champions.items()},
@@ -144,14 +143,18 @@ def _leaderboard_asset(board: Board, dataset_partitions: dg.PartitionsDefinition
     def leaderboard(context: dg.AssetExecutionContext):
         dataset = context.partition_key
         frame = leaderboard_frame(context.instance, board, dataset)
+        if frame.is_empty():
+            context.log.warning(f"no {board.track}_evaluation is materialized for {dataset}: the board is "
+                                f"empty until a {board.track} hparams partition is trained")
         champion = frame.filter(pl.col("champion"))
         metadata = {
             "champion": champion["partition"][0] if champion.height else "none",
             "entries": frame.height,
-            "table": md_table(frame.drop("run_id"), 50),
-            "plot": leaderboard_plot(frame, board, dataset),
+            "table": md_table(frame.drop("run_id", strict=False), 50),
             "dagster/row_count": frame.height,
         }
+        if not frame.is_empty():
+            metadata["plot"] = leaderboard_plot(frame, board, dataset)
         if champion.height:
             metadata["champion_validation"] = float(champion["validation"][0])
         return dg.Output(frame, metadata=metadata)
