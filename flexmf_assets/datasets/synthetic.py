@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import polars as pl
 
-from flexmf_assets.datasets.parsing import ITEMS_SCHEMA, RATINGS_SCHEMA, ParsedDataset
+from flexmf_assets.datasets.parsing import ITEMS_SCHEMA, ParsedDataset
 from flexmf_assets.errors import ConfigError
 from flexmf_assets.flexmf._config import ConfigBase, suggest
 

@@ -25,7 +25,7 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
                       storage_dir: str | None = None) -> dg.Definitions:
     profile = select_profile(project, storage_dir)
     datasets = dataset_partitions(project)
-    data_assets = build_data_assets(project, datasets)
+    data_assets = build_data_assets(datasets)
     device = project.device
     # two trainings never share a GPU: CUDA training steps take the `gpu` pool (set its limit with
     # `dagster instance concurrency set gpu 1`); CPU training uses `flexmf_training`

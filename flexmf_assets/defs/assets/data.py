@@ -30,7 +30,7 @@ def synthetic_fingerprint(preset: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def build_data_assets(project: ProjectConfig, dataset_partitions: dg.PartitionsDefinition):
+def build_data_assets(dataset_partitions: dg.PartitionsDefinition):
     @dg.asset(
         partitions_def=dataset_partitions,
         group_name="data",
