@@ -17,6 +17,7 @@ it stays stable at any batch size), or a hand-written lazy sparse Adam over the 
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from flexmf_assets.flexmf._common import (
     recommend_in_batches,
     save_model_dir,
 )
+from flexmf_assets.flexmf import _native
 from flexmf_assets.flexmf.config import FlexMFExplicitConfig
 from flexmf_assets.flexmf.device import DeviceSettings, resolve_device
 
@@ -79,6 +81,7 @@ class FlexMFExplicitScorer(FrameScoring):
         self.best_epoch: int | None = None
         self.train_seconds = 0.0
         self.updates_per_second = 0.0
+        self.engine = "torch"  # "native" when fit() trained with the fused CPU kernels (_native)
         self.n_users = 0
         self.n_items = 0
 
@@ -134,11 +137,17 @@ class FlexMFExplicitScorer(FrameScoring):
             self.user_table, self.item_table = state.P[:, 0], state.Q[:, 0]
         lr = cfg.learning_rate
         n = len(resid)
+        native = _native.usable(dev)
+        self.engine = "native" if native else "torch"
+        scratch = (
+            (_native.Scratch(self.n_users + 1, width), _native.Scratch(self.n_items + 1, width)) if native else None
+        )
         with oom_guard(cfg.batch_size), hot_loop_threads(dev, requested_threads(self._device_spec)):
             for epoch in range(1, cfg.epochs + 1):
                 e0 = time.perf_counter()
                 perm = torch.randperm(n, generator=gen, device=dev)
-                loss = self._run_epoch(users[perm], items[perm], resid[perm], lr, state)
+                run = self._run_epoch_native if native else self._run_epoch
+                loss = run(users[perm], items[perm], resid[perm], lr, state, scratch)
                 train_loss = float(loss) / n
                 check_finite(train_loss, epoch, cfg.learning_rate)
                 record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "val_rmse": None}
@@ -179,6 +188,44 @@ class FlexMFExplicitScorer(FrameScoring):
             table[:, k + 1 if user_side else k] = 1.0
         return table
 
+    def _regularization(self) -> tuple[float, float, int | None, int | None]:
+        """``(l2, decay, user_const_col, item_const_col)`` of the configuration."""
+        cfg = self.config
+        reg = cfg.regularization if cfg.reg_method is not None else 0.0
+        l2 = reg if cfg.reg_method == "L2" or cfg.optimizer == "sgd" else 0.0
+        decay = reg if cfg.reg_method == "AdamW" and cfg.optimizer == "adam" else 0.0
+        k = cfg.embedding_size
+        # the user table's constant column is k+1, the item table's k (see the module docstring)
+        u_const, i_const = (k + 1, k) if cfg.bias else (None, None)
+        return l2, decay, u_const, i_const
+
+    def _run_epoch_native(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        resid: torch.Tensor,
+        lr: float,
+        adam: "_AdamState | None",
+        scratch: "tuple[_native.Scratch, _native.Scratch]",
+    ) -> float:
+        """The same pass as :meth:`_run_epoch`, fused into one call of the C kernel."""
+        l2, decay, u_const, i_const = self._regularization()
+        w = self.user_table.shape[1]
+        P, Q = (self.user_table, self.item_table) if adam is None else (adam.P, adam.Q)  # [param|m|v] rows
+        t = ctypes.c_int64(adam.t if adam is not None else 0)
+        batch = min(self.config.batch_size, len(resid))
+        err = scratch[0].buffer(batch)
+        loss = _native.kernels().flexmf_explicit_epoch(
+            _native.ptr(P), _native.ptr(Q), P.shape[0], Q.shape[0], w, 0 if adam is None else 1,
+            _native.ptr(users), _native.ptr(items), _native.ptr(resid), len(resid),
+            batch, lr, l2, decay, ctypes.byref(t),
+            -1 if u_const is None else u_const, -1 if i_const is None else i_const,
+            *scratch[0].args(), *scratch[1].args(), _native.ptr(err), _native.threads(),
+        )
+        if adam is not None:
+            adam.t = t.value
+        return loss
+
     def _run_epoch(
         self,
         users: torch.Tensor,
@@ -186,6 +233,7 @@ class FlexMFExplicitScorer(FrameScoring):
         resid: torch.Tensor,
         lr: float,
         adam: "_AdamState | None",
+        scratch: object = None,
     ) -> torch.Tensor:
         """One pass over already-permuted ratings; returns the summed squared error (a tensor).
 
@@ -195,12 +243,7 @@ class FlexMFExplicitScorer(FrameScoring):
         """
         cfg = self.config
         P, Q = self.user_table, self.item_table
-        reg = cfg.regularization if cfg.reg_method is not None else 0.0
-        l2 = reg if cfg.reg_method == "L2" or cfg.optimizer == "sgd" else 0.0
-        decay = reg if cfg.reg_method == "AdamW" and cfg.optimizer == "adam" else 0.0
-        k = cfg.embedding_size
-        # the user table's constant column is k+1, the item table's k (see the module docstring)
-        u_const, i_const = (k + 1, k) if cfg.bias else (None, None)
+        l2, decay, u_const, i_const = self._regularization()
         loss = torch.zeros((), device=P.device, dtype=torch.float64)
         bs = min(cfg.batch_size, len(resid))
         buf = _Buffers(bs, P.shape[1], self.n_users, self.n_items, P.device)
@@ -343,6 +386,7 @@ class FlexMFExplicitScorer(FrameScoring):
             "best_epoch": self.best_epoch,
             "train_seconds": self.train_seconds,
             "updates_per_second": self.updates_per_second,
+            "engine": self.engine,
             "device": str(self.device),
         }
         for name, index in (("user", self.users), ("item", self.items)):
@@ -381,6 +425,7 @@ class FlexMFExplicitScorer(FrameScoring):
         self.best_epoch = meta.get("best_epoch")
         self.train_seconds = float(meta.get("train_seconds", 0.0))
         self.updates_per_second = float(meta.get("updates_per_second", 0.0))
+        self.engine = str(meta.get("engine", "torch"))
         return self
 
 

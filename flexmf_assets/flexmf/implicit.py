@@ -10,6 +10,7 @@ machinery of :mod:`flexmf_assets.flexmf._common`.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import time
@@ -27,7 +28,6 @@ from flexmf_assets.flexmf._common import (
     IdIndex,
     SeenItems,
     check_finite,
-    epoch_batches,
     hot_loop_threads,
     load_model_dir,
     make_generator,
@@ -36,6 +36,7 @@ from flexmf_assets.flexmf._common import (
     requested_threads,
     save_model_dir,
 )
+from flexmf_assets.flexmf import _native
 from flexmf_assets.flexmf.device import DeviceSettings, resolve_device
 from flexmf_assets.flexmf.implicit_config import FlexMFImplicitConfig
 from flexmf_assets.flexmf.sampling import PositiveSet, make_sampler, warp_rank_weights
@@ -60,6 +61,10 @@ def interactions(frame: pl.DataFrame, min_rating: float | None, *, what: str = "
 
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
+#: random (uniform/popular) negatives are drawn for this many batches at once; misranked ones,
+#: which depend on the current model, one batch at a time
+_CHUNK_BATCHES = 64
+_LOSS_KIND = {"logistic": 0, "pairwise": 1, "warp": 2}
 
 
 def _score_gradients(loss: str, s: torch.Tensor, valid: torch.Tensor, b: int, positive_weight: float,
@@ -183,10 +188,15 @@ class _LazyAdamW:
     AdamW up to those two approximations.
     """
 
-    def __init__(self, table: torch.Tensor, lr: float, weight_decay: float, const_cols: torch.Tensor):
+    def __init__(self, table: torch.Tensor, lr: float, weight_decay: float, const_cols: torch.Tensor,
+                 state: torch.Tensor | None = None):
         self.table, self.lr, self.wd, self.const = table, lr, weight_decay, const_cols
-        self.m = torch.zeros_like(table)  # separate contiguous moments: strided math is slow on CPU
-        self.v = torch.zeros_like(table)
+        # the native kernels keep a row's parameters and moments side by side: ``state`` is
+        # ``(rows, 3, w)`` with ``table = state[:, 0]``; the torch engine keeps separate contiguous
+        # moments (strided math is slow on CPU)
+        self.state = state
+        self.m = torch.zeros_like(table) if state is None else state[:, 1]
+        self.v = torch.zeros_like(table) if state is None else state[:, 2]
         self.last = torch.zeros(table.shape[0], dtype=torch.int64, device=table.device)
 
     def _step_size(self, t: int) -> float:
@@ -232,6 +242,13 @@ class _LazyAdamW:
 
     def flush(self, t: int) -> None:
         """Catch every row up to step ``t`` (what dense AdamW's parameters would be now)."""
+        if self.state is not None:
+            const = int(self.const[0]) if self.const.numel() else -1
+            _native.kernels().flexmf_adamw_flush(
+                _native.ptr(self.state), _native.ptr(self.last), self.state.shape[0], self.state.shape[2],
+                const, self.lr, self.wd, t, _native.threads(),
+            )
+            return
         self._catch_up(None, self.table, self.m, self.v, t)
         self.last.fill_(t)
         if self.const.numel():
@@ -265,6 +282,7 @@ class FlexMFImplicitScorer(FrameScoring):
         self.best_epoch: int | None = None
         self.train_seconds = 0.0
         self.updates_per_second = 0.0
+        self.engine = "torch"  # "native" when fit() trained with the fused CPU kernels (_native)
         self.users_: IdIndex | None = None
         self.items_: IdIndex | None = None
         self.seen_: SeenItems | None = None
@@ -350,8 +368,16 @@ class FlexMFImplicitScorer(FrameScoring):
             user_emb = torch.randn(n_users, cfg.embedding_size, generator=init) * cfg.init_scale
             item_emb = torch.randn(n_items, cfg.embedding_size, generator=init) * cfg.init_scale
             tables = _Tables.build(user_emb, item_emb, cfg.user_bias, cfg.item_bias, dev)
-            opt_u = _LazyAdamW(tables.user, cfg.learning_rate, wd, tables.user_const)
-            opt_i = _LazyAdamW(tables.item, cfg.learning_rate, wd, tables.item_const)
+            native = _native.usable(dev) and cfg.negative_count <= 64
+            states = [None, None]
+            if native:  # rows [param | m | v] for the kernels; the tables become views of slot 0
+                for side, name in enumerate(("user", "item")):
+                    table = getattr(tables, name)
+                    states[side] = torch.zeros(table.shape[0], 3, table.shape[1])
+                    states[side][:, 0] = table
+                    setattr(tables, name, states[side][:, 0])
+            opt_u = _LazyAdamW(tables.user, cfg.learning_rate, wd, tables.user_const, states[0])
+            opt_i = _LazyAdamW(tables.item, cfg.learning_rate, wd, tables.item_const, states[1])
         self._tables = tables
         self.params_ = tables.params()
         gen = make_generator(cfg.seed, dev)
@@ -364,16 +390,35 @@ class FlexMFImplicitScorer(FrameScoring):
         best_metric, best_state, stale = -math.inf, None, 0
         n = users_t.numel()
         train_time = 0.0
+        self.engine = "native" if native else "torch"
+        scratch = (_native.Scratch(n_users, tables.w), _native.Scratch(n_items, tables.w)) if native else None
+        hard = cfg.negative_strategy == "misranked"
+        chunk = cfg.batch_size * (1 if hard else _CHUNK_BATCHES)
         step = 0
         with oom_guard(cfg.batch_size), hot_loop_threads(dev, requested_threads(self._device_spec)), \
                 torch.no_grad():
             for epoch in range(1, cfg.epochs + 1):
                 t0 = time.perf_counter()
                 total = torch.zeros((), device=dev, dtype=torch.float64)
-                for idx in epoch_batches(n, cfg.batch_size, gen, dev):
-                    step += 1
-                    total += self._step(tables, opt_u, opt_i, step, users_t[idx], items_t[idx],
-                                        sampler, gen, warp_table, l2)
+                perm = torch.randperm(n, generator=gen, device=dev)
+                for start in range(0, n, chunk):
+                    idx = perm[start : start + chunk]
+                    us, ps = users_t[idx], items_t[idx]
+                    if hard:
+                        neg = self._hard_negatives(tables, us, ps, sampler, gen)
+                    else:
+                        neg = sampler.sample(us, cfg.negative_count, generator=gen)
+                    weight = None if warp_table is None else warp_table[neg.trials[:, 0]]
+                    if native:
+                        loss, step = self._native_batches(tables, opt_u, opt_i, step, us, ps, neg.items,
+                                                          neg.valid, weight, l2, scratch)
+                        total += loss
+                        continue
+                    for s in range(0, us.numel(), cfg.batch_size):
+                        step += 1
+                        part = slice(s, s + cfg.batch_size)
+                        total += self._step(tables, opt_u, opt_i, step, us[part], ps[part], neg.items[part],
+                                            neg.valid[part], None if weight is None else weight[part], l2)
                 opt_u.flush(step)
                 opt_i.flush(step)
                 epoch_loss = float(total) / n
@@ -410,9 +455,45 @@ class FlexMFImplicitScorer(FrameScoring):
         self.updates_per_second = n * self.epochs_run / train_time if train_time > 0 else 0.0
         return self
 
+    def _hard_negatives(self, tables: "_Tables", us: torch.Tensor, pos: torch.Tensor, sampler, gen):
+        """Misranked negatives for one batch, scored with the current model (pooled candidates)."""
+        cfg = self.config
+        U, I = tables.user, tables.item
+        urows, uinv, _ = _distinct(us, U.shape[0])
+        P = U.index_select(0, urows)  # the batch's distinct user rows (embedding | bias | 1)
+        pool_scores = lambda pool: (P @ I.index_select(0, pool).T, uinv)  # noqa: E731
+        if cfg.loss == "warp":
+            s_pos = (P.index_select(0, uinv) * I.index_select(0, pos)).sum(1)
+            return sampler.sample(us, 1, pos_scores=s_pos, generator=gen, pool_scores=pool_scores)
+        return sampler.sample(us, cfg.negative_count, generator=gen, pool_scores=pool_scores)
+
+    def _native_batches(self, tables: "_Tables", opt_u: "_LazyAdamW", opt_i: "_LazyAdamW", t: int,
+                        us: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, valid: torch.Tensor,
+                        weight: torch.Tensor | None, l2: float,
+                        scratch: "tuple[_native.Scratch, _native.Scratch]") -> tuple[float, int]:
+        """:meth:`_step` for every batch of a chunk, fused in the C kernel; returns (loss, step)."""
+        cfg = self.config
+        step = ctypes.c_int64(t)
+        neg = neg.to(torch.int64).contiguous()
+        valid = valid.contiguous()
+        weight = None if weight is None else weight.to(torch.float32).contiguous()
+        const = [int(x.item()) if x.numel() else -1 for x in (tables.user_const, tables.item_const)]
+        ds = scratch[0].buffer(cfg.batch_size * (1 + neg.shape[1]))
+        loss = _native.kernels().flexmf_implicit_batches(
+            _native.ptr(opt_u.state), _native.ptr(opt_u.last), opt_u.state.shape[0],
+            _native.ptr(opt_i.state), _native.ptr(opt_i.last), opt_i.state.shape[0],
+            tables.w, tables.k, const[0], const[1],
+            *[_native.ptr(x) for x in (us.contiguous(), pos.contiguous(), neg, valid, weight)],
+            us.numel(), neg.shape[1], cfg.batch_size, _LOSS_KIND[cfg.loss], cfg.positive_weight,
+            l2, cfg.learning_rate, opt_u.wd, ctypes.byref(step), *scratch[0].args(), *scratch[1].args(),
+            _native.ptr(ds), _native.threads(),
+        )
+        return loss, step.value
+
     def _step(self, tables: "_Tables", opt_u: "_LazyAdamW", opt_i: "_LazyAdamW", t: int,
-              us: torch.Tensor, pos: torch.Tensor, sampler, gen, warp_table, l2: float) -> torch.Tensor:
-        """One minibatch: sample negatives, hand-derived gradients, lazy AdamW on the touched rows.
+              us: torch.Tensor, pos: torch.Tensor, neg_items: torch.Tensor, neg_valid: torch.Tensor,
+              warp_weight: torch.Tensor | None, l2: float) -> torch.Tensor:
+        """One minibatch with its negatives: hand-derived gradients, lazy AdamW on the touched rows.
 
         Returns the batch's summed loss (a 0-d float64 tensor; no device sync).
         """
@@ -421,17 +502,8 @@ class FlexMFImplicitScorer(FrameScoring):
         b = us.numel()
         urows, uinv, ucount = _distinct(us, U.shape[0], counts=bool(l2))
         P = U.index_select(0, urows)  # the batch's distinct user rows (embedding | bias | 1)
-        if cfg.negative_strategy == "misranked":
-            pool_scores = lambda pool: (P @ I.index_select(0, pool).T, uinv)  # noqa: E731
-        else:
-            pool_scores = None
-        if cfg.loss == "warp":
-            s_pos = (P.index_select(0, uinv) * I.index_select(0, pos)).sum(1)
-            neg = sampler.sample(us, 1, pos_scores=s_pos, generator=gen, pool_scores=pool_scores)
-        else:
-            neg = sampler.sample(us, cfg.negative_count, generator=gen, pool_scores=pool_scores)
-        c = neg.items.shape[1]
-        all_items = torch.cat([pos.unsqueeze(1), neg.items], 1)  # [b, 1 + c], positive first
+        c = neg_items.shape[1]
+        all_items = torch.cat([pos.unsqueeze(1), neg_items], 1)  # [b, 1 + c], positive first
         irows, iinv, icount = _distinct(all_items.reshape(-1), I.shape[0], counts=bool(l2))
         Q = I.index_select(0, irows)
         # one row per (positive or negative) pair, all 2-D: tiny bmm's and mid-axis broadcasts are
@@ -440,9 +512,8 @@ class FlexMFImplicitScorer(FrameScoring):
         uinv_rep = uinv.unsqueeze(1).expand(b, 1 + c).reshape(-1)
         pu_rep = P.index_select(0, uinv_rep)
         s = (X * pu_rep).sum(1).view(b, 1 + c)
-        valid = neg.valid.to(s.dtype)
-        ds, loss = _score_gradients(cfg.loss, s, valid, b, cfg.positive_weight,
-                                    None if warp_table is None else warp_table[neg.trials[:, 0]])
+        valid = neg_valid.to(s.dtype)
+        ds, loss = _score_gradients(cfg.loss, s, valid, b, cfg.positive_weight, warp_weight)
         g_user, g_item = _backprop(ds, X, pu_rep, uinv_rep, iinv, P.shape[0], Q.shape[0])
         if l2:
             k = cfg.embedding_size
@@ -561,6 +632,7 @@ class FlexMFImplicitScorer(FrameScoring):
         meta.update(
             history=self.history, epochs_run=self.epochs_run, best_epoch=self.best_epoch,
             train_seconds=self.train_seconds, updates_per_second=self.updates_per_second,
+            engine=self.engine,
         )
         return save_model_dir(path, tensors, self.config.to_dict(), meta)
 
@@ -582,6 +654,7 @@ class FlexMFImplicitScorer(FrameScoring):
         model.best_epoch = meta.get("best_epoch")
         model.train_seconds = float(meta.get("train_seconds", 0.0))
         model.updates_per_second = float(meta.get("updates_per_second", 0.0))
+        model.engine = str(meta.get("engine", "torch"))
         return model
 
 

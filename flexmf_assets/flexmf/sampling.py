@@ -109,10 +109,20 @@ class _RandomSampler:
     ) -> NegativeSample:
         items = self._draw((users.shape[0], count), users.device, generator)
         bad = self.positives.contains(users, items)
-        on_cpu = users.device.type == "cpu"
+        if users.device.type == "cpu":
+            # CPU: redraw just the collisions (a few percent), found with nonzero (no sync to avoid)
+            flat_items, flat_bad = items.view(-1), bad.view(-1)
+            at = flat_bad.nonzero().squeeze(1)
+            for _ in range(self.max_rounds):
+                if at.numel() == 0:
+                    break
+                fresh = self._draw((at.numel(),), users.device, generator)
+                flat_items[at] = fresh
+                still = self.positives.contains(users[at // count], fresh)
+                flat_bad[at] = still
+                at = at[still]
+            return NegativeSample(items=items, valid=~bad)
         for _ in range(self.max_rounds):
-            if on_cpu and not bool(bad.any()):  # free check on CPU; on GPUs it would sync
-                break
             # redraw everywhere but keep only the redraws where the old draw collided: no sync needed
             fresh = self._draw(items.shape, users.device, generator)
             items = torch.where(bad, fresh, items)

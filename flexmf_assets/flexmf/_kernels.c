@@ -1,0 +1,334 @@
+/*
+ * Fused CPU training steps for FlexMF (explicit and implicit), operating in place on the storage of
+ * the torch tensors the Python engine owns. Loaded through ctypes by _native.py (compiled on first
+ * use with the system C compiler and cached); the eager-torch engine in explicit.py / implicit.py
+ * is the reference these kernels are tested against, and stays the path on GPUs.
+ *
+ * Semantics are those of the torch engine, batch by batch: every gradient of a minibatch is taken
+ * at the parameters before the batch (pass 1 reads, pass 2 writes), gradients are summed per
+ * distinct row, and only the rows touched by the batch are stepped. What the fusion removes is the
+ * dozen full passes over batch x width temporaries that eager ops make, and the per-op dispatch.
+ *
+ * Tables are row-major float32. With Adam(W), a row's parameters and moments are interleaved
+ * (row = [p | m | v], stride 3w): one contiguous stretch per touched row. Plain SGD rows are w apart.
+ * Scratch (grad, count, touched list) is owned by the caller, all zero on entry, all zero on exit.
+ *
+ * Threads (`nthreads`, OpenMP): pass 1a computes the batch's errors / score gradients split by
+ * rating; pass 1b sums them into per-row gradients, each thread summing only the rows it owns
+ * (blocks of 16 rows dealt round-robin, so threads never share a cache line of counts), in rating
+ * order; pass 2 steps each thread's own rows. So a row's gradient is summed in the same order
+ * whatever the thread count, and no two threads write the same row. One thread fuses 1a and 1b.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+
+#define B1 0.9
+#define B2 0.999
+#define EPS 1e-8f
+
+static inline float dotf(const float *restrict a, const float *restrict b, int64_t w) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < w; c++) s += a[c] * b[c];
+    return s;
+}
+
+static inline void axpyf(float *restrict y, float a, const float *restrict x, int64_t w) {
+#pragma omp simd
+    for (int64_t c = 0; c < w; c++) y[c] += a * x[c];
+}
+
+/* sigmoid(x) and log(1 + e^x), stable, sharing one exp */
+static inline float sigmoid_softplus(float x, double *softplus) {
+    float e = expf(-fabsf(x));
+    if (softplus) *softplus = (double)fmaxf(x, 0.0f) + (double)logf(1.0f + e);
+    return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+
+/* Per-batch gradient accumulator of one table for one thread: dense rows (shared by the threads,
+ * disjoint by ownership), a count per row, and the thread's own list of touched rows. */
+typedef struct {
+    float *g;      /* [rows, w] */
+    float *cnt;    /* [rows] */
+    int64_t *list; /* this thread's stretch of the touched list */
+    int64_t n;
+    int64_t w;
+} Acc;
+
+#define OWN_SHIFT 4 /* rows are owned in blocks of 16 */
+#define OWNS(r, tid, nt) ((nt) == 1 || (((r) >> OWN_SHIFT) % (nt)) == (tid))
+
+/* The touched list needs rows + 16 * nthreads entries (Scratch allocates more). */
+static inline Acc acc_for(float *g, float *cnt, int64_t *list, int64_t rows, int64_t w, int tid, int nt) {
+    int64_t blocks = (rows >> OWN_SHIFT) + 1, per = ((blocks + nt - 1) / nt) << OWN_SHIFT;
+    Acc a = {g, cnt, list + (int64_t)tid * per, 0, w};
+    return a;
+}
+
+/* Count row r once more and add s * x to its gradient; the first touch in a batch overwrites,
+ * so gradient rows never need clearing (only counts are reset). Returns the gradient row. */
+static inline float *acc_add(Acc *a, int64_t r, float s, const float *restrict x) {
+    float *restrict g = a->g + r * a->w;
+    if (a->cnt[r] == 0.0f) {
+        a->list[a->n++] = r;
+#pragma omp simd
+        for (int64_t c = 0; c < a->w; c++) g[c] = s * x[c];
+    } else {
+        axpyf(g, s, x, a->w);
+    }
+    a->cnt[r] += 1.0f;
+    return g;
+}
+
+static double adam_step_size(double lr, int64_t t) {
+    if (t < 1) t = 1;
+    return lr * sqrt(1.0 - pow(B2, (double)t)) / (1.0 - pow(B1, (double)t));
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Explicit: prediction = user_row . item_row (biases ride in the rows), squared error.
+ * mode 0: SGD, a row's step scaled by 1/sqrt(its ratings in the batch) (rows w apart);
+ * mode 1: lazy sparse Adam, rows [p | m | v] (L2 `l2` in the gradient, decoupled decay `decay`).
+ * `*t` is Adam's step counter (one per batch). `err` is [batch] scratch. Returns the summed
+ * squared error of the pass.
+ * ------------------------------------------------------------------------------------------------ */
+static void explicit_update_row(float *restrict p, const float *restrict g, float cnt, int64_t w, int64_t cst,
+                                int mode, double lr, double l2, double decay, double step) {
+    float keep = cst >= 0 ? p[cst] : 0.0f; /* every column is updated (vectorisable), then restored */
+    if (mode == 0) {
+        float s = (float)lr / sqrtf(cnt), reg = (float)l2 * cnt;
+#pragma omp simd
+        for (int64_t c = 0; c < w; c++) p[c] += s * (g[c] - reg * p[c]);
+    } else {
+        float *restrict m = p + w, *restrict v = p + 2 * w;
+        float reg = (float)l2 * cnt, st = (float)step, dec = (float)(lr * decay);
+        float keep_m = cst >= 0 ? m[cst] : 0.0f, keep_v = cst >= 0 ? v[cst] : 0.0f;
+#pragma omp simd
+        for (int64_t c = 0; c < w; c++) {
+            float gc = g[c] - reg * p[c];
+            m[c] = (float)B1 * m[c] + (float)(1.0 - B1) * gc;
+            v[c] = (float)B2 * v[c] + (float)(1.0 - B2) * gc * gc;
+            p[c] += st * m[c] / (sqrtf(v[c]) + EPS) - dec * p[c];
+        }
+        if (cst >= 0) m[cst] = keep_m, v[cst] = keep_v;
+    }
+    if (cst >= 0) p[cst] = keep;
+}
+
+static inline void explicit_accumulate(Acc *au, Acc *ai, const float *P, const float *Q, int64_t stride,
+                                       int64_t u, int64_t i, float e, int tid, int T) {
+    int64_t w = au->w;
+    if (OWNS(u, tid, T)) acc_add(au, u, e, Q + i * stride);
+    if (OWNS(i, tid, T)) acc_add(ai, i, e, P + u * stride);
+}
+
+double flexmf_explicit_epoch(
+    float *P, float *Q, int64_t nu, int64_t ni, int64_t w, int64_t mode,
+    const int64_t *users, const int64_t *items, const float *resid, int64_t n,
+    int64_t batch, double lr, double l2, double decay, int64_t *t, int64_t u_const, int64_t i_const,
+    float *gu, float *cu, int64_t *lu, float *gi, float *ci, int64_t *li, float *err, int64_t nthreads) {
+    int nt = nthreads < 1 ? 1 : (int)nthreads;
+    int64_t stride = mode == 0 ? w : 3 * w;
+    double loss = 0.0;
+    for (int64_t start = 0; start < n; start += batch) {
+        int64_t end = start + batch < n ? start + batch : n;
+        double step = 0.0;
+        if (mode == 1) {
+            *t += 1;
+            step = adam_step_size(lr, *t);
+        }
+#pragma omp parallel num_threads(nt) reduction(+ : loss)
+        {
+            int tid = omp_get_thread_num(), T = omp_get_num_threads();
+            Acc au = acc_for(gu, cu, lu, nu, w, tid, T), ai = acc_for(gi, ci, li, ni, w, tid, T);
+#pragma omp for schedule(static)
+            for (int64_t j = start; j < end; j++) {
+                float e = resid[j] - dotf(P + users[j] * stride, Q + items[j] * stride, w);
+                err[j - start] = e;
+                loss += (double)e * (double)e;
+                if (T == 1) explicit_accumulate(&au, &ai, P, Q, stride, users[j], items[j], e, 0, 1);
+            }
+            if (T > 1) {
+                for (int64_t j = start; j < end; j++)
+                    explicit_accumulate(&au, &ai, P, Q, stride, users[j], items[j], err[j - start], tid, T);
+#pragma omp barrier
+            }
+            for (int side = 0; side < 2; side++) {
+                Acc *a = side ? &ai : &au;
+                float *Tb = side ? Q : P;
+                int64_t cst = side ? i_const : u_const;
+                for (int64_t x = 0; x < a->n; x++) {
+                    int64_t r = a->list[x];
+                    explicit_update_row(Tb + r * stride, a->g + r * w, a->cnt[r], w, cst, (int)mode, lr, l2,
+                                        decay, step);
+                    a->cnt[r] = 0.0f;
+                }
+            }
+        }
+    }
+    return loss;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Implicit: lazy AdamW whose idle steps are caught up in closed form (see implicit._LazyAdamW).
+ * ------------------------------------------------------------------------------------------------ */
+typedef struct {
+    double lr, wd, step_prev, step_t, log_a, log_q, q, log_b1, log_b2;
+} AdamW;
+
+static AdamW adamw_at(double lr, double wd, int64_t t) {
+    double a = 1.0 - lr * wd, q = B1 / sqrt(B2) / a;
+    AdamW o = {lr, wd, adam_step_size(lr, t - 1), adam_step_size(lr, t), log(a), log(q), q, log(B1), log(B2)};
+    return o;
+}
+
+/* `idle` zero-gradient steps in closed form: idle step j does p <- a p - step q^j a^j m / sqrt(v)
+ * with a = 1 - lr wd and q a = b1 / sqrt(b2); after d steps p a^d - step m / sqrt(v) a^d
+ * sum_{j=1..d} q^j, m b1^d, v b2^d. Then (g != NULL) one AdamW step with gradient g. */
+static void lazy_adamw_row(float *restrict p, const float *restrict g, int64_t w, int64_t cst, int64_t idle,
+                           const AdamW *o) {
+    float *restrict m = p + w, *restrict v = p + 2 * w;
+    if (idle > 0) {
+        double d = (double)idle, decay = exp(d * o->log_a);
+        double tail = (1.0 - exp(d * o->log_q)) * decay * o->step_prev * o->q / (1.0 - o->q);
+        float fdecay = o->wd != 0.0 ? (float)decay : 1.0f, ftail = (float)tail;
+        float mb = (float)exp(d * o->log_b1), vb = (float)exp(d * o->log_b2);
+#pragma omp simd
+        for (int64_t c = 0; c < w; c++) {
+            p[c] = p[c] * fdecay - m[c] * ftail / (sqrtf(v[c]) + EPS);
+            m[c] *= mb;
+            v[c] *= vb;
+        }
+    }
+    if (g != 0) {
+        float keep = (float)(1.0 - o->lr * o->wd), st = (float)o->step_t;
+#pragma omp simd
+        for (int64_t c = 0; c < w; c++) {
+            m[c] += (float)(1.0 - B1) * (g[c] - m[c]);
+            v[c] = (float)B2 * v[c] + (float)(1.0 - B2) * g[c] * g[c];
+            p[c] = p[c] * keep - st * m[c] / (sqrtf(v[c]) + EPS);
+        }
+    }
+    if (cst >= 0) p[cst] = 1.0f; /* the constant column (its moments are never read) */
+}
+
+/* Catch every row of a [p | m | v] table up to step t (end of an epoch: dense AdamW's values). */
+void flexmf_adamw_flush(float *S, int64_t *last, int64_t rows, int64_t w, int64_t cst, double lr, double wd,
+                        int64_t t, int64_t nthreads) {
+    AdamW o = adamw_at(lr, wd, t + 1); /* step_prev = step size at t */
+#pragma omp parallel for num_threads(nthreads < 1 ? 1 : (int)nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        lazy_adamw_row(S + r * 3 * w, 0, w, cst, t - last[r], &o);
+        last[r] = t;
+    }
+}
+
+/* Sum pair j's score gradients `dj` into the gradients of the rows this thread owns. */
+static inline void implicit_accumulate(Acc *au, Acc *ai, const float *U, const float *I, int64_t stride,
+                                       int64_t u, int64_t p, const int64_t *nj, int64_t c, const float *dj,
+                                       int tid, int T) {
+    int64_t w = au->w;
+    const float *pu = U + u * stride;
+    if (OWNS(u, tid, T)) {
+        float *g_user = acc_add(au, u, dj[0], I + p * stride);
+        for (int64_t x = 0; x < c; x++) axpyf(g_user, dj[1 + x], I + nj[x] * stride, w);
+    }
+    if (OWNS(p, tid, T)) acc_add(ai, p, dj[0], pu);
+    for (int64_t x = 0; x < c; x++)
+        if (OWNS(nj[x], tid, T)) acc_add(ai, nj[x], dj[1 + x], pu);
+}
+
+/* loss: 0 logistic, 1 pairwise (BPR), 2 WARP (c == 1, `weight[j]` = the rank weight of row j).
+ * neg is [n, c]; valid[n, c] masks negatives that are positives of their user (no violator for
+ * WARP). Tables are [p | m | v] rows. Batches of `batch` rows, one AdamW step each; `*t` is the
+ * global step. `ds` is [batch, 1 + c] scratch. Returns the summed loss (L2 term included). */
+double flexmf_implicit_batches(
+    float *U, int64_t *u_last, int64_t nu, float *I, int64_t *i_last, int64_t ni,
+    int64_t w, int64_t k, int64_t u_const, int64_t i_const,
+    const int64_t *users, const int64_t *pos, const int64_t *neg, const uint8_t *valid,
+    const float *weight, int64_t n, int64_t c, int64_t batch, int64_t loss_kind, double pos_weight,
+    double l2, double lr, double wd, int64_t *t,
+    float *gu, float *cu, int64_t *lu, float *gi, float *ci, int64_t *li, float *ds, int64_t nthreads) {
+    int nt = nthreads < 1 ? 1 : (int)nthreads;
+    int64_t stride = 3 * w, c1 = c + 1;
+    double total = 0.0;
+    for (int64_t start = 0; start < n; start += batch) {
+        int64_t end = start + batch < n ? start + batch : n;
+        float inv_b = 1.0f / (float)(end - start);
+        *t += 1;
+        AdamW opt = adamw_at(lr, wd, *t);
+        int64_t tnow = *t;
+#pragma omp parallel num_threads(nt) reduction(+ : total)
+        {
+            int tid = omp_get_thread_num(), T = omp_get_num_threads();
+            Acc au = acc_for(gu, cu, lu, nu, w, tid, T), ai = acc_for(gi, ci, li, ni, w, tid, T);
+#pragma omp for schedule(static)
+            for (int64_t j = start; j < end; j++) {
+                const float *pu = U + users[j] * stride;
+                const int64_t *nj = neg + j * c;
+                const uint8_t *vj = valid + j * c;
+                float *dj = ds + (j - start) * c1;
+                float s0 = dotf(pu, I + pos[j] * stride, w);
+                double sp = 0.0;
+                if (loss_kind == 0) {
+                    dj[0] = (sigmoid_softplus(s0, &sp) - 1.0f) * (float)pos_weight * inv_b;
+                    total += pos_weight * (sp - (double)s0); /* softplus(-x) = softplus(x) - x */
+                    for (int64_t x = 0; x < c; x++) {
+                        float s = dotf(pu, I + nj[x] * stride, w);
+                        dj[1 + x] = vj[x] ? sigmoid_softplus(s, &sp) * inv_b : 0.0f;
+                        if (vj[x]) total += sp;
+                    }
+                } else if (loss_kind == 1) {
+                    float sum = 0.0f;
+                    for (int64_t x = 0; x < c; x++) {
+                        float diff = dotf(pu, I + nj[x] * stride, w) - s0;
+                        float g = 0.0f;
+                        if (vj[x]) {
+                            g = sigmoid_softplus(diff, &sp);
+                            total += sp;
+                        }
+                        dj[1 + x] = g * inv_b;
+                        sum += g;
+                    }
+                    dj[0] = -sum * inv_b;
+                } else {
+                    float margin = 1.0f - s0 + dotf(pu, I + nj[0] * stride, w);
+                    float wt = vj[0] ? weight[j] : 0.0f;
+                    float g = margin > 0.0f ? wt : 0.0f;
+                    if (margin > 0.0f) total += (double)wt * (double)margin;
+                    dj[0] = -g * inv_b;
+                    dj[1] = g * inv_b;
+                }
+                if (T == 1) implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], nj, c, dj, 0, 1);
+            }
+            if (T > 1)
+                for (int64_t j = start; j < end; j++)
+                    implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], neg + j * c, c,
+                                        ds + (j - start) * c1, tid, T);
+#pragma omp barrier
+            for (int side = 0; side < 2; side++) {
+                Acc *a = side ? &ai : &au;
+                float *Tb = side ? I : U;
+                int64_t *last = side ? i_last : u_last, cst = side ? i_const : u_const;
+                for (int64_t x = 0; x < a->n; x++) {
+                    int64_t r = a->list[x];
+                    float *p = Tb + r * stride, *g = a->g + r * w;
+                    if (l2 != 0.0) {
+                        float cnt = a->cnt[r], coef = 2.0f * (float)l2 * inv_b * cnt;
+                        double sq = 0.0;
+                        for (int64_t col = 0; col < k; col++) {
+                            g[col] += coef * p[col];
+                            sq += (double)p[col] * (double)p[col];
+                        }
+                        total += l2 * (double)cnt * sq;
+                    }
+                    lazy_adamw_row(p, g, w, cst, (tnow - 1) - last[r], &opt);
+                    last[r] = tnow;
+                    a->cnt[r] = 0.0f;
+                }
+            }
+        }
+    }
+    return total;
+}
