@@ -155,8 +155,8 @@ def child(job_path: str) -> None:
 class Runner:
     """Runs jobs in fresh child processes, one interpreter per library."""
 
-    def __init__(self, out: Path, threads: int, timeout: float):
-        self.out, self.threads, self.timeout = out, threads, timeout
+    def __init__(self, out: Path, threads: int, timeout: float, our_threads: int = 1):
+        self.out, self.threads, self.timeout, self.our_threads = out, threads, timeout, our_threads
         self.pythons: dict[str, Path | None] = {"ours": Path(sys.executable)}
         self.scripts = {
             "ours": [str(Path(__file__).resolve()), "--child"],
@@ -173,12 +173,13 @@ class Runner:
         self.count += 1
         stem = self.out / "runs" / f"{self.count:03d}-{tag}"
         stem.parent.mkdir(parents=True, exist_ok=True)
+        threads = self.our_threads if lib == "ours" else self.threads
         job = {"model": model, "track": track, "train": split["train"], "test": split["test"],
-               "config": config, "fits": fits, "threads": self.threads, "n": 10,
+               "config": config, "fits": fits, "threads": threads, "n": 10,
                "output": f"{stem}.parquet", "result": f"{stem}.json"}
         common.write_json(job, Path(f"{stem}.job.json"))
         script = self.scripts[lib if lib in ("ours", "lenskit") else "baselines"]
-        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(self.threads),
+        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(threads),
                "PYTHONWARNINGS": "ignore"}
         res = common.run_child([str(py), *script, f"{stem}.job.json"], Path(job["result"]), self.timeout, env)
         res["output"] = job["output"]
@@ -303,7 +304,7 @@ def render(report: dict[str, Any]) -> str:
     """Print every model's table; return the Markdown document."""
     m = report["machine"]
     md = [f"# Ours vs LensKit FlexMF ({m['date']})", "",
-          f"Machine: {m['cpu']}, {m['cores']} cores, no GPU; torch threads {report['threads']}; "
+          f"Machine: {m['cpu']}, {m['cores']} cores, no GPU; threads: others {report['threads']}, ours {report.get('our_threads', report['threads'])}; "
           f"rounds {report['rounds']}; implicit folds for quality {report['folds']}; implicit split by "
           f"{report['splits']['implicit_made_by']}.", ""]
     for model, results in report["models"].items():
@@ -323,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="fresh-process rounds per implementation (default 2; 1 with --quick)")
     ap.add_argument("--folds", type=int, default=1, help="implicit folds for the quality column (1-5)")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads of the other libraries")
+    ap.add_argument("--our-threads", type=int, default=1,
+                    help="our engine's threads (default 1: on the 2-vCPU dev machine the memory-bound "
+                         "kernels are slower with 2)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per child process")
     ap.add_argument("--zip", type=Path, default=common.SHARED_ZIP)
     ap.add_argument("--no-install", action="store_true", help="do not create missing venvs")
@@ -347,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     out = common.OUT
     started = time.perf_counter()
 
-    runner = Runner(out, args.threads, args.timeout)
+    runner = Runner(out, args.threads, args.timeout, args.our_threads)
     logs = out / "logs"
     if args.no_install:
         lk_py = common.VENVS / "lenskit" / "bin" / "python"
@@ -370,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     splits = write_splits(runner, args.folds)
     print(f"splits: {common.SPLITS} (implicit folds by {splits['implicit_made_by']})", flush=True)
 
-    report: dict[str, Any] = {"machine": common.machine(), "threads": args.threads, "rounds": rounds,
+    report: dict[str, Any] = {"machine": common.machine(), "threads": args.threads,
+                              "our_threads": args.our_threads, "rounds": rounds,
                               "folds": args.folds, "quick": args.quick, "splits": splits,
                               "lenskit_defaults": lk, "command": " ".join(["python", "benchmarks/compare_lenskit.py", *(argv or sys.argv[1:])]),
                               "models": {}}

@@ -1,6 +1,6 @@
 """Scale run: explicit k=64 training and top-20 recommendation vs data size (synthetic presets).
 
-    python benchmarks/scale.py [--max synthetic-10m] [--epochs N] [--threads 2] [field=value ...]
+    python benchmarks/scale.py [--max synthetic-10m] [--epochs N] [--threads 1] [field=value ...]
 
 For each preset (synthetic-100k, -1m, -10m, -25m, up to ``--max``), three fresh child processes:
   1. generate the preset (seed 42) into ``benchmarks/out/synthetic/<preset>.parquet`` (cached);
@@ -114,7 +114,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(x, [r["updates_per_s"] / 1e6 for r in ok], "o-", label="training (explicit k=64)")
     a.axhline(2.0, color="grey", ls=":", label="target 2M/s (synthetic-10m)")
-    a.set(xscale="log", xlabel="ratings", ylabel="M updates/s", title="Training throughput (2 CPU threads)")
+    a.set(xscale="log", xlabel="ratings", ylabel="M updates/s", title="Training throughput")
     a.legend(fontsize=8)
     b.plot(x, [r["train_rss_mb"] / 1024 for r in ok], "o-", label="training peak RSS")
     rec = [r for r in ok if "recommend_rss_mb" in r]
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", metavar="JOB", help=argparse.SUPPRESS)
     ap.add_argument("--max", default=PRESETS[-1], choices=PRESETS, help="largest preset to run")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 5 up to 1m, else 1)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="our engine's CPU threads")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per child process")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("overrides", nargs="*", help="FlexMFExplicitConfig field=value overrides")

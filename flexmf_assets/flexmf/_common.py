@@ -85,8 +85,18 @@ class IdIndex:
     def fit(cls, values: Any) -> tuple["IdIndex", np.ndarray]:
         """Index the distinct ``values``; returns the index and each value's row (int64)."""
         arr = _as_numpy(values)
-        if arr.dtype.kind in "iu":  # polars' unique is much faster than np.unique's full sort
-            ids = pl.Series(arr).unique().sort().to_numpy()
+        if arr.dtype.kind in "iu" and len(arr):
+            lo, hi = int(arr.min()), int(arr.max())
+            if hi - lo < max(2 * len(arr), 1 << 20) and -(1 << 62) < lo and hi < 1 << 62:
+                # dense id space (the usual case): mark, number the marks, one gather per value,
+                # instead of a binary search per value
+                shifted = arr.astype(np.int64, copy=False) - lo
+                present = np.zeros(hi - lo + 1, dtype=bool)
+                present[shifted] = True
+                row_of = np.cumsum(present, dtype=np.int64 if len(arr) >= 1 << 31 else np.int32) - 1
+                ids = (np.flatnonzero(present) + lo).astype(arr.dtype)
+                return cls(ids), row_of[shifted].astype(np.int64, copy=False)
+            ids = pl.Series(arr).unique().sort().to_numpy()  # polars' unique beats np.unique's sort
             return cls(ids), np.searchsorted(ids, arr).astype(np.int64, copy=False)
         ids, inverse = np.unique(arr, return_inverse=True)
         return cls(ids), inverse.astype(np.int64, copy=False)
@@ -136,13 +146,14 @@ class SeenItems:
 
     @classmethod
     def build(cls, users: np.ndarray, items: np.ndarray, n_users: int, device: torch.device) -> "SeenItems":
-        order = np.argsort(users.astype(np.int64) * max(int(items.max(initial=0)) + 1, 1) + items)
+        # polars' parallel sort: several times faster than np.argsort on 10M+ int64 keys
+        ordered = pl.DataFrame({"u": users, "i": items}).sort(["u", "i"])["i"].to_numpy()
         counts = np.bincount(users, minlength=n_users)
         indptr = np.zeros(n_users + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
         return cls(
             torch.from_numpy(indptr).to(device),
-            torch.from_numpy(items[order].astype(np.int64)).to(device),
+            torch.from_numpy(np.array(ordered, dtype=np.int64)).to(device),
         )
 
     def to(self, device: torch.device) -> "SeenItems":

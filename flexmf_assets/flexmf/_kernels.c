@@ -11,7 +11,8 @@
  *
  * Tables are row-major float32. With Adam(W), a row's parameters and moments are interleaved
  * (row = [p | m | v], stride 3w): one contiguous stretch per touched row. Plain SGD rows are w apart.
- * Scratch (grad, count, touched list) is owned by the caller, all zero on entry, all zero on exit.
+ * Scratch (gradient slots, counts, touched rows, slot map) is owned by the caller; the slot map is
+ * all -1 on entry and on exit.
  *
  * Threads (`nthreads`, OpenMP): pass 1a computes the batch's errors / score gradients split by
  * rating; pass 1b sums them into per-row gradients, each thread summing only the rows it owns
@@ -46,39 +47,55 @@ static inline float sigmoid_softplus(float x, double *softplus) {
     return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
 }
 
-/* Per-batch gradient accumulator of one table for one thread: dense rows (shared by the threads,
- * disjoint by ownership), a count per row, and the thread's own list of touched rows. */
+/* Per-batch gradient accumulator of one table for one thread. A row touched by the batch gets the
+ * thread's next free slot (slot[r], -1 when untouched): its gradient and count live at that slot, so
+ * a batch's gradients sit contiguous and cache-hot whatever the table size. The slot map is shared
+ * by the threads (rows are disjoint by ownership); gradients, counts and the touched list are per
+ * thread stretches. */
 typedef struct {
-    float *g;      /* [rows, w] */
-    float *cnt;    /* [rows] */
-    int64_t *list; /* this thread's stretch of the touched list */
+    float *g;      /* [slots, w] */
+    float *cnt;    /* [slots] */
+    int64_t *list; /* [slots]: the row of each slot */
+    int32_t *slot; /* [rows] */
     int64_t n;
     int64_t w;
 } Acc;
 
-#define OWN_SHIFT 4 /* rows are owned in blocks of 16 */
+#define OWN_SHIFT 4 /* rows are owned in blocks of 16 (one cache line of the slot map) */
 #define OWNS(r, tid, nt) ((nt) == 1 || (((r) >> OWN_SHIFT) % (nt)) == (tid))
+#define PF 6        /* software prefetch distance, in ratings */
 
-/* The touched list needs rows + 16 * nthreads entries (Scratch allocates more). */
-static inline Acc acc_for(float *g, float *cnt, int64_t *list, int64_t rows, int64_t w, int tid, int nt) {
-    int64_t blocks = (rows >> OWN_SHIFT) + 1, per = ((blocks + nt - 1) / nt) << OWN_SHIFT;
-    Acc a = {g, cnt, list + (int64_t)tid * per, 0, w};
+/* Scratch sizes (see _native.Scratch): slots >= rows + 16 * (nthreads + 1). */
+static inline Acc acc_for(float *g, float *cnt, int64_t *list, int32_t *slot, int64_t rows, int64_t w, int tid,
+                          int nt) {
+    int64_t blocks = (rows >> OWN_SHIFT) + 1, base = (int64_t)tid * (((blocks + nt - 1) / nt) << OWN_SHIFT);
+    Acc a = {g + base * w, cnt + base, list + base, slot, 0, w};
     return a;
 }
 
-/* Count row r once more and add s * x to its gradient; the first touch in a batch overwrites,
- * so gradient rows never need clearing (only counts are reset). Returns the gradient row. */
+/* Count row r once more and add s * x to its gradient (the first touch in a batch overwrites).
+ * Returns the gradient row. */
 static inline float *acc_add(Acc *a, int64_t r, float s, const float *restrict x) {
-    float *restrict g = a->g + r * a->w;
-    if (a->cnt[r] == 0.0f) {
-        a->list[a->n++] = r;
+    int32_t sl = a->slot[r];
+    float *restrict g;
+    if (sl < 0) {
+        sl = (int32_t)a->n++;
+        a->slot[r] = sl;
+        a->list[sl] = r;
+        a->cnt[sl] = 1.0f;
+        g = a->g + (int64_t)sl * a->w;
 #pragma omp simd
         for (int64_t c = 0; c < a->w; c++) g[c] = s * x[c];
     } else {
+        a->cnt[sl] += 1.0f;
+        g = a->g + (int64_t)sl * a->w;
         axpyf(g, s, x, a->w);
     }
-    a->cnt[r] += 1.0f;
     return g;
+}
+
+static inline void prefetch_row(const float *row, int64_t floats) {
+    for (int64_t c = 0; c < floats; c += 16) __builtin_prefetch(row + c);
 }
 
 static double adam_step_size(double lr, int64_t t) {
@@ -127,7 +144,8 @@ double flexmf_explicit_epoch(
     float *P, float *Q, int64_t nu, int64_t ni, int64_t w, int64_t mode,
     const int64_t *users, const int64_t *items, const float *resid, int64_t n,
     int64_t batch, double lr, double l2, double decay, int64_t *t, int64_t u_const, int64_t i_const,
-    float *gu, float *cu, int64_t *lu, float *gi, float *ci, int64_t *li, float *err, int64_t nthreads) {
+    float *gu, float *cu, int64_t *lu, int32_t *su, float *gi, float *ci, int64_t *li, int32_t *si, float *err,
+    int64_t nthreads) {
     int nt = nthreads < 1 ? 1 : (int)nthreads;
     int64_t stride = mode == 0 ? w : 3 * w;
     double loss = 0.0;
@@ -141,9 +159,13 @@ double flexmf_explicit_epoch(
 #pragma omp parallel num_threads(nt) reduction(+ : loss)
         {
             int tid = omp_get_thread_num(), T = omp_get_num_threads();
-            Acc au = acc_for(gu, cu, lu, nu, w, tid, T), ai = acc_for(gi, ci, li, ni, w, tid, T);
+            Acc au = acc_for(gu, cu, lu, su, nu, w, tid, T), ai = acc_for(gi, ci, li, si, ni, w, tid, T);
 #pragma omp for schedule(static)
             for (int64_t j = start; j < end; j++) {
+                if (j + PF < end) {
+                    prefetch_row(P + users[j + PF] * stride, w);
+                    prefetch_row(Q + items[j + PF] * stride, w);
+                }
                 float e = resid[j] - dotf(P + users[j] * stride, Q + items[j] * stride, w);
                 err[j - start] = e;
                 loss += (double)e * (double)e;
@@ -160,9 +182,10 @@ double flexmf_explicit_epoch(
                 int64_t cst = side ? i_const : u_const;
                 for (int64_t x = 0; x < a->n; x++) {
                     int64_t r = a->list[x];
-                    explicit_update_row(Tb + r * stride, a->g + r * w, a->cnt[r], w, cst, (int)mode, lr, l2,
+                    if (x + PF < a->n) prefetch_row(Tb + a->list[x + PF] * stride, stride);
+                    explicit_update_row(Tb + r * stride, a->g + x * w, a->cnt[x], w, cst, (int)mode, lr, l2,
                                         decay, step);
-                    a->cnt[r] = 0.0f;
+                    a->slot[r] = -1;
                 }
             }
         }
@@ -249,7 +272,8 @@ double flexmf_implicit_batches(
     const int64_t *users, const int64_t *pos, const int64_t *neg, const uint8_t *valid,
     const float *weight, int64_t n, int64_t c, int64_t batch, int64_t loss_kind, double pos_weight,
     double l2, double lr, double wd, int64_t *t,
-    float *gu, float *cu, int64_t *lu, float *gi, float *ci, int64_t *li, float *ds, int64_t nthreads) {
+    float *gu, float *cu, int64_t *lu, int32_t *su, float *gi, float *ci, int64_t *li, int32_t *si, float *ds,
+    int64_t nthreads) {
     int nt = nthreads < 1 ? 1 : (int)nthreads;
     int64_t stride = 3 * w, c1 = c + 1;
     double total = 0.0;
@@ -262,9 +286,14 @@ double flexmf_implicit_batches(
 #pragma omp parallel num_threads(nt) reduction(+ : total)
         {
             int tid = omp_get_thread_num(), T = omp_get_num_threads();
-            Acc au = acc_for(gu, cu, lu, nu, w, tid, T), ai = acc_for(gi, ci, li, ni, w, tid, T);
+            Acc au = acc_for(gu, cu, lu, su, nu, w, tid, T), ai = acc_for(gi, ci, li, si, ni, w, tid, T);
 #pragma omp for schedule(static)
             for (int64_t j = start; j < end; j++) {
+                if (j + PF < end) {
+                    prefetch_row(U + users[j + PF] * stride, w);
+                    prefetch_row(I + pos[j + PF] * stride, w);
+                    for (int64_t x = 0; x < c; x++) prefetch_row(I + neg[(j + PF) * c + x] * stride, w);
+                }
                 const float *pu = U + users[j] * stride;
                 const int64_t *nj = neg + j * c;
                 const uint8_t *vj = valid + j * c;
@@ -313,9 +342,10 @@ double flexmf_implicit_batches(
                 int64_t *last = side ? i_last : u_last, cst = side ? i_const : u_const;
                 for (int64_t x = 0; x < a->n; x++) {
                     int64_t r = a->list[x];
-                    float *p = Tb + r * stride, *g = a->g + r * w;
+                    float *p = Tb + r * stride, *g = a->g + x * w;
+                    if (x + PF < a->n) prefetch_row(Tb + a->list[x + PF] * stride, stride);
                     if (l2 != 0.0) {
-                        float cnt = a->cnt[r], coef = 2.0f * (float)l2 * inv_b * cnt;
+                        float cnt = a->cnt[x], coef = 2.0f * (float)l2 * inv_b * cnt;
                         double sq = 0.0;
                         for (int64_t col = 0; col < k; col++) {
                             g[col] += coef * p[col];
@@ -325,7 +355,7 @@ double flexmf_implicit_batches(
                     }
                     lazy_adamw_row(p, g, w, cst, (tnow - 1) - last[r], &opt);
                     last[r] = tnow;
-                    a->cnt[r] = 0.0f;
+                    a->slot[r] = -1;
                 }
             }
         }

@@ -84,12 +84,12 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.flexmf_explicit_epoch.restype = _D
     lib.flexmf_explicit_epoch.argtypes = [
-        _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _I, _D, _D, _D, _P, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I,
+        _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _I, _D, _D, _D, _P, _I, _I, *[_P] * 8, _P, _I,
     ]
     lib.flexmf_implicit_batches.restype = _D
     lib.flexmf_implicit_batches.argtypes = [
         _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _D, _D, _D, _D, _P,
-        _P, _P, _P, _P, _P, _P, _P, _I,
+        *[_P] * 8, _P, _I,
     ]
     lib.flexmf_adamw_flush.restype = None
     lib.flexmf_adamw_flush.argtypes = [_P, _P, _I, _I, _I, _D, _D, _I, _I]
@@ -121,7 +121,7 @@ def status() -> str:
 
 def threads() -> int:
     """Threads the kernels use: torch's intra-op count (the engine sets it around its hot loop)."""
-    return max(1, min(torch.get_num_threads(), 256))
+    return max(1, min(torch.get_num_threads(), MAX_THREADS))
 
 
 def usable(device: torch.device) -> bool:
@@ -138,13 +138,20 @@ def ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr()
 
 
+#: most threads the kernels use (bounds the scratch's per-thread padding)
+MAX_THREADS = 64
+
+
 class Scratch:
-    """Per-table scratch of the kernels (gradient rows, counts, touched lists), zero between calls."""
+    """Per-table scratch of the kernels: gradient slots, their counts and rows, and the row -> slot map
+    (all -1 between calls)."""
 
     def __init__(self, rows: int, width: int):
-        self.grad = torch.zeros(rows, width)
-        self.count = torch.zeros(rows)
-        self.touched = torch.zeros(2 * rows + 8192, dtype=torch.int64)  # one stretch per thread
+        slots = rows + 16 * (MAX_THREADS + 2)  # per-thread stretches are rounded up to 16 rows
+        self.grad = torch.empty(slots, width)
+        self.count = torch.empty(slots)
+        self.touched = torch.empty(slots, dtype=torch.int64)
+        self.slot = torch.full((rows,), -1, dtype=torch.int32)
 
     def buffer(self, size: int) -> torch.Tensor:
         """A float scratch vector of at least ``size`` elements (kept for the next call)."""
@@ -153,7 +160,7 @@ class Scratch:
         return self._buffer
 
     def args(self) -> list[int]:
-        return [ptr(self.grad), ptr(self.count), ptr(self.touched)]
+        return [ptr(self.grad), ptr(self.count), ptr(self.touched), ptr(self.slot)]
 
 
 __all__ = ["Scratch", "cache_dir", "kernels", "ptr", "status", "threads", "usable"]

@@ -197,6 +197,8 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
             if split_record else "",
             "hparams": dg.MetadataValue.json(jsonable(config.to_dict())),
             "device": str(scorer.device),
+            # "native": the fused CPU kernels trained it; "torch": the eager torch engine (GPU, fallback)
+            "engine": scorer.engine,
             "epochs_run": scorer.epochs_run,
             "best_epoch": scorer.best_epoch,
             f"best_{track.val_key}": best.get(track.val_key),
