@@ -87,8 +87,8 @@ def ours_config(model: str, lk: dict[str, Any], optimizer: str = "adam") -> dict
         preset = lk["implicit_presets"][model]
         cfg.update(loss=preset["loss"], negative_strategy=preset.get("negative_strategy", "uniform"),
                    user_bias=preset["user_bias"], item_bias=preset["item_bias"])
-        if model == "warp":
-            cfg.update(preset="warp")
+        if model == "warp":  # LensKit tries up to max_tries (200) candidates per positive: score as many
+            cfg.update(preset="warp", misranked_candidates=int(lk.get("warp", {}).get("max_tries", 200)))
     return cfg
 
 

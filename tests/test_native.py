@@ -143,3 +143,25 @@ def test_disabled_by_environment(ratings, monkeypatch):
 def test_kernels_reject_strided_tensors():
     with pytest.raises(ValueError, match="contiguous CPU tensors"):
         _native.ptr(torch.zeros(4, 4)[:, 1])
+
+
+@needs_compiler
+@pytest.mark.parametrize("dense_limit", [1 << 26, 0], ids=["dense-table", "sorted-keys"])
+def test_membership_kernel_matches_torch(monkeypatch, dense_limit):
+    from flexmf_assets.flexmf.sampling import PositiveSet
+
+    g = torch.Generator().manual_seed(0)
+    users, items = torch.randint(0, 50, (400,), generator=g), torch.randint(0, 30, (400,), generator=g)
+    positives = PositiveSet(users, items, 30, dense_limit=dense_limit)
+    assert (positives.table is None) == (dense_limit == 0)
+    query_users = torch.randint(0, 55, (300,), generator=g)  # rows 50..54: beyond the training range
+    query_items = torch.randint(0, 30, (300, 4), generator=g)
+    answers = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FLEXMF_NATIVE", flag)
+        answers[flag] = (positives.contains(query_users, query_items),
+                         positives.contains(query_users, query_items[:, 0]))
+    for fast, ref in zip(answers["1"], answers["0"]):
+        assert torch.equal(fast, ref)
+    assert answers["0"][0].any() and not answers["0"][0].all()
+    assert not answers["1"][0][query_users >= 50].any()

@@ -7,8 +7,6 @@ What lives here, and how a scorer uses it:
   ``-1`` for ids never seen in training (callers treat ``-1`` as "cold start").
 * :class:`SeenItems` -- the training items of every user as a CSR on the device; used to exclude
   already-rated items when recommending.
-* :func:`epoch_batches` -- per-epoch random permutation from a seeded ``torch.Generator``, yielded as
-  index slices (no DataLoader, no per-batch Python objects beyond a view).
 * :func:`check_finite` -- the NaN/inf guard: raises :class:`TrainingError` naming the epoch and the
   learning rate.
 * :func:`hot_loop_threads` -- runs a CPU training loop single-threaded unless the user asked for a
@@ -184,13 +182,6 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
-
-
-def epoch_batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
-    """Yield slices of a fresh random permutation of ``range(n)``, ``batch_size`` at a time."""
-    perm = torch.randperm(n, generator=generator, device=device)
-    for start in range(0, n, batch_size):
-        yield perm[start : start + batch_size]
 
 
 def check_finite(value: float, epoch: int, learning_rate: float) -> None:

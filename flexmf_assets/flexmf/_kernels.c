@@ -75,7 +75,7 @@ static inline Acc acc_for(float *g, float *cnt, int64_t *list, int32_t *slot, in
 
 /* Count row r once more and add s * x to its gradient (the first touch in a batch overwrites).
  * Returns the gradient row. */
-static inline float *acc_add(Acc *a, int64_t r, float s, const float *restrict x) {
+static inline float *acc_add(Acc *a, int64_t r, float s, const float *restrict x, const int64_t w) {
     int32_t sl = a->slot[r];
     float *restrict g;
     if (sl < 0) {
@@ -83,13 +83,13 @@ static inline float *acc_add(Acc *a, int64_t r, float s, const float *restrict x
         a->slot[r] = sl;
         a->list[sl] = r;
         a->cnt[sl] = 1.0f;
-        g = a->g + (int64_t)sl * a->w;
+        g = a->g + (int64_t)sl * w;
 #pragma omp simd
-        for (int64_t c = 0; c < a->w; c++) g[c] = s * x[c];
+        for (int64_t c = 0; c < w; c++) g[c] = s * x[c];
     } else {
         a->cnt[sl] += 1.0f;
-        g = a->g + (int64_t)sl * a->w;
-        axpyf(g, s, x, a->w);
+        g = a->g + (int64_t)sl * w;
+        axpyf(g, s, x, w);
     }
     return g;
 }
@@ -136,8 +136,8 @@ static void explicit_update_row(float *restrict p, const float *restrict g, floa
 static inline void explicit_accumulate(Acc *au, Acc *ai, const float *P, const float *Q, int64_t stride,
                                        int64_t u, int64_t i, float e, int tid, int T) {
     int64_t w = au->w;
-    if (OWNS(u, tid, T)) acc_add(au, u, e, Q + i * stride);
-    if (OWNS(i, tid, T)) acc_add(ai, i, e, P + u * stride);
+    if (OWNS(u, tid, T)) acc_add(au, u, e, Q + i * stride, w);
+    if (OWNS(i, tid, T)) acc_add(ai, i, e, P + u * stride, w);
 }
 
 double flexmf_explicit_epoch(
@@ -250,22 +250,126 @@ void flexmf_adamw_flush(float *S, int64_t *last, int64_t rows, int64_t w, int64_
 /* Sum pair j's score gradients `dj` into the gradients of the rows this thread owns. */
 static inline void implicit_accumulate(Acc *au, Acc *ai, const float *U, const float *I, int64_t stride,
                                        int64_t u, int64_t p, const int64_t *nj, int64_t c, const float *dj,
-                                       int tid, int T) {
-    int64_t w = au->w;
+                                       int tid, int T, const int64_t w) {
     const float *pu = U + u * stride;
     if (OWNS(u, tid, T)) {
-        float *g_user = acc_add(au, u, dj[0], I + p * stride);
+        float *g_user = acc_add(au, u, dj[0], I + p * stride, w);
         for (int64_t x = 0; x < c; x++) axpyf(g_user, dj[1 + x], I + nj[x] * stride, w);
     }
-    if (OWNS(p, tid, T)) acc_add(ai, p, dj[0], pu);
+    if (OWNS(p, tid, T)) acc_add(ai, p, dj[0], pu, w);
     for (int64_t x = 0; x < c; x++)
-        if (OWNS(nj[x], tid, T)) acc_add(ai, nj[x], dj[1 + x], pu);
+        if (OWNS(nj[x], tid, T)) acc_add(ai, nj[x], dj[1 + x], pu, w);
+}
+
+/* Everything of one implicit call but the batch bounds and the thread. */
+typedef struct {
+    float *U, *I;
+    int64_t *u_last, *i_last;
+    int64_t nu, ni, k, u_const, i_const, c, loss_kind;
+    const int64_t *users, *pos, *neg;
+    const uint8_t *valid;
+    const float *weight;
+    double pos_weight, l2;
+    float *gu, *cu, *gi, *ci, *ds;
+    int64_t *lu, *li;
+    int32_t *su, *si;
+} ImplicitJob;
+
+/* One batch [start, end) for thread tid of T (T == 1: called outside any parallel region, passes
+ * 1a and 1b fused). */
+static inline __attribute__((always_inline)) double implicit_batch(const ImplicitJob *J, const int64_t w,
+                                                                   int64_t start, int64_t end,
+                                                                   const AdamW *opt, int64_t tnow, int tid,
+                                                                   int T) {
+    const int64_t stride = 3 * w, c = J->c, c1 = c + 1;
+    const float *U = J->U, *I = J->I;
+    const int64_t *users = J->users, *pos = J->pos, *neg = J->neg;
+    const uint8_t *valid = J->valid;
+    float inv_b = 1.0f / (float)(end - start), pw = (float)J->pos_weight;
+    double total = 0.0;
+    Acc au = acc_for(J->gu, J->cu, J->lu, J->su, J->nu, w, tid, T);
+    Acc ai = acc_for(J->gi, J->ci, J->li, J->si, J->ni, w, tid, T);
+    int64_t lo = start + (end - start) * tid / T, hi = start + (end - start) * (tid + 1) / T;
+    for (int64_t j = lo; j < hi; j++) {
+        if (j + PF < hi) {
+            prefetch_row(U + users[j + PF] * stride, w);
+            prefetch_row(I + pos[j + PF] * stride, w);
+            for (int64_t x = 0; x < c; x++) prefetch_row(I + neg[(j + PF) * c + x] * stride, w);
+        }
+        const float *pu = U + users[j] * stride;
+        const int64_t *nj = neg + j * c;
+        const uint8_t *vj = valid + j * c;
+        float *dj = J->ds + (j - start) * c1;
+        float s0 = dotf(pu, I + pos[j] * stride, w);
+        double sp = 0.0;
+        if (J->loss_kind == 0) {
+            dj[0] = (sigmoid_softplus(s0, &sp) - 1.0f) * pw * inv_b;
+            total += J->pos_weight * (sp - (double)s0); /* softplus(-x) = softplus(x) - x */
+            for (int64_t x = 0; x < c; x++) {
+                float s = dotf(pu, I + nj[x] * stride, w);
+                dj[1 + x] = vj[x] ? sigmoid_softplus(s, &sp) * inv_b : 0.0f;
+                if (vj[x]) total += sp;
+            }
+        } else if (J->loss_kind == 1) {
+            float sum = 0.0f;
+            for (int64_t x = 0; x < c; x++) {
+                float diff = dotf(pu, I + nj[x] * stride, w) - s0;
+                float g = 0.0f;
+                if (vj[x]) {
+                    g = sigmoid_softplus(diff, &sp);
+                    total += sp;
+                }
+                dj[1 + x] = g * inv_b;
+                sum += g;
+            }
+            dj[0] = -sum * inv_b;
+        } else {
+            float margin = 1.0f - s0 + dotf(pu, I + nj[0] * stride, w);
+            float wt = vj[0] ? J->weight[j] : 0.0f;
+            float g = margin > 0.0f ? wt : 0.0f;
+            if (margin > 0.0f) total += (double)wt * (double)margin;
+            dj[0] = -g * inv_b;
+            dj[1] = g * inv_b;
+        }
+        if (T == 1) implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], nj, c, dj, 0, 1, w);
+    }
+    if (T > 1) {
+#pragma omp barrier
+        for (int64_t j = start; j < end; j++)
+            implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], neg + j * c, c, J->ds + (j - start) * c1,
+                                tid, T, w);
+#pragma omp barrier
+    }
+    for (int side = 0; side < 2; side++) {
+        Acc *a = side ? &ai : &au;
+        float *Tb = side ? J->I : J->U;
+        int64_t *last = side ? J->i_last : J->u_last, cst = side ? J->i_const : J->u_const;
+        for (int64_t x = 0; x < a->n; x++) {
+            int64_t r = a->list[x];
+            float *p = Tb + r * stride, *g = a->g + x * w;
+            if (x + PF < a->n) prefetch_row(Tb + a->list[x + PF] * stride, stride);
+            if (J->l2 != 0.0) {
+                float cnt = a->cnt[x], coef = 2.0f * (float)J->l2 * inv_b * cnt;
+                double sq = 0.0;
+                for (int64_t col = 0; col < J->k; col++) {
+                    g[col] += coef * p[col];
+                    sq += (double)p[col] * (double)p[col];
+                }
+                total += J->l2 * (double)cnt * sq;
+            }
+            lazy_adamw_row(p, g, w, cst, (tnow - 1) - last[r], opt);
+            last[r] = tnow;
+            a->slot[r] = -1;
+        }
+    }
+    return total;
 }
 
 /* loss: 0 logistic, 1 pairwise (BPR), 2 WARP (c == 1, `weight[j]` = the rank weight of row j).
  * neg is [n, c]; valid[n, c] masks negatives that are positives of their user (no violator for
- * WARP). Tables are [p | m | v] rows. Batches of `batch` rows, one AdamW step each; `*t` is the
- * global step. `ds` is [batch, 1 + c] scratch. Returns the summed loss (L2 term included). */
+ * WARP). Tables are [p | m | v] rows of width w. Batches
+ * of `batch` rows, one AdamW step each; `*t` is the global step. `ds` is [batch, 1 + c] scratch.
+ * Returns the summed loss (L2 term included). */
 double flexmf_implicit_batches(
     float *U, int64_t *u_last, int64_t nu, float *I, int64_t *i_last, int64_t ni,
     int64_t w, int64_t k, int64_t u_const, int64_t i_const,
@@ -275,90 +379,49 @@ double flexmf_implicit_batches(
     float *gu, float *cu, int64_t *lu, int32_t *su, float *gi, float *ci, int64_t *li, int32_t *si, float *ds,
     int64_t nthreads) {
     int nt = nthreads < 1 ? 1 : (int)nthreads;
-    int64_t stride = 3 * w, c1 = c + 1;
+    ImplicitJob J = {U, I, u_last, i_last, nu, ni, k, u_const, i_const, c, loss_kind, users, pos, neg, valid,
+                     weight, pos_weight, l2, gu, cu, gi, ci, ds, lu, li, su, si};
     double total = 0.0;
     for (int64_t start = 0; start < n; start += batch) {
         int64_t end = start + batch < n ? start + batch : n;
-        float inv_b = 1.0f / (float)(end - start);
         *t += 1;
         AdamW opt = adamw_at(lr, wd, *t);
         int64_t tnow = *t;
-#pragma omp parallel num_threads(nt) reduction(+ : total)
-        {
-            int tid = omp_get_thread_num(), T = omp_get_num_threads();
-            Acc au = acc_for(gu, cu, lu, su, nu, w, tid, T), ai = acc_for(gi, ci, li, si, ni, w, tid, T);
-#pragma omp for schedule(static)
-            for (int64_t j = start; j < end; j++) {
-                if (j + PF < end) {
-                    prefetch_row(U + users[j + PF] * stride, w);
-                    prefetch_row(I + pos[j + PF] * stride, w);
-                    for (int64_t x = 0; x < c; x++) prefetch_row(I + neg[(j + PF) * c + x] * stride, w);
-                }
-                const float *pu = U + users[j] * stride;
-                const int64_t *nj = neg + j * c;
-                const uint8_t *vj = valid + j * c;
-                float *dj = ds + (j - start) * c1;
-                float s0 = dotf(pu, I + pos[j] * stride, w);
-                double sp = 0.0;
-                if (loss_kind == 0) {
-                    dj[0] = (sigmoid_softplus(s0, &sp) - 1.0f) * (float)pos_weight * inv_b;
-                    total += pos_weight * (sp - (double)s0); /* softplus(-x) = softplus(x) - x */
-                    for (int64_t x = 0; x < c; x++) {
-                        float s = dotf(pu, I + nj[x] * stride, w);
-                        dj[1 + x] = vj[x] ? sigmoid_softplus(s, &sp) * inv_b : 0.0f;
-                        if (vj[x]) total += sp;
-                    }
-                } else if (loss_kind == 1) {
-                    float sum = 0.0f;
-                    for (int64_t x = 0; x < c; x++) {
-                        float diff = dotf(pu, I + nj[x] * stride, w) - s0;
-                        float g = 0.0f;
-                        if (vj[x]) {
-                            g = sigmoid_softplus(diff, &sp);
-                            total += sp;
-                        }
-                        dj[1 + x] = g * inv_b;
-                        sum += g;
-                    }
-                    dj[0] = -sum * inv_b;
-                } else {
-                    float margin = 1.0f - s0 + dotf(pu, I + nj[0] * stride, w);
-                    float wt = vj[0] ? weight[j] : 0.0f;
-                    float g = margin > 0.0f ? wt : 0.0f;
-                    if (margin > 0.0f) total += (double)wt * (double)margin;
-                    dj[0] = -g * inv_b;
-                    dj[1] = g * inv_b;
-                }
-                if (T == 1) implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], nj, c, dj, 0, 1);
-            }
-            if (T > 1)
-                for (int64_t j = start; j < end; j++)
-                    implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], neg + j * c, c,
-                                        ds + (j - start) * c1, tid, T);
-#pragma omp barrier
-            for (int side = 0; side < 2; side++) {
-                Acc *a = side ? &ai : &au;
-                float *Tb = side ? I : U;
-                int64_t *last = side ? i_last : u_last, cst = side ? i_const : u_const;
-                for (int64_t x = 0; x < a->n; x++) {
-                    int64_t r = a->list[x];
-                    float *p = Tb + r * stride, *g = a->g + x * w;
-                    if (x + PF < a->n) prefetch_row(Tb + a->list[x + PF] * stride, stride);
-                    if (l2 != 0.0) {
-                        float cnt = a->cnt[x], coef = 2.0f * (float)l2 * inv_b * cnt;
-                        double sq = 0.0;
-                        for (int64_t col = 0; col < k; col++) {
-                            g[col] += coef * p[col];
-                            sq += (double)p[col] * (double)p[col];
-                        }
-                        total += l2 * (double)cnt * sq;
-                    }
-                    lazy_adamw_row(p, g, w, cst, (tnow - 1) - last[r], &opt);
-                    last[r] = tnow;
-                    a->slot[r] = -1;
-                }
-            }
+        if (nt == 1) {
+            total += implicit_batch(&J, w, start, end, &opt, tnow, 0, 1);
+        } else {
+            double part = 0.0;
+#pragma omp parallel num_threads(nt) reduction(+ : part)
+            part += implicit_batch(&J, w, start, end, &opt, tnow, omp_get_thread_num(), omp_get_num_threads());
+            total += part;
         }
     }
     return total;
+}
+
+/* out[j * c + x] = is (users[j], items[j * c + x]) a training pair? Membership in a dense bool table
+ * of `cells` = users x n_items cells (table != NULL), else in the sorted unique keys
+ * user * n_items + item (binary search). A row outside the table has no positives. */
+void flexmf_contains(const uint8_t *table, int64_t cells, const int64_t *keys, int64_t nkeys, int64_t n_items,
+                     const int64_t *users, const int64_t *items, int64_t n, int64_t c, uint8_t *out) {
+    for (int64_t j = 0; j < n; j++) {
+        int64_t base = users[j] * n_items;
+        for (int64_t x = 0; x < c; x++) {
+            int64_t key = base + items[j * c + x];
+            uint8_t hit = 0;
+            if (users[j] >= 0 && items[j * c + x] >= 0) {
+                if (table) {
+                    hit = key < cells ? table[key] : 0;
+                } else {
+                    int64_t lo = 0, hi = nkeys;
+                    while (lo < hi) {
+                        int64_t mid = lo + (hi - lo) / 2;
+                        if (keys[mid] < key) lo = mid + 1; else hi = mid;
+                    }
+                    hit = lo < nkeys && keys[lo] == key;
+                }
+            }
+            out[j * c + x] = hit;
+        }
+    }
 }

@@ -91,6 +91,8 @@ def _build() -> ctypes.CDLL:
         _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _D, _D, _D, _D, _P,
         *[_P] * 8, _P, _I,
     ]
+    lib.flexmf_contains.restype = None
+    lib.flexmf_contains.argtypes = [_P, _I, _P, _I, _I, _P, _P, _I, _I, _P]
     lib.flexmf_adamw_flush.restype = None
     lib.flexmf_adamw_flush.argtypes = [_P, _P, _I, _I, _I, _D, _D, _I, _I]
     return lib

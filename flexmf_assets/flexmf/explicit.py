@@ -13,6 +13,10 @@ every batch does a handful of tensor ops into preallocated buffers with hand-der
 sparse ``index_add_`` row updates (SGD, each row's step scaled by 1/sqrt(its ratings in the batch) so
 it stays stable at any batch size), or a hand-written lazy sparse Adam over the batch's distinct rows
 (grouped without sorting; parameters and moments gathered and written back together).
+
+On a CPU the same epoch runs fused in C (``_kernels.c`` through :mod:`._native`: two passes over a
+batch's ratings and one over its rows, no temporaries); the torch code above is the reference the
+kernel is tested against, the GPU path and the fallback when no C compiler is available.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ distinct user and item rows (biases live in the same rows, so one gather serves 
 gradients). Negatives come from :mod:`flexmf_assets.flexmf.sampling` and are drawn for a whole batch
 at once; the misranked sampler scores a batch-wide candidate pool in one matrix product. Scoring and recommendation reuse the shared
 machinery of :mod:`flexmf_assets.flexmf._common`.
+
+On a CPU the gradient and optimizer work of each batch runs fused in C (``_kernels.c`` through
+:mod:`._native`; rows then keep parameters and moments side by side); negatives are still drawn
+by the samplers here, so both engines see the same negatives and agree up to float rounding.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from flexmf_assets.flexmf import _native
+
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``score_fn(users[B], items[B, T]) -> scores[B, T]`` with the current model (called under no_grad)."""
 
@@ -61,6 +63,18 @@ class PositiveSet:
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Boolean tensor shaped like ``items``: is ``(users[b], items[b, ...])`` a positive?"""
+        if (self.keys.device.type == "cpu" and users.dim() == 1 and items.dim() in (1, 2)
+                and items.shape[0] == users.shape[0] and _native.usable(self.keys.device)):
+            # one fused pass on CPU (the same answer as the torch ops below)
+            u = users.to(torch.int64).contiguous()
+            it = items.to(torch.int64).contiguous()
+            out = torch.empty(items.shape, dtype=torch.bool)
+            _native.kernels().flexmf_contains(
+                _native.ptr(self.table), 0 if self.table is None else self.table.numel(),
+                _native.ptr(self.keys), self.keys.numel(), self.n_items, _native.ptr(u), _native.ptr(it),
+                u.numel(), 1 if it.dim() == 1 else it.shape[1], _native.ptr(out),
+            )
+            return out
         u = users.to(torch.int64)
         while u.dim() < items.dim():
             u = u.unsqueeze(-1)
