@@ -4,6 +4,7 @@
 >>> model = FlexMFExplicitScorer(epochs=20).fit(train, validation)   # doctest: +SKIP
 """
 
+from flexmf_assets.flexmf._native import status as native_status
 from flexmf_assets.flexmf.config import EXPLICIT_PRESETS, FlexMFExplicitConfig
 from flexmf_assets.flexmf.device import DeviceSettings, resolve_device
 from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
@@ -18,5 +19,6 @@ __all__ = [
     "FlexMFExplicitScorer",
     "FlexMFImplicitConfig",
     "FlexMFImplicitScorer",
+    "native_status",
     "resolve_device",
 ]
