@@ -94,6 +94,21 @@ static inline float *acc_add(Acc *a, int64_t r, float s, const float *restrict x
     return g;
 }
 
+/* The gradient row of r, counted once more; *fresh says the row was untouched in this batch (its
+ * slot holds stale values: overwrite, do not add). */
+static inline float *acc_slot(Acc *a, int64_t r, int *fresh, const int64_t w) {
+    int32_t sl = a->slot[r];
+    *fresh = sl < 0;
+    if (sl < 0) {
+        sl = (int32_t)a->n++;
+        a->slot[r] = sl;
+        a->list[sl] = r;
+        a->cnt[sl] = 0.0f;
+    }
+    a->cnt[sl] += 1.0f;
+    return a->g + (int64_t)sl * w;
+}
+
 static inline void prefetch_row(const float *row, int64_t floats) {
     for (int64_t c = 0; c < floats; c += 16) __builtin_prefetch(row + c);
 }
@@ -247,6 +262,53 @@ void flexmf_adamw_flush(float *S, int64_t *last, int64_t rows, int64_t w, int64_
     }
 }
 
+/* One negative per positive (the common case), fused: the user row takes both item rows in one
+ * pass, the two item rows take the user row in one pass. Used for every thread count, so the
+ * arithmetic (explicit fmaf) is the same whatever the threads. */
+static inline void implicit_accumulate1(Acc *au, Acc *ai, const float *U, const float *I, int64_t stride,
+                                        int64_t u, int64_t p, int64_t q, const float *dj, int tid, int T,
+                                        const int64_t w) {
+    const float *restrict pu = U + u * stride, *restrict xp = I + p * stride, *restrict xq = I + q * stride;
+    const float d0 = dj[0], d1 = dj[1];
+    int fresh;
+    if (OWNS(u, tid, T)) {
+        float *restrict g = acc_slot(au, u, &fresh, w);
+        if (fresh) {
+#pragma omp simd
+            for (int64_t c = 0; c < w; c++) g[c] = fmaf(d0, xp[c], d1 * xq[c]);
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < w; c++) g[c] = fmaf(d0, xp[c], fmaf(d1, xq[c], g[c]));
+        }
+    }
+    /* item rows: a fresh slot holds stale values, so it is zeroed first (then fmaf(d, x, 0) = d * x) */
+    int own_p = OWNS(p, tid, T), own_q = OWNS(q, tid, T);
+    if (own_p && own_q && p != q) {
+        int fp, fq;
+        float *restrict gp = acc_slot(ai, p, &fp, w), *restrict gq = acc_slot(ai, q, &fq, w);
+        if (fp)
+            for (int64_t c = 0; c < w; c++) gp[c] = 0.0f;
+        if (fq)
+            for (int64_t c = 0; c < w; c++) gq[c] = 0.0f;
+#pragma omp simd
+        for (int64_t c = 0; c < w; c++) {
+            gp[c] = fmaf(d0, pu[c], gp[c]);
+            gq[c] = fmaf(d1, pu[c], gq[c]);
+        }
+        return;
+    }
+    for (int side = 0; side < 2; side++) { /* p == q (a masked negative) or one row not ours */
+        int64_t r = side ? q : p;
+        float d = side ? d1 : d0;
+        if (!(side ? own_q : own_p)) continue;
+        float *restrict g = acc_slot(ai, r, &fresh, w);
+        if (fresh)
+            for (int64_t c = 0; c < w; c++) g[c] = 0.0f;
+#pragma omp simd
+        for (int64_t c = 0; c < w; c++) g[c] = fmaf(d, pu[c], g[c]);
+    }
+}
+
 /* Sum pair j's score gradients `dj` into the gradients of the rows this thread owns. */
 static inline void implicit_accumulate(Acc *au, Acc *ai, const float *U, const float *I, int64_t stride,
                                        int64_t u, int64_t p, const int64_t *nj, int64_t c, const float *dj,
@@ -300,20 +362,33 @@ static inline __attribute__((always_inline)) double implicit_batch(const Implici
         const int64_t *nj = neg + j * c;
         const uint8_t *vj = valid + j * c;
         float *dj = J->ds + (j - start) * c1;
-        float s0 = dotf(pu, I + pos[j] * stride, w);
+        float s0, sn[64]; /* c <= 64 (checked by the caller) */
+        if (c == 1) {
+            const float *restrict xp = I + pos[j] * stride, *restrict xq = I + nj[0] * stride;
+            float a = 0.0f, b = 0.0f;
+#pragma omp simd reduction(+ : a, b)
+            for (int64_t col = 0; col < w; col++) {
+                a += pu[col] * xp[col];
+                b += pu[col] * xq[col];
+            }
+            s0 = a, sn[0] = b;
+        } else {
+            s0 = dotf(pu, I + pos[j] * stride, w);
+            for (int64_t x = 0; x < c; x++) sn[x] = dotf(pu, I + nj[x] * stride, w);
+        }
         double sp = 0.0;
         if (J->loss_kind == 0) {
             dj[0] = (sigmoid_softplus(s0, &sp) - 1.0f) * pw * inv_b;
             total += J->pos_weight * (sp - (double)s0); /* softplus(-x) = softplus(x) - x */
             for (int64_t x = 0; x < c; x++) {
-                float s = dotf(pu, I + nj[x] * stride, w);
+                float s = sn[x];
                 dj[1 + x] = vj[x] ? sigmoid_softplus(s, &sp) * inv_b : 0.0f;
                 if (vj[x]) total += sp;
             }
         } else if (J->loss_kind == 1) {
             float sum = 0.0f;
             for (int64_t x = 0; x < c; x++) {
-                float diff = dotf(pu, I + nj[x] * stride, w) - s0;
+                float diff = sn[x] - s0;
                 float g = 0.0f;
                 if (vj[x]) {
                     g = sigmoid_softplus(diff, &sp);
@@ -324,20 +399,26 @@ static inline __attribute__((always_inline)) double implicit_batch(const Implici
             }
             dj[0] = -sum * inv_b;
         } else {
-            float margin = 1.0f - s0 + dotf(pu, I + nj[0] * stride, w);
+            float margin = 1.0f - s0 + sn[0];
             float wt = vj[0] ? J->weight[j] : 0.0f;
             float g = margin > 0.0f ? wt : 0.0f;
             if (margin > 0.0f) total += (double)wt * (double)margin;
             dj[0] = -g * inv_b;
             dj[1] = g * inv_b;
         }
-        if (T == 1) implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], nj, c, dj, 0, 1, w);
+        if (T == 1 && c == 1) implicit_accumulate1(&au, &ai, U, I, stride, users[j], pos[j], nj[0], dj, 0, 1, w);
+        else if (T == 1) implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], nj, c, dj, 0, 1, w);
     }
     if (T > 1) {
 #pragma omp barrier
-        for (int64_t j = start; j < end; j++)
-            implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], neg + j * c, c, J->ds + (j - start) * c1,
-                                tid, T, w);
+        for (int64_t j = start; j < end; j++) {
+            if (c == 1)
+                implicit_accumulate1(&au, &ai, U, I, stride, users[j], pos[j], neg[j], J->ds + (j - start) * 2, tid,
+                                     T, w);
+            else
+                implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], neg + j * c, c,
+                                    J->ds + (j - start) * c1, tid, T, w);
+        }
 #pragma omp barrier
     }
     for (int side = 0; side < 2; side++) {
@@ -399,10 +480,11 @@ double flexmf_implicit_batches(
     return total;
 }
 
-/* out[j * c + x] = is (users[j], items[j * c + x]) a training pair? Membership in a dense bool table
- * of `cells` = users x n_items cells (table != NULL), else in the sorted unique keys
- * user * n_items + item (binary search). A row outside the table has no positives. */
-void flexmf_contains(const uint8_t *table, int64_t cells, const int64_t *keys, int64_t nkeys, int64_t n_items,
+/* out[j * c + x] = is (users[j], items[j * c + x]) a training pair? Membership in a dense bit table
+ * of `cells` = users x n_items cells (bits != NULL; 8x smaller than a bool table, so it stays in
+ * cache), else in the sorted unique keys user * n_items + item (binary search). A row outside the
+ * table has no positives. */
+void flexmf_contains(const uint8_t *bits, int64_t cells, const int64_t *keys, int64_t nkeys, int64_t n_items,
                      const int64_t *users, const int64_t *items, int64_t n, int64_t c, uint8_t *out) {
     for (int64_t j = 0; j < n; j++) {
         int64_t base = users[j] * n_items;
@@ -410,8 +492,8 @@ void flexmf_contains(const uint8_t *table, int64_t cells, const int64_t *keys, i
             int64_t key = base + items[j * c + x];
             uint8_t hit = 0;
             if (users[j] >= 0 && items[j * c + x] >= 0) {
-                if (table) {
-                    hit = key < cells ? table[key] : 0;
+                if (bits) {
+                    hit = key < cells ? (bits[key >> 3] >> (key & 7)) & 1 : 0;
                 } else {
                     int64_t lo = 0, hi = nkeys;
                     while (lo < hi) {

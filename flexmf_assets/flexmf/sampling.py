@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from flexmf_assets.flexmf import _native
@@ -57,6 +58,7 @@ class PositiveSet:
         self.keys = torch.unique(keys)  # sorted, duplicates removed
         n_users = int(users.max()) + 1 if users.numel() else 0
         self.table: torch.Tensor | None = None
+        self._bits: torch.Tensor | None = None  # the table packed 8 cells a byte, for the CPU kernel
         if n_users * self.n_items <= dense_limit:
             self.table = torch.zeros(n_users * self.n_items, dtype=torch.bool, device=keys.device)
             self.table[self.keys] = True
@@ -69,8 +71,10 @@ class PositiveSet:
             u = users.to(torch.int64).contiguous()
             it = items.to(torch.int64).contiguous()
             out = torch.empty(items.shape, dtype=torch.bool)
+            if self.table is not None and self._bits is None:
+                self._bits = torch.from_numpy(np.packbits(self.table.numpy(), bitorder="little"))
             _native.kernels().flexmf_contains(
-                _native.ptr(self.table), 0 if self.table is None else self.table.numel(),
+                _native.ptr(self._bits), 0 if self.table is None else self.table.numel(),
                 _native.ptr(self.keys), self.keys.numel(), self.n_items, _native.ptr(u), _native.ptr(it),
                 u.numel(), 1 if it.dim() == 1 else it.shape[1], _native.ptr(out),
             )
