@@ -165,3 +165,24 @@ def test_membership_kernel_matches_torch(monkeypatch, dense_limit):
         assert torch.equal(fast, ref)
     assert answers["0"][0].any() and not answers["0"][0].all()
     assert not answers["1"][0][query_users >= 50].any()
+
+
+@needs_compiler
+def test_a_compiler_without_openmp_builds_serial_kernels(ratings, monkeypatch, tmp_path):
+    """`-fopenmp` refused: the kernels are rebuilt without it and still match the torch engine."""
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "unsupported: -fopenmp" >&2; exit 1; }; done\n'
+        'exec cc "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(_native, "_loaded", None)
+    monkeypatch.setattr(_native, "_status", "not loaded yet")
+    monkeypatch.setenv("FLEXMF_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(wrapper))
+    common = {"embedding_size": 8, "batch_size": 256, "epochs": 3}
+    fast = _fit(FlexMFImplicitScorer, ratings, True, monkeypatch, threads=2, **common)
+    assert _native.status() == "loaded"
+    ref = _fit(FlexMFImplicitScorer, ratings, False, monkeypatch, threads=2, **common)
+    for name, value in ref.params_.items():
+        torch.testing.assert_close(fast.params_[name], value, atol=5e-5, rtol=1e-4, msg=name)

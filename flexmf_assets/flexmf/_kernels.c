@@ -22,7 +22,12 @@
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
 #include <omp.h>
+#else /* built without OpenMP (a compiler without it): one thread, same results */
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
 
 #define B1 0.9
 #define B2 0.999
