@@ -195,6 +195,8 @@ class _LazyAdamW:
     def __init__(self, table: torch.Tensor, lr: float, weight_decay: float, const_cols: torch.Tensor,
                  state: torch.Tensor | None = None):
         self.table, self.lr, self.wd, self.const = table, lr, weight_decay, const_cols
+        # the kernels' form of ``const_cols``: the one constant column, or -1 (a side has at most one)
+        self.const_col = int(const_cols[0]) if const_cols.numel() else -1
         # the native kernels keep a row's parameters and moments side by side: ``state`` is
         # ``(rows, 3, w)`` with ``table = state[:, 0]``; the torch engine keeps separate contiguous
         # moments (strided math is slow on CPU)
@@ -247,10 +249,9 @@ class _LazyAdamW:
     def flush(self, t: int) -> None:
         """Catch every row up to step ``t`` (what dense AdamW's parameters would be now)."""
         if self.state is not None:
-            const = int(self.const[0]) if self.const.numel() else -1
             _native.kernels().flexmf_adamw_flush(
                 _native.ptr(self.state), _native.ptr(self.last), self.state.shape[0], self.state.shape[2],
-                const, self.lr, self.wd, t, _native.threads(),
+                self.const_col, self.lr, self.wd, t, _native.threads(),
             )
             return
         self._catch_up(None, self.table, self.m, self.v, t)
@@ -481,12 +482,11 @@ class FlexMFImplicitScorer(FrameScoring):
         neg = neg.to(torch.int64).contiguous()
         valid = valid.contiguous()
         weight = None if weight is None else weight.to(torch.float32).contiguous()
-        const = [int(x.item()) if x.numel() else -1 for x in (tables.user_const, tables.item_const)]
         ds = scratch[0].buffer(cfg.batch_size * (1 + neg.shape[1]))
         loss = _native.kernels().flexmf_implicit_batches(
             _native.ptr(opt_u.state), _native.ptr(opt_u.last), opt_u.state.shape[0],
             _native.ptr(opt_i.state), _native.ptr(opt_i.last), opt_i.state.shape[0],
-            tables.w, tables.k, const[0], const[1],
+            tables.w, tables.k, opt_u.const_col, opt_i.const_col,
             *[_native.ptr(x) for x in (us.contiguous(), pos.contiguous(), neg, valid, weight)],
             us.numel(), neg.shape[1], cfg.batch_size, _LOSS_KIND[cfg.loss], cfg.positive_weight,
             l2, cfg.learning_rate, opt_u.wd, ctypes.byref(step), *scratch[0].args(), *scratch[1].args(),
