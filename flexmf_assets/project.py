@@ -7,7 +7,9 @@ Local state lives under ``$FLEXMF_DATA_DIR`` or ``data/`` beside the config file
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ import yaml
 
 from flexmf_assets.datasets.catalog import DatasetSpec, builtin_catalog, user_dataset
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import suggest
+from flexmf_assets.flexmf._config import KEY_SEPARATOR, check_key_syntax, format_literal, suggest
 
 CONFIG_ENV = "FLEXMF_CONFIG"
 DATA_DIR_ENV = "FLEXMF_DATA_DIR"
@@ -28,7 +30,7 @@ TRACKS = ("explicit", "implicit")
 _TOP_KEYS = (
     "default_dataset", "datasets", "split", "download", "device", "recommendations",
     "explicit_hparams", "implicit_hparams", "explicit_grid", "implicit_grid", "sweep", "schedule",
-    "validation",
+    "validation", "dataset_partitions",
 )
 _DOWNLOAD_KEYS = ("timeout", "retries", "allowed_file_roots")
 _DEVICE_KEYS = ("device", "threads", "matmul_precision", "allow_fallback")
@@ -77,17 +79,17 @@ def config_class(track: str):
     raise ConfigError(f"unknown track {track!r}; valid: {', '.join(TRACKS)}")
 
 
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
+def config_fingerprint(track: str, config) -> str:
+    """A digest of a resolved scorer configuration: equal configurations train equal models."""
+    blob = json.dumps({"track": track, **config.to_dict()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def expand_grid(where: str, grid: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Expand ``{base: {...}, field: [v1, v2], ...}`` to named sets.
 
-    Names are the varying fields as ``field=value`` pairs joined by commas in file order, so a
-    grid set's name is also a valid UI-style override key.
+    Names are the varying fields as ``field=value`` pairs joined by ``;`` in file order, so a grid
+    set's name is also a valid UI-style override key.
     """
     grid = dict(grid)
     base = _mapping(f"{where}.base", grid.pop("base", None))
@@ -101,7 +103,7 @@ def expand_grid(where: str, grid: Mapping[str, Any]) -> dict[str, dict[str, Any]
     out: dict[str, dict[str, Any]] = {}
     for combo in itertools.product(*(values for _, values in axes)):
         params = dict(zip((n for n, _ in axes), combo))
-        key = ",".join(f"{n}={_format_value(v)}" for n, v in params.items())
+        key = KEY_SEPARATOR.join(f"{n}={format_literal(v)}" for n, v in params.items())
         out[key] = {**base, **params}
     return out
 
@@ -122,6 +124,10 @@ class ProjectConfig:
     swept_datasets: tuple[str, ...] = ("ml-latest-small",)
     schedule: dict[str, Any] = field(default_factory=dict)
     min_rows: int | None = None
+    #: names of the file's own ``datasets:`` entries (a built-in name with no fields just selects it)
+    user_datasets: tuple[str, ...] = ()
+    #: ``dataset_partitions:``, the explicit list of the dataset dimension (empty: derived)
+    partition_datasets: tuple[str, ...] = ()
 
     # -- paths ---------------------------------------------------------------------------
     @property
@@ -169,7 +175,8 @@ class ProjectConfig:
     def resolve_hparams(self, track: str, key: str):
         """The config object for hparams partition ``key``: a named set, else a UI-style override key.
 
-        A key that is neither raises :class:`ConfigError` listing the valid fields.
+        A key that is neither raises :class:`ConfigError` naming the field at fault and listing the
+        valid fields.
         """
         cls = config_class(track)
         sets = self.hparams.get(track, {})
@@ -178,6 +185,27 @@ class ProjectConfig:
         overrides = cls.parse_overrides(key)
         base = sets.get("default", {})
         return cls.from_dict({**base, **overrides}, where=f"{track} hparams partition {key!r}")
+
+    def canonical_key(self, track: str, key: str) -> str:
+        """The one spelling of an override key (fields in declaration order, canonical literals);
+        a named set is its own canonical key."""
+        if key in self.hparams.get(track, {}):
+            return key
+        cls = config_class(track)
+        return cls.canonical_key(cls.parse_overrides(key))
+
+    def fingerprint(self, track: str, key: str) -> str:
+        """A digest of the configuration ``key`` resolves to: equal for keys that train the same model
+        (``default`` and ``embedding_size=64;learning_rate=0.01`` when they resolve alike)."""
+        return config_fingerprint(track, self.resolve_hparams(track, key))
+
+    def dataset_partition_names(self) -> list[str]:
+        """The ``dataset`` partitions of the code location: ``dataset_partitions`` when given, else the
+        default dataset, the file's own entries and the swept datasets (never the whole catalog)."""
+        if self.partition_datasets:
+            return list(self.partition_datasets)
+        names = [self.default_dataset, *self.user_datasets, *self.swept_datasets]
+        return list(dict.fromkeys(names))
 
 
 def config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -210,7 +238,11 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
     data_dir = Path(env.get(DATA_DIR_ENV) or (base_dir / "data")).expanduser().resolve()
 
     datasets = builtin_catalog(env)
+    user_names = []
     for name, entry in _mapping(f"{where} datasets", raw.get("datasets")).items():
+        user_names.append(str(name))
+        if not entry and name in datasets:  # `ml-1m:` or `ml-1m: {}` picks the catalog entry by name
+            continue
         datasets[str(name)] = user_dataset(str(name), entry, where=where)
 
     default_dataset = raw.get("default_dataset", "ml-latest-small")
@@ -237,10 +269,13 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
     for track in TRACKS:
         sets = builtin_sets(track)
         for name, entry in _mapping(f"{where} {track}_hparams", raw.get(f"{track}_hparams")).items():
+            check_key_syntax(name, what=f"{where} {track}_hparams: set name")
             sets[str(name)] = _mapping(f"{where} {track}_hparams.{name}", entry)
         grid = raw.get(f"{track}_grid")
         if grid is not None:
-            sets.update(expand_grid(f"{where} {track}_grid", _mapping(f"{where} {track}_grid", grid)))
+            for name in (grid_sets := expand_grid(f"{where} {track}_grid", _mapping(f"{where} {track}_grid", grid))):
+                check_key_syntax(name, what=f"{where} {track}_grid: set name")
+            sets.update(grid_sets)
         hparams[track] = sets
 
     sweep = _mapping(f"{where} sweep", raw.get("sweep"))
@@ -251,6 +286,10 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
         raise ConfigError(f"{where} sweep.datasets: unknown dataset(s) {bad!r}; known: {', '.join(datasets)}")
     schedule = _mapping(f"{where} schedule", raw.get("schedule"))
     _check_keys(f"{where} schedule", schedule, _SCHEDULE_KEYS)
+    listed = raw.get("dataset_partitions") or []
+    if not isinstance(listed, list) or any(not isinstance(d, str) or d not in datasets for d in listed):
+        raise ConfigError(f"{where} dataset_partitions: expected a list of known dataset names, got {listed!r}"
+                          f"; known: {', '.join(datasets)}")
 
     project = ProjectConfig(
         path=cfg_path,
@@ -265,6 +304,8 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
         swept_datasets=tuple(swept),
         schedule=schedule,
         min_rows=min_rows,
+        user_datasets=tuple(user_names),
+        partition_datasets=tuple(listed),
     )
     return project
 

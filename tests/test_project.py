@@ -114,7 +114,7 @@ def test_unknown_dataset_name_suggests(tmp_path):
 def test_grid_expands_to_named_sets_that_parse_as_keys():
     sets = expand_grid("g", {"base": {"epochs": 5}, "embedding_size": [32, 64, 128], "learning_rate": [0.01, 0.03]})
     assert len(sets) == 6
-    assert sets["embedding_size=64,learning_rate=0.03"] == {"epochs": 5, "embedding_size": 64, "learning_rate": 0.03}
+    assert sets["embedding_size=64;learning_rate=0.03"] == {"epochs": 5, "embedding_size": 64, "learning_rate": 0.03}
     with pytest.raises(ConfigError, match="g.embedding_size: expected a non-empty list"):
         expand_grid("g", {"embedding_size": 32})
 
@@ -132,7 +132,7 @@ explicit_grid:
     grid = project.resolve_hparams("explicit", "embedding_size=16")
     assert grid.embedding_size == 16
     # UI-style key: overrides of the default set
-    ui = project.resolve_hparams("explicit", "embedding_size=24,learning_rate=0.02")
+    ui = project.resolve_hparams("explicit", "embedding_size=24;learning_rate=0.02")
     assert (ui.embedding_size, ui.learning_rate, ui.epochs) == (24, 0.02, 7)
     with pytest.raises(ConfigError, match=r"unknown field 'embeding_size' \(did you mean 'embedding_size'\?\); valid .*learning_rate"):
         project.resolve_hparams("explicit", "embeding_size=3")

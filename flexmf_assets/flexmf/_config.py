@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -41,41 +43,51 @@ def _coerce(cls_name: str, field: str, annotation: Any, value: Any) -> Any:
         raise ConfigError(
             f"{cls_name}.{field}: {value!r} is not one of {', '.join(repr(a) for a in args)}"
         )
+    # strict: flexmf.yaml gives typed YAML scalars (a boolean is true/false, not "false"); keys are
+    # parsed to typed values by parse_overrides before they get here
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{cls_name}.{field}: expected true/false, got {value!r}")
+        raise ConfigError(f"{cls_name}.{field}: expected true or false, got {value!r}")
     if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{cls_name}.{field}: expected an integer, got {value!r}")
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
         raise ConfigError(f"{cls_name}.{field}: expected an integer, got {value!r}")
     if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{cls_name}.{field}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{cls_name}.{field}: expected a number, got {value!r}")
+        raise ConfigError(f"{cls_name}.{field}: expected a finite number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{cls_name}.{field}: expected a string, got {value!r}")
     return value
+
+
+#: field -> (lower bound, upper bound, lower bound excluded): the ranges every scorer config enforces
+#: (the upper bounds refuse settings that would run for days or overflow, with one line)
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "embedding_size": (1, 4096, False),
+    "batch_size": (1, 2**24, False),
+    "epochs": (1, 10_000, False),
+    "learning_rate": (0, 1000, True),
+    "regularization": (0, 1e6, False),
+    "init_scale": (0, 100, False),
+    "lr_decay": (0, 1, True),
+    "seed": (0, 2**32 - 1, False),
+    "patience": (1, 10_000, False),
+    "negative_count": (1, 1000, False),
+    "misranked_candidates": (1, 10_000, False),
+    "positive_weight": (0, 1e6, True),
+    "eval_k": (1, 1000, False),
+    "min_rating": (-1e6, 1e6, False),
+}
+def _bound(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+#: fields that may be None (``patience``: train all epochs; ``min_rating``: keep every rating)
+OPTIONAL_RANGES = ("patience", "min_rating")
 
 
 class ConfigBase:
@@ -117,23 +129,23 @@ class ConfigBase:
         except ConfigError as exc:
             raise ConfigError(f"{prefix}{exc}") from None
 
-    def _check_common(self, *, positive_ints: tuple[str, ...] = ()) -> None:
-        """Range checks shared by the scorer configs (sizes, learning rate, penalties, patience)."""
+    def _check_common(self) -> None:
+        """Range checks shared by the scorer configs: every numeric field within :data:`RANGES`."""
         name = type(self).__name__
-        for field in ("embedding_size", "batch_size", "epochs", *positive_ints):
+        for field, (low, high, low_open) in RANGES.items():
+            if not hasattr(self, field):
+                continue
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name}.{field}: must be a positive integer, got {value!r}")
-        if not self.learning_rate > 0:  # type: ignore[attr-defined]
-            raise ConfigError(f"{name}.learning_rate: must be > 0, got {self.learning_rate!r}")  # type: ignore[attr-defined]
-        for field in ("regularization", "init_scale"):
-            if not getattr(self, field) >= 0:
-                raise ConfigError(f"{name}.{field}: must be >= 0, got {getattr(self, field)!r}")
+            if value is None and field in OPTIONAL_RANGES:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name}.{field}: expected a number, got {value!r}")
+            too_low = value <= low if low_open else value < low
+            if too_low or value > high:
+                bound = f"> {_bound(low)}" if low_open else f">= {_bound(low)}"
+                raise ConfigError(f"{name}.{field}: must be {bound} and <= {_bound(high)}, got {value!r}")
         if self.reg_method not in ("L2", "AdamW", None):  # type: ignore[attr-defined]
             raise ConfigError(f"{name}.reg_method: {self.reg_method!r} is not one of 'L2', 'AdamW', None")  # type: ignore[attr-defined]
-        patience = self.patience  # type: ignore[attr-defined]
-        if patience is not None and (isinstance(patience, bool) or patience < 1):
-            raise ConfigError(f"{name}.patience: must be >= 1 or None, got {patience!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -143,31 +155,108 @@ class ConfigBase:
 
     @classmethod
     def parse_overrides(cls, key: str) -> dict[str, Any]:
-        """Parse a partition key such as ``embedding_size=64,loss=pairwise`` into raw overrides.
+        """Parse a partition key such as ``embedding_size=64;loss=pairwise`` into typed overrides.
 
-        Raises :class:`ConfigError` listing the valid fields when the key does not parse.
+        The grammar (:func:`check_key_syntax`): ``field=value`` pairs separated by ``;`` (``,`` as
+        written by earlier versions still parses), ASCII letters, digits and ``_ . = ; , + -`` only,
+        each field once, values as literals of the field's type (``none`` for an empty optional).
+        Raises :class:`ConfigError` naming the field at fault and listing the valid ones.
         """
+        check_key_syntax(key)
         valid = cls.field_names()
+        hints = typing.get_type_hints(cls)
+        fields = ", ".join(valid)
         out: dict[str, Any] = {}
-        for part in key.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "=" not in part:
-                raise ConfigError(
-                    f"hparams key {key!r}: {part!r} is not of the form field=value; "
-                    f"valid {cls.__name__} fields: {', '.join(valid)}"
-                )
-            name, _, raw = part.partition("=")
-            name, raw = name.strip(), raw.strip()
+        for part in split_key(key):
+            name, eq, raw = part.partition("=")
+            if not eq or not name:
+                raise ConfigError(f"hparams key {key!r}: {part!r} is not of the form field=value; "
+                                  f"valid {cls.__name__} fields: {fields}")
             if name not in valid:
-                raise ConfigError(
-                    f"hparams key {key!r}: unknown field {name!r}{suggest(name, valid)}; "
-                    f"valid {cls.__name__} fields: {', '.join(valid)}"
-                )
-            out[name] = None if raw.lower() in ("none", "null") else raw
-        if not out:
-            raise ConfigError(
-                f"hparams key {key!r} is empty; valid {cls.__name__} fields: {', '.join(valid)}"
-            )
+                raise ConfigError(f"hparams key {key!r}: unknown field {name!r}{suggest(name, valid)}; "
+                                  f"valid {cls.__name__} fields: {fields}")
+            if name in out:
+                raise ConfigError(f"hparams key {key!r}: field {name!r} is given twice")
+            out[name] = _parse_literal(key, name, hints[name], raw)
         return out
+
+    @classmethod
+    def canonical_key(cls, overrides: Mapping[str, Any]) -> str:
+        """The one spelling of ``overrides`` as a key: fields in declaration order, literals canonical."""
+        order = cls.field_names()
+        return KEY_SEPARATOR.join(f"{name}={format_literal(overrides[name])}"
+                                  for name in order if name in overrides)
+
+
+# -- partition-key grammar ---------------------------------------------------------------------
+#: fields of a key are separated by ``;`` (Dagster's "Add a partition" dialog refuses ``,``)
+KEY_SEPARATOR = ";"
+LEGACY_SEPARATOR = ","
+#: a key is one path component of the storage layout (255 bytes on most file systems)
+MAX_KEY_LENGTH = 200
+_KEY_CHAR = re.compile(r"[A-Za-z0-9_.=;,+-]")
+_INT_TEXT = re.compile(r"-?(0|[1-9][0-9]*)")
+_FLOAT_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def check_key_syntax(key: Any, what: str = "hparams key") -> None:
+    """A partition key (a set name or ``field=value`` overrides) is non-empty printable ASCII
+    without whitespace, ``|``, ``/`` or ``..``, at most :data:`MAX_KEY_LENGTH` characters."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{what} {key!r}: must be a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ConfigError(f"{what} {key[:40]!r}... is {len(key)} characters long; at most "
+                          f"{MAX_KEY_LENGTH} are allowed (a key is a folder name in the storage)")
+    for pos, char in enumerate(key):
+        if not _KEY_CHAR.fullmatch(char):
+            visible = char.isascii() and char.isprintable() and not char.isspace()
+            shown = repr(char) if visible else f"U+{ord(char):04X} {char!r}"
+            raise ConfigError(f"{what} {key!r}: character {shown} at position {pos + 1} is not allowed; "
+                              "use ASCII letters, digits and _ . = ; + - only (fields separated by ';')")
+    if ".." in key or key[0] in ".;,=" or key[-1] in ";,=":
+        raise ConfigError(f"{what} {key!r}: must not start with '.', ';', ',' or '=', end with ';', ',' "
+                          "or '=', or contain '..'")
+
+
+def split_key(key: str) -> list[str]:
+    """The ``field=value`` parts of a key: split on ``;``, or on ``,`` for keys of earlier versions."""
+    if KEY_SEPARATOR in key and LEGACY_SEPARATOR in key:
+        raise ConfigError(f"hparams key {key!r}: mixes ';' and ','; separate fields with ';' only")
+    parts = key.split(KEY_SEPARATOR if KEY_SEPARATOR in key else LEGACY_SEPARATOR)
+    if any(not p for p in parts):
+        raise ConfigError(f"hparams key {key!r}: has an empty field (two separators in a row)")
+    return parts
+
+
+def _parse_literal(key: str, field: str, annotation: Any, raw: str) -> Any:
+    """The typed value of ``raw`` for a field annotated ``annotation`` (one canonical literal each)."""
+    if raw.lower() in ("none", "null"):
+        return None
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kinds = {typing.get_origin(a) or a for a in args}
+    if bool in kinds:
+        if raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        raise ConfigError(f"hparams key {key!r}: {field}={raw} is not true or false")
+    if int in kinds:
+        if _INT_TEXT.fullmatch(raw):
+            return int(raw)
+        raise ConfigError(f"hparams key {key!r}: {field}={raw} is not an integer (plain digits, "
+                          "no leading zeros)")
+    if float in kinds:
+        value = float(raw) if _FLOAT_TEXT.fullmatch(raw) else None
+        if value is None or not math.isfinite(value):
+            raise ConfigError(f"hparams key {key!r}: {field}={raw} is not a finite number")
+        return value
+    return raw  # strings and Literal choices: checked by from_dict
+
+
+def format_literal(value: Any) -> str:
+    """How a value is written in a key (the inverse of :func:`_parse_literal`)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)

@@ -58,8 +58,6 @@ class FlexMFExplicitConfig(ConfigBase):
     def __post_init__(self) -> None:
         name = type(self).__name__
         self._check_common()
-        if not 0 < self.lr_decay <= 1:
-            raise ConfigError(f"{name}.lr_decay: must be in (0, 1], got {self.lr_decay!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"{name}.optimizer: {self.optimizer!r} is not one of 'sgd', 'adam'")
 

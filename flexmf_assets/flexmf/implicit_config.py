@@ -86,9 +86,7 @@ class FlexMFImplicitConfig(ConfigBase):
         if self.user_bias is None:
             object.__setattr__(self, "user_bias", self.loss == "logistic")
 
-        self._check_common(positive_ints=("negative_count", "misranked_candidates", "eval_k"))
-        if not self.positive_weight > 0:
-            raise ConfigError(f"{name}.positive_weight: must be > 0, got {self.positive_weight!r}")
+        self._check_common()
         if self.loss not in ("logistic", "pairwise", "warp"):
             raise ConfigError(
                 f"{name}.loss: {self.loss!r} is not one of 'logistic', 'pairwise', 'warp'"
@@ -108,8 +106,6 @@ class FlexMFImplicitConfig(ConfigBase):
                 f"{name}.negative_count: loss 'warp' takes one violating negative per positive, "
                 f"got {self.negative_count}"
             )
-        if self.min_rating is not None and self.min_rating != self.min_rating:
-            raise ConfigError(f"{name}.min_rating: must be a number or None, got nan")
 
 
 #: Named hyperparameter sets measured on ml-latest-small (LensKit's crossfold_users protocol);
