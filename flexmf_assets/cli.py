@@ -127,7 +127,7 @@ def sweep(project: ProjectConfig, *, instance=None) -> bool:
     flexmf.yaml, train every missing or stale partition of the swept datasets, then rank them."""
     import dagster as dg
 
-    from flexmf_assets.defs.automation import sweep_requests
+    from flexmf_assets.defs.automation import sweep_plan
     from flexmf_assets.defs.definitions import build_definitions
 
     instance = instance or dg.DagsterInstance.get()
@@ -136,10 +136,10 @@ def sweep(project: ProjectConfig, *, instance=None) -> bool:
     tried: set[str] = set()
     ok = True
     while True:
-        result = sweep_requests(project, instance)
-        for req in result.dynamic_partitions_requests or []:
+        plan = sweep_plan(project, instance)
+        for req in plan.registration.requests():
             instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
-        todo = [r for r in result.run_requests or [] if r.run_key not in tried]
+        todo = [r for r in plan.runs if r.run_key not in tried]
         if not todo:
             break
         for req in todo:

@@ -57,9 +57,11 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
             "leaderboard_job", selection=dg.AssetSelection.groups("leaderboard"),
             description="Rank every trained hparams partition of a dataset and publish the champions."),
     }
-    sensors, schedules = build_automation(project, jobs)
+    assets = [*data_assets, *model_assets, *board_assets]
+    automated = [key for a in assets for key, cond in a.automation_conditions_by_key.items() if cond]
+    sensors, schedules = build_automation(project, jobs, automated)
     return dg.Definitions(
-        assets=[*data_assets, *model_assets, *board_assets],
+        assets=assets,
         resources=resources,
         jobs=list(jobs.values()),
         sensors=sensors,

@@ -3,6 +3,7 @@
 Each asset partition lives in a folder holding immutable version folders and a ``CURRENT`` pointer:
 
     <base>/<asset key>/<dataset>/<hparams>/CURRENT          -> "v-<ns>-<id>"
+    <base>/<asset key>/<dataset>/<hparams>/latest.parquet   the newest table (frames only)
     <base>/<asset key>/<dataset>/<hparams>/v-<ns>-<id>/manifest.json, data.parquet | <name>.parquet | model/
 
 A writer fills a fresh version folder, writes ``manifest.json`` last, then replaces ``CURRENT``
@@ -34,6 +35,8 @@ from flexmf_assets.defs.failures import as_failure
 from flexmf_assets.errors import FlexMFError
 
 POINTER = "CURRENT"
+#: the newest table of a partition, at a stable path (see VersionedStore._publish_latest)
+LATEST = "latest.parquet"
 MANIFEST = "manifest.json"
 
 #: model classes the manager may load: name -> module (never arbitrary import paths from disk)
@@ -114,8 +117,31 @@ class VersionedStore:
         if crash_before_commit:  # fault injection for the reliability tests
             raise RuntimeError("simulated crash between write and pointer switch")
         _atomic_write_text(partition_dir / POINTER, name)
+        self._publish_latest(partition_dir, version, manifest)
         self._prune(partition_dir, keep=name)
         return version, manifest
+
+    def _publish_latest(self, partition_dir: UPath, version: UPath, manifest: dict[str, Any]) -> None:
+        """A stable path to the newest table(s): ``latest.parquet`` (``latest_<name>.parquet`` for a
+        bundle) beside ``CURRENT``, replaced atomically after the pointer (locally a hard link to the
+        version's immutable file), so DuckDB and polars read one path and a glob never double-counts."""
+        if manifest["kind"] == "frame":
+            pairs = [("data.parquet", LATEST)]
+        elif manifest["kind"] == "frames":
+            pairs = [(f, f"latest_{f}") for f in manifest["files"]]
+        else:
+            return
+        for source, target in pairs:
+            if _is_local(version):
+                src, dst = _local(version / source), _local(partition_dir / target)
+                tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}")
+                try:
+                    os.link(src, tmp)
+                except OSError:  # no hard links here (some network file systems): a copy
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            else:  # object stores: a single PUT is atomic
+                (partition_dir / target).write_bytes((version / source).read_bytes())
 
     def _dump(self, obj: Any, folder: Path) -> dict[str, Any]:
         if isinstance(obj, pl.DataFrame):

@@ -77,3 +77,30 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def rounded(value: Any, digits: int = 4) -> Any:
+    """``value`` to ``digits`` significant digits when it is a float (what the UI shows); the raw values
+    stay in the stored tables and in a JSON entry beside."""
+    if isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+def table(frame: pl.DataFrame, max_rows: int = 50) -> dg.TableMetadataValue:
+    """The first ``max_rows`` rows as Dagster table metadata (drawn in place by the UI), floats rounded."""
+    head = frame.head(max_rows)
+    columns = [dg.TableColumn(name, _column_type(dtype)) for name, dtype in head.schema.items()]
+    records = [dg.TableRecord({k: rounded(v) if not isinstance(v, (list, dict)) else str(v)
+                               for k, v in row.items()}) for row in head.iter_rows(named=True)]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
+
+
+def _column_type(dtype: pl.DataType) -> str:
+    if dtype.is_float():
+        return "float"
+    if dtype.is_integer():
+        return "int"
+    if dtype == pl.Boolean:
+        return "bool"
+    return "string"

@@ -24,7 +24,7 @@ HPARAMS_PARTITIONS = {
 
 
 def dataset_partitions(project: ProjectConfig) -> dg.StaticPartitionsDefinition:
-    return dg.StaticPartitionsDefinition(list(project.datasets))
+    return dg.StaticPartitionsDefinition(project.dataset_partition_names())
 
 
 def model_partitions(project: ProjectConfig, track: str) -> dg.MultiPartitionsDefinition:

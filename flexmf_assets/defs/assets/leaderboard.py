@@ -1,32 +1,43 @@
 """Leaderboards (every materialized hparams partition of a dataset side by side, champion picked by
-the validation metric) and the champions' recommendations."""
+the validation metric) and the champions' recommendations. Both refresh themselves (declarative
+automation) after any evaluation of their dataset materializes."""
+
 
 from dataclasses import dataclass
 
 import dagster as dg
 import polars as pl
 
-from flexmf_assets.defs.automation import latest_materialization, model_key
+from flexmf_assets.defs.assets.models import TRACKS, lineage_metadata
+from flexmf_assets.defs.automation import follow_any_partition, follow_upstream, latest_materialization, model_partition_key
 from flexmf_assets.defs.failures import user_errors
-from flexmf_assets.defs.metadata import figure_markdown, md_table, pyplot
+from flexmf_assets.defs.metadata import jsonable, rounded, table
 from flexmf_assets.defs.partitions import BY_DATASET, HPARAMS_PARTITIONS
 from flexmf_assets.errors import DataValidationError
+from flexmf_assets.evaluation.charts import bar_chart
 
-CODE_VERSIONS = {"leaderboard": "1", "champion": "1"}
+CODE_VERSIONS = {"leaderboard": "2", "champion": "2"}
 
 
 @dataclass(frozen=True)
 class Board:
     track: str
-    validation_key: str  # evaluation metadata key of the validation metric
     lower_is_better: bool
     test_metrics: tuple[str, ...]
 
+    @property
+    def validation_key(self) -> str:  # the evaluation's metadata entry of the validation metric
+        return f"validation_{TRACKS[self.track].val_key}"
+
+    @property
+    def headline(self) -> str:
+        return TRACKS[self.track].headline
+
 
 BOARDS = {
-    "explicit": Board("explicit", "validation_val_rmse", True,
+    "explicit": Board("explicit", True,
                       ("rmse", "mae", "baseline_rmse", "rmse_delta_vs_baseline", "user_rmse")),
-    "implicit": Board("implicit", "validation_val_ndcg", False,
+    "implicit": Board("implicit", False,
                       ("ndcg@10", "recall@10", "precision@10", "hit@10", "mrr@10", "map@10", "ndcg@20",
                        "recall@20", "baseline_ndcg@10", "ndcg@10_delta_vs_baseline", "coverage@20")),
 }
@@ -37,80 +48,116 @@ def _value(meta, key):
     return None if entry is None else entry.value
 
 
+def _raw(meta, key):
+    """The unrounded value (from the ``metrics`` JSON entry) when the evaluation recorded one."""
+    raw = meta.get("metrics")
+    if raw is not None and isinstance(raw.value, dict) and raw.value.get(key) is not None:
+        return raw.value[key]
+    return _value(meta, key)
+
+
 def leaderboard_frame(instance: dg.DagsterInstance, board: Board, dataset: str) -> pl.DataFrame:
-    """One row per materialized evaluation of ``dataset``, best validation score first."""
+    """One row per materialized evaluation of ``dataset``, best validation score first.
+
+    Keys that resolve to the same configuration (``config_fingerprint``) train the same model: every
+    such row but one (the first registered) names that one in ``same_as`` and ranks after it, so the
+    champion is never a duplicate."""
     rows = []
     for name in instance.get_dynamic_partitions(HPARAMS_PARTITIONS[board.track].name):
-        record = latest_materialization(instance, f"{board.track}_evaluation", str(model_key(dataset, name)))
+        record = latest_materialization(instance, f"{board.track}_evaluation", str(model_partition_key(dataset, name)))
         if record is None or record.asset_materialization is None:
             continue
         meta = record.asset_materialization.metadata
         row = {"hparams": name, "partition": f"{dataset}|{name}",
-               "validation": _value(meta, board.validation_key)}
-        row.update({m: _value(meta, m) for m in board.test_metrics})
+               "validation": _raw(meta, board.validation_key)}
+        row.update({m: _raw(meta, m) for m in board.test_metrics})
         row.update({"epochs_run": _value(meta, "epochs_run"), "best_epoch": _value(meta, "best_epoch"),
-                    "train_seconds": _value(meta, "train_seconds"), "run_id": record.run_id})
+                    "train_seconds": _value(meta, "train_seconds"),
+                    "fingerprint": _value(meta, "config_fingerprint"), "run_id": record.run_id})
         rows.append(row)
     if not rows:  # an empty board (this track was not trained on the dataset) is not an error
         return pl.DataFrame(schema={"hparams": pl.String, "partition": pl.String, "validation": pl.Float64,
-                                    "champion": pl.Boolean, "position": pl.Int64})
-    frame = pl.DataFrame(rows, infer_schema_length=None)
-    # rows without a validation score (no validation split) rank last; ties by name
-    frame = frame.sort(["validation", "hparams"], descending=[not board.lower_is_better, False],
-                       nulls_last=True)
-    champion = frame["partition"][0] if frame["validation"][0] is not None else None
+                                    "same_as": pl.String, "champion": pl.Boolean, "position": pl.Int64})
+    first: dict[str, str] = {}
+    for row in rows:  # registration order: the first key of a configuration is the one others point at
+        fp = row["fingerprint"]
+        row["same_as"] = first.setdefault(fp, row["hparams"]) if fp else None
+        if row["same_as"] == row["hparams"]:
+            row["same_as"] = None
+    frame = pl.DataFrame(rows, infer_schema_length=None).with_columns(
+        pl.col("validation").cast(pl.Float64), pl.col("same_as").cast(pl.String))
+    # rows without a validation score (no validation split) rank last; duplicates after their original
+    frame = frame.sort(["validation", pl.col("same_as").is_not_null(), "hparams"],
+                       descending=[not board.lower_is_better, False, False], nulls_last=True)
+    top = frame.row(0, named=True)
+    champion = top["partition"] if top["validation"] is not None and top["same_as"] is None else None
     return frame.with_columns(
-        (pl.col("partition") == champion).alias("champion"),
+        (pl.col("partition") == champion).fill_null(False).alias("champion"),
         pl.int_range(1, frame.height + 1).alias("position"),
     )
 
 
-def leaderboard_plot(frame: pl.DataFrame, board: Board, dataset: str) -> dg.MarkdownMetadataValue:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 0.4 * frame.height + 1.5), dpi=90)
-    names = frame["hparams"].to_list()[::-1]
-    vals = [v if v is not None else 0.0 for v in frame["validation"].to_list()[::-1]]
-    colors = ["tab:orange" if c else "tab:blue" for c in frame["champion"].to_list()[::-1]]
-    ax.barh(names, vals, color=colors)
-    metric = board.validation_key.removeprefix("validation_")
-    ax.set_xlabel(f"validation {metric} ({'lower' if board.lower_is_better else 'higher'} is better)")
-    title = f"{board.track} leaderboard, {dataset}"
-    ax.set_title(title)
-    return figure_markdown(fig, title)
+def leaderboard_chart(frame: pl.DataFrame, board: Board) -> str:
+    """The test metric of every set in board order, zoomed to the data, the baseline drawn, the champion
+    highlighted."""
+    base = frame[f"baseline_{board.headline}"].drop_nulls()
+    labels = [f"{p}. {short_key(k)}" for p, k in zip(frame["position"], frame["hparams"])]
+    champion = frame["champion"].to_list()
+    return bar_chart(f"test {board.headline} by set", labels, frame[board.headline].to_list(),
+                     reference=float(base[0]) if base.len() else None,
+                     highlight=champion.index(True) if True in champion else None)
+
+
+def short_key(key: str) -> str:
+    """``embedding_size=32;learning_rate=0.005`` -> ``es=32 lr=0.005`` (chart labels)."""
+    if "=" not in key:
+        return key
+    parts = []
+    for part in key.replace(",", ";").split(";"):
+        name, _, value = part.partition("=")
+        parts.append("".join(w[:1] for w in name.split("_")) + "=" + value)
+    return " ".join(parts)
 
 
 def build_leaderboard_assets(dataset_partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
-    assets = []
-    for board in BOARDS.values():
-        assets.append(_leaderboard_asset(board, dataset_partitions))
+    assets = [_leaderboard_asset(board, dataset_partitions) for board in BOARDS.values()]
+    recommendations = [f"{t}_recommendations" for t in BOARDS]
 
     @dg.asset(
         name="champion_recommendations",
         partitions_def=dataset_partitions,
-        ins={f"{t}_leaderboard": dg.AssetIn(f"{t}_leaderboard") for t in BOARDS},
-        deps=[dg.AssetDep(f"{t}_recommendations", partition_mapping=BY_DATASET) for t in BOARDS],
+        deps=[*(f"{t}_leaderboard" for t in BOARDS),
+              *(dg.AssetDep(name, partition_mapping=BY_DATASET) for name in recommendations)],
         required_resource_keys={"io_manager"},
         group_name="leaderboard",
         kinds={"polars", "parquet"},
         code_version=CODE_VERSIONS["champion"],
+        # one board may never have been made (a track not trained on this dataset)
+        automation_condition=follow_upstream(*recommendations, require_all=False),
         description="The recommendations of each track's champion (best validation score), with the "
-        "champion's partition key in every row.",
+        "champion's partition in every row and its provenance (training run, model, split, ratings and "
+        "archive versions) in the metadata. Follows the leaderboards by itself.",
     )
     @user_errors
-    def champion_recommendations(context: dg.AssetExecutionContext, explicit_leaderboard: pl.DataFrame,
-                                 implicit_leaderboard: pl.DataFrame):
+    def champion_recommendations(context: dg.AssetExecutionContext):
         dataset = context.partition_key
-        boards = {"explicit_leaderboard": explicit_leaderboard, "implicit_leaderboard": implicit_leaderboard}
-        tables, champions = [], {}
-        for name, frame in boards.items():
-            track = name.removesuffix("_leaderboard")
+        io = context.resources.io_manager
+        tables, provenance = [], {}
+        for track in BOARDS:
+            try:
+                frame = io.read_partition(f"{track}_leaderboard", dataset)
+            except FileNotFoundError:
+                context.log.warning(f"{track}: no leaderboard for {dataset} yet")
+                continue
             winners = frame.filter(pl.col("champion"))
             if winners.is_empty():
                 context.log.warning(f"{track}: no champion (no validation scores) for {dataset}")
                 continue
             hparams = winners["hparams"][0]
-            recs = context.resources.io_manager.read_partition(f"{track}_recommendations", dataset, hparams)
-            champions[track] = f"{dataset}|{hparams}"
+            recs = io.read_partition(f"{track}_recommendations", dataset, hparams)
+            provenance[f"{track}_champion"] = f"{dataset}|{hparams}"
+            provenance[f"{track}_champion_validation"] = rounded(winners["validation"][0])
+            provenance.update(lineage_metadata(context.instance, track, dataset, hparams, prefix=f"{track}_"))
             tables.append(recs.with_columns(pl.lit(track).alias("track"),
                                             pl.lit(f"{dataset}|{hparams}").alias("champion_partition")))
         if not tables:
@@ -118,9 +165,9 @@ def build_leaderboard_assets(dataset_partitions: dg.PartitionsDefinition) -> lis
                                       "with a validation score")
         out = pl.concat(tables, how="diagonal_relaxed")
         return dg.Output(out, metadata={
-            **{f"{t}_champion": key for t, key in champions.items()},
+            **provenance,
             "rows": out.height,
-            "sample": md_table(out, 10),
+            "sample": table(out, 10),
             "dagster/row_count": out.height,
         })
 
@@ -128,6 +175,8 @@ def build_leaderboard_assets(dataset_partitions: dg.PartitionsDefinition) -> lis
 
 
 def _leaderboard_asset(board: Board, dataset_partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    metric = TRACKS[board.track].val_key
+
     @dg.asset(
         name=f"{board.track}_leaderboard",
         partitions_def=dataset_partitions,
@@ -135,9 +184,10 @@ def _leaderboard_asset(board: Board, dataset_partitions: dg.PartitionsDefinition
         group_name="leaderboard",
         kinds={"polars"},
         code_version=CODE_VERSIONS["leaderboard"],
+        automation_condition=follow_any_partition(),
         description=f"Every materialized {board.track} hparams partition of the dataset side by side; the "
-        f"champion is the best validation score ({board.validation_key.removeprefix('validation_')}), "
-        "never the test metric.",
+        f"champion is the best validation score ({metric}), never the test metric. Keys that resolve to the "
+        "same configuration are marked `same_as`. Refreshes itself after any evaluation of the dataset.",
     )
     @user_errors
     def leaderboard(context: dg.AssetExecutionContext):
@@ -147,16 +197,20 @@ def _leaderboard_asset(board: Board, dataset_partitions: dg.PartitionsDefinition
             context.log.warning(f"no {board.track}_evaluation is materialized for {dataset}: the board is "
                                 f"empty until a {board.track} hparams partition is trained")
         champion = frame.filter(pl.col("champion"))
+        shown = [c for c in ("position", "hparams", "validation", *board.test_metrics, "same_as", "champion",
+                             "epochs_run", "best_epoch", "train_seconds") if c in frame.columns]
         metadata = {
             "champion": champion["partition"][0] if champion.height else "none",
             "entries": frame.height,
-            "table": md_table(frame.drop("run_id", strict=False), 50),
+            "table": table(frame.select(shown), 50),
             "dagster/row_count": frame.height,
         }
         if not frame.is_empty():
-            metadata["plot"] = leaderboard_plot(frame, board, dataset)
+            metadata["chart"] = dg.MetadataValue.md(leaderboard_chart(frame, board))
+            metadata["raw"] = dg.MetadataValue.json(jsonable(frame.drop("fingerprint", strict=False).to_dicts()))
         if champion.height:
-            metadata["champion_validation"] = float(champion["validation"][0])
+            metadata["champion_validation"] = rounded(float(champion["validation"][0]))
+            metadata[f"champion_{board.headline}"] = rounded(champion[board.headline][0])
         return dg.Output(frame, metadata=metadata)
 
     return leaderboard

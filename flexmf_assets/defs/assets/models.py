@@ -15,33 +15,24 @@ from typing import Any, Callable
 import dagster as dg
 import polars as pl
 
-from flexmf_assets.defs.metadata import figure_markdown, jsonable, md_table, pyplot
-from flexmf_assets.defs.partitions import BY_DATASET, model_partitions, split_key
-from flexmf_assets.defs.automation import DATA_VERSION_TAG, SPLIT_VERSION_KEY, latest_materialization, model_key
+from flexmf_assets.defs.automation import (
+    DATA_VERSION_TAG,
+    SPLIT_VERSION_KEY,
+    follow_upstream,
+    latest_materialization,
+    model_partition_key,
+    retrain_on_new_split,
+)
 from flexmf_assets.defs.failures import user_errors
+from flexmf_assets.defs.metadata import jsonable, rounded, table
+from flexmf_assets.defs.partitions import BY_DATASET, model_partitions, split_key
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
-from flexmf_assets.project import ProjectConfig
+from flexmf_assets.errors import ConfigError
+from flexmf_assets.project import ProjectConfig, config_class, config_fingerprint
 
-CODE_VERSIONS = {"model": "1", "evaluation": "1", "recommendations": "1"}
-
-
-def loss_curve_plot(history: list[dict], val_key: str, title: str) -> dg.MarkdownMetadataValue | None:
-    """Training loss and validation metric per epoch as an inline PNG in Markdown."""
-    if not history:
-        return None
-    plt = pyplot()
-    epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=90)
-    ax.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train loss", color="tab:blue")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("train loss", color="tab:blue")
-    vals = [h.get(val_key) for h in history]
-    if any(v is not None for v in vals):
-        ax2 = ax.twinx()
-        ax2.plot(epochs, vals, "s-", label=val_key, color="tab:orange")
-        ax2.set_ylabel(val_key, color="tab:orange")
-    ax.set_title(title)
-    return figure_markdown(fig, title)
+CODE_VERSIONS = {"model": "1", "evaluation": "2", "recommendations": "2"}
+#: longest storage path a partition may need (version folder and model files included)
+MAX_PATH = 4000
 
 
 @dataclass(frozen=True)
@@ -51,7 +42,8 @@ class Track:
     name: str
     scorer_class: Callable[[], type]
     val_key: str  # the validation metric in scorer.history
-    evaluate: Callable[[Any, dict, ProjectConfig, Any], tuple[pl.DataFrame, dict[str, Any]]]
+    report: Callable[[Any, dict, Any], Any]  # (model, split, config) -> evaluation.reports.Report
+    headline: str  # the test metric the UI and the terminal lead with
     description: str
 
 
@@ -67,71 +59,54 @@ def _implicit_scorer():
     return FlexMFImplicitScorer
 
 
-def evaluate_explicit(model, split: dict, cfg: ProjectConfig, config) -> tuple[pl.DataFrame, dict]:
-    from flexmf_assets.evaluation.rating import BiasBaseline, per_user_table, rating_metrics
+def _explicit_report(model, split: dict, config):
+    from flexmf_assets.evaluation.reports import explicit_report
 
-    test = split["test"]
-    preds = model.predict_frame(test)
-    metrics = rating_metrics(test, preds)
-    baseline = BiasBaseline().fit(split["train"])
-    base_metrics = rating_metrics(test, baseline.predict_frame(test))
-    values = {
-        "rmse": metrics.rmse, "mae": metrics.mae,
-        "user_rmse": metrics.user_rmse, "user_mae": metrics.user_mae,
-        "baseline_rmse": base_metrics.rmse, "baseline_mae": base_metrics.mae,
-        "rmse_delta_vs_baseline": metrics.rmse - base_metrics.rmse,
-        "test_ratings": test.height,
-    }
-    return per_user_table(test, preds), values
+    return explicit_report(model, split["train"], split["test"])
 
 
-def evaluate_implicit(model, split: dict, cfg: ProjectConfig, config) -> tuple[pl.DataFrame, dict]:
-    from flexmf_assets.evaluation.topn import PopularityBaseline, coverage, mean_popularity, topn_metrics
+def _implicit_report(model, split: dict, config):
+    from flexmf_assets.evaluation.reports import implicit_report
 
-    train, test = split["train"], split["test"]
-    if config.min_rating is not None:
-        train = train.filter(pl.col("rating") >= config.min_rating)
-        test = test.filter(pl.col("rating") >= config.min_rating)
-    ks = (10, 20)
-    users = test["user_id"].unique().sort()
-    recs = model.recommend(users, n=max(ks))
-    result = topn_metrics(recs, test, ks=ks)
-    base = PopularityBaseline().fit(train).recommend(users, n=max(ks))
-    base_result = topn_metrics(base, test, ks=ks)
-    n_items = train["item_id"].n_unique()
-    values = dict(result.means)
-    values.update({f"baseline_{k}": v for k, v in base_result.means.items()})
-    values.update({
-        "ndcg@10_delta_vs_baseline": result.means["ndcg@10"] - base_result.means["ndcg@10"],
-        "coverage@20": coverage(recs, n_items),
-        "mean_popularity@20": mean_popularity(recs, train),
-        "test_users": users.len(),
-    })
-    return result.per_user, values
+    return implicit_report(model, split["train"], split["test"], min_rating=config.min_rating)
 
 
 TRACKS = {
-    "explicit": Track("explicit", _explicit_scorer, "val_rmse", evaluate_explicit,
+    "explicit": Track("explicit", _explicit_scorer, "val_rmse", _explicit_report, "rmse",
                       "Biased MF trained with MSE (rating prediction)"),
-    "implicit": Track("implicit", _implicit_scorer, "val_ndcg", evaluate_implicit,
+    "implicit": Track("implicit", _implicit_scorer, "val_ndcg", _implicit_report, "ndcg@10",
                       "Implicit MF (logistic / BPR / WARP) for top-N ranking"),
 }
 
 
-def lineage_metadata(instance: dg.DagsterInstance, track: str, dataset: str, hparams: str) -> dict[str, Any]:
+def key_grammar(track: str) -> str:
+    """How a set is named in a partition key: shown in the model assets' descriptions."""
+    fields = ", ".join(config_class(track).field_names())
+    return (
+        f"**Partition key** `<dataset>|<set>`. The set is a name from `flexmf.yaml` (`default`, ...) or "
+        f"overrides of `default` typed as `field=value` pairs separated by `;`, e.g. "
+        f"`embedding_size=32;epochs=5` (ASCII letters, digits and `_ . = ; + -` only; each field once; "
+        f"`none` for an empty optional). Fields: {fields}."
+    )
+
+
+def lineage_metadata(instance: dg.DagsterInstance, track: str, dataset: str, hparams: str,
+                     prefix: str = "") -> dict[str, Any]:
     """Where a recommendations table comes from, read from the event log: the model partition and
-    its run, hparams, device and code version; the split protocol and seed; the validated ratings'
-    data version; the archive's url and sha256."""
-    out: dict[str, Any] = {"model_partition": f"{dataset}|{hparams}"}
-    model = latest_materialization(instance, f"{track}_model", str(model_key(dataset, hparams)))
+    its training run, hparams, device, data and code version; the split protocol, seed and data
+    version; the validated ratings' data version; the archive's url and sha256. ``prefix`` names the
+    model's own entries (``explicit_`` on the champions' table, which holds two models)."""
+    out: dict[str, Any] = {f"{prefix}model_partition": f"{dataset}|{hparams}"}
+    model = latest_materialization(instance, f"{track}_model", str(model_partition_key(dataset, hparams)))
     if model is not None and model.asset_materialization is not None:
         meta = model.asset_materialization.metadata
         out.update({
-            "model_run_id": model.run_id,
-            "model_data_version": model.asset_materialization.tags.get(DATA_VERSION_TAG, ""),
-            "model_code_version": CODE_VERSIONS["model"],
-            "device": meta["device"].value if "device" in meta else "",
-            "hparams": meta["hparams"] if "hparams" in meta else dg.MetadataValue.json({}),
+            f"{prefix}model_run": dg.MetadataValue.dagster_run(model.run_id),
+            f"{prefix}model_run_id": model.run_id,
+            f"{prefix}model_data_version": model.asset_materialization.tags.get(DATA_VERSION_TAG, ""),
+            f"{prefix}model_code_version": CODE_VERSIONS["model"],
+            f"{prefix}device": meta["device"].value if "device" in meta else "",
+            f"{prefix}hparams": meta["hparams"] if "hparams" in meta else dg.MetadataValue.json({}),
         })
     split = latest_materialization(instance, "split", dataset)
     if split is not None and split.asset_materialization is not None:
@@ -148,20 +123,30 @@ def lineage_metadata(instance: dg.DagsterInstance, track: str, dataset: str, hpa
     if archive is not None and archive.asset_materialization is not None:
         meta = archive.asset_materialization.metadata
         out["archive_sha256"] = meta["sha256"].value if "sha256" in meta else ""
+        out["archive_data_version"] = archive.asset_materialization.tags.get(DATA_VERSION_TAG, "")
         url = meta.get("url")
         out["archive_url"] = (url.value if url is not None else None) or "synthetic"
     return out
+
+
+def _check_storage_path(cfg: ProjectConfig, asset: str, dataset: str, hparams: str) -> None:
+    """Fail before any work when the partition's storage path would be too long to write."""
+    path = cfg.storage_dir / asset / dataset / hparams
+    if len(str(path)) + 120 > MAX_PATH:
+        raise ConfigError(f"hparams key {hparams[:40]!r}...: the storage path {str(path)[:60]}... would be "
+                          f"{len(str(path)) + 120} characters long (at most {MAX_PATH}); use a shorter key "
+                          "or FLEXMF_DATA_DIR")
 
 
 def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "flexmf_training",
                        op_tags: dict[str, str] | None = None) -> list[dg.AssetsDefinition]:
     track = TRACKS[track_name]
     partitions = model_partitions(project, track_name)
-    model_key = f"{track_name}_model"
+    model_name = f"{track_name}_model"
     split_in = {"split": dg.AssetIn("split", partition_mapping=BY_DATASET)}
 
     @dg.asset(
-        name=model_key,
+        name=model_name,
         partitions_def=partitions,
         ins=split_in,
         group_name=track_name,
@@ -169,8 +154,10 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         code_version=CODE_VERSIONS["model"],
         pool=pool,
         op_tags=op_tags or None,
+        automation_condition=retrain_on_new_split(),
         description=f"{track.description}, trained on the dataset's split with the hyperparameter set "
-        "named by the partition; early stopping on the validation split restores the best epoch.",
+        "named by the partition; early stopping on the validation split restores the best epoch. A trained "
+        "partition retrains by itself when its split's data version changes.\n\n" + key_grammar(track_name),
     )
     @user_errors
     def model(context: dg.AssetExecutionContext, project_config: ProjectResource, device: DeviceResource,
@@ -178,6 +165,7 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         cfg = project_config.load()
         dataset, hparams = split_key(context)
         config = cfg.resolve_hparams(track_name, hparams)
+        _check_storage_path(cfg, model_name, dataset, hparams)
         context.log.info(f"training {track_name} {dataset}|{hparams}: {config.to_dict()}")
         scorer = track.scorer_class()(config, device=device.settings())
 
@@ -192,7 +180,9 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         metadata = {
             "dataset": dataset,
             "hparams_set": hparams,
-            # the sweep sensor retrains when this differs from the dataset's current split version
+            # the configuration this key resolved to: equal for keys that train the same model
+            "config_fingerprint": config_fingerprint(track_name, config),
+            # retraining compares this with the dataset's current split version
             SPLIT_VERSION_KEY: split_record.asset_materialization.tags.get(DATA_VERSION_TAG, "")
             if split_record else "",
             "hparams": dg.MetadataValue.json(jsonable(config.to_dict())),
@@ -201,7 +191,7 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
             "engine": scorer.engine,
             "epochs_run": scorer.epochs_run,
             "best_epoch": scorer.best_epoch,
-            f"best_{track.val_key}": best.get(track.val_key),
+            f"best_{track.val_key}": rounded(best.get(track.val_key)),
             "train_seconds": round(scorer.train_seconds, 3),
             "updates_per_second": round(scorer.updates_per_second, 1),
             "train_rows": split["train"].height,
@@ -212,59 +202,70 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
             "pid": os.getpid(),
             "python": platform.python_version(),
         }
-        plot = loss_curve_plot(history, track.val_key, f"{track_name} {dataset}|{hparams}")
-        if plot is not None:
-            metadata["loss_curve"] = plot
+        if history:
+            from flexmf_assets.evaluation.reports import loss_curve
+
+            metadata["loss_curve"] = dg.MetadataValue.md(loss_curve(history, track.val_key))
         return dg.Output(scorer, metadata=metadata)
 
     @dg.asset(
         name=f"{track_name}_evaluation",
         partitions_def=partitions,
-        ins={**split_in, "model": dg.AssetIn(model_key)},
+        ins={**split_in, "model": dg.AssetIn(model_name)},
         group_name=track_name,
         kinds={"polars"},
         code_version=CODE_VERSIONS["evaluation"],
-        description=f"Test-set metrics of the {track_name} model beside its baseline on the same split; "
-        "the stored value is the per-user metrics table.",
+        automation_condition=follow_upstream("split"),
+        description=f"Test-set metrics of the {track_name} model beside its baseline on the same split, with "
+        "figures and the training curve; the stored value is the per-user metrics table. Follows its model "
+        "by itself.",
     )
     @user_errors
-    def evaluation(context: dg.AssetExecutionContext, project_config: ProjectResource, model, split: dict):
-        cfg = project_config.load()
+    def evaluation(context: dg.AssetExecutionContext, model, split: dict):
         dataset, hparams = split_key(context)
-        config = cfg.resolve_hparams(track_name, hparams)
-        per_user, values = track.evaluate(model, split, cfg, config)
+        report = track.report(model, split, model.config)
         best = next((h for h in model.history if h.get("epoch") == model.best_epoch), {})
-        metadata: dict[str, Any] = {k: (float(v) if isinstance(v, float) else v) for k, v in values.items()}
+        metadata: dict[str, Any] = {k: rounded(v) for k, v in report.metrics.items()}
         metadata.update({
             "dataset": dataset,
             "hparams_set": hparams,
-            f"validation_{track.val_key}": best.get(track.val_key),
+            "config_fingerprint": config_fingerprint(track_name, model.config),
+            f"validation_{track.val_key}": rounded(best.get(track.val_key)),
             "epochs_run": model.epochs_run,
             "best_epoch": model.best_epoch,
             "train_seconds": round(model.train_seconds, 3),
-            "per_user": md_table(per_user, 10),
-            "dagster/row_count": per_user.height,
+            **{name: dg.MetadataValue.md(markdown) for name, markdown in report.figures.items()},
+            "metrics": dg.MetadataValue.json(jsonable({**report.metrics,
+                                                        f"validation_{track.val_key}": best.get(track.val_key)})),
+            "curves": dg.MetadataValue.json(jsonable(report.curves)),
+            "per_user": table(report.per_user, 10),
+            "dagster/row_count": report.per_user.height,
         })
-        return dg.Output(per_user, metadata=metadata)
+        if model.history:
+            from flexmf_assets.evaluation.reports import loss_curve
+
+            metadata["loss_curve"] = dg.MetadataValue.md(loss_curve(model.history, track.val_key))
+        return dg.Output(report.per_user, metadata=metadata)
 
     @dg.asset(
         name=f"{track_name}_recommendations",
         partitions_def=partitions,
-        ins={"model": dg.AssetIn(model_key)},
+        ins={"model": dg.AssetIn(model_name), "items": dg.AssetIn("items", partition_mapping=BY_DATASET)},
         group_name=track_name,
         kinds={"polars", "parquet"},
         code_version=CODE_VERSIONS["recommendations"],
-        description="Top-N items per user (items the user rated excluded) with score, rank and the "
-        "model partition; stored as Parquet (readable by polars or DuckDB).",
+        automation_condition=follow_upstream("items"),
+        description="Top-N items per user (items the user rated excluded) with score, rank, the item's title "
+        "and genres, and the model partition; Parquet, and the newest table of each partition is also at "
+        "`<storage>/<asset>/<dataset>/<set>/latest.parquet` for DuckDB or polars. Follows its model by itself.",
     )
     @user_errors
-    def recommendations(context: dg.AssetExecutionContext, project_config: ProjectResource, model):
+    def recommendations(context: dg.AssetExecutionContext, project_config: ProjectResource, model,
+                        items: pl.DataFrame):
         cfg = project_config.load()
         dataset, hparams = split_key(context)
         recs = model.recommend(None, n=cfg.recommendations_n)
-        recs = recs.with_columns(
-            pl.lit(f"{dataset}|{hparams}").alias("model_partition"),
-        )
+        recs = with_titles(recs, items).with_columns(pl.lit(f"{dataset}|{hparams}").alias("model_partition"))
         n_items = model.n_items
         covered = recs["item_id"].n_unique()
         return dg.Output(recs, metadata={
@@ -275,8 +276,17 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
             "users": recs["user_id"].n_unique(),
             "rows": recs.height,
             "catalog_coverage": round(covered / n_items, 4) if n_items else 0.0,
-            "sample": md_table(recs, 10),
+            "sample": table(recs, 10),
             "dagster/row_count": recs.height,
         })
 
     return [model, evaluation, recommendations]
+
+
+def with_titles(recs: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """``recs`` with the item's ``title`` and ``genres`` (null where the dataset has no item metadata)."""
+    cols = [c for c in ("title", "genres") if c in items.columns]
+    if not cols:
+        return recs
+    meta = items.select(pl.col("item_id").cast(recs.schema["item_id"], strict=False), *cols).unique("item_id")
+    return recs.join(meta, on="item_id", how="left", maintain_order="left")
