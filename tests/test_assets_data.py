@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from flexmf_assets.defs.definitions import build_definitions
+from flexmf_assets.errors import ConfigError
 from flexmf_assets.project import load_project
 
 from conftest import failure_text
@@ -156,7 +157,7 @@ datasets:
 
 
 def test_synthetic_dataset_needs_no_network(tmp_path, instance):
-    _, defs = make_project(tmp_path, "{}\n")
+    _, defs = make_project(tmp_path, "default_dataset: synthetic-100k\n")
     result = run(defs, "data_job", "synthetic-100k", instance)
     assert result.success
     meta = latest(instance, "ratings", "synthetic-100k").metadata
@@ -173,3 +174,18 @@ def test_definitions_validate(tmp_path):
     assert {"archive", "ratings", "items", "split", "explicit_model", "explicit_evaluation",
             "explicit_recommendations", "implicit_model", "implicit_evaluation",
             "implicit_recommendations"} <= keys
+
+
+def test_dataset_dimension_lists_the_configured_datasets_not_the_catalog(tmp_path):
+    """The UI's partition lists and plots are about the user's data: the default dataset, the file's
+    entries and the swept datasets, or an explicit list; a catalog entry joins by name."""
+    def names(text: str) -> list[str]:
+        _, defs = make_project(tmp_path, text)
+        return defs.resolve_assets_def("split").partitions_def.get_partition_keys()
+
+    assert names("{}\n") == ["ml-latest-small"]
+    assert names("default_dataset: ml-100k\ndatasets: {ml-1m: }\nsweep: {datasets: [synthetic-1m]}\n") == [
+        "ml-100k", "ml-1m", "synthetic-1m"]
+    assert names("dataset_partitions: [ml-25m, synthetic-100k]\n") == ["ml-25m", "synthetic-100k"]
+    with pytest.raises(ConfigError, match=r"dataset_partitions: expected a list of known dataset names"):
+        names("dataset_partitions: [ml-2m]\n")

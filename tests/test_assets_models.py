@@ -16,6 +16,7 @@ from flexmf_assets.project import load_project
 from conftest import failure_text
 
 CONFIG = """
+default_dataset: synthetic-100k
 explicit_hparams:
   default: {epochs: 15, embedding_size: 16}
   wide: {epochs: 4, embedding_size: 32}
@@ -63,10 +64,18 @@ def test_explicit_and_implicit_partitions_end_to_end(setup):
     model_meta = materializations(instance, "explicit_model")[0].asset_materialization.metadata
     assert model_meta["epochs_run"].value >= 1 and model_meta["device"].value == "cpu"
     assert model_meta["hparams"].value["embedding_size"] == 16
-    assert "loss_curve" in model_meta
+    # figures drawn in place by the UI: Markdown images under its 1,000-character inline limit
+    for entry in (model_meta["loss_curve"], meta["predicted_vs_actual"], meta["error_by_activity"], meta["loss_curve"]):
+        assert entry.value.startswith("![") and "data:image/svg+xml," in entry.value and len(entry.value) < 1000
+    # numbers shown rounded to 4 significant digits, raw values kept beside
+    raw = meta["metrics"].value
+    assert meta["rmse"].value == float(f"{raw['rmse']:.4g}") and raw["rmse"] != meta["rmse"].value
+    assert meta["per_user"].value.records[0].data["rmse"] == float(f"{meta['per_user'].value.records[0].data['rmse']:.4g}")
 
     recs = VersionedStore().read(UPath(project.storage_dir) / "explicit_recommendations" / dataset / "default")
     assert recs.columns[:4] == ["user_id", "item_id", "score", "rank"]
+    # item metadata where the dataset has it (synthetic data has none: null titles)
+    assert {"title", "genres"} <= set(recs.columns) and recs["title"].null_count() == recs.height
     assert recs["model_partition"].unique().to_list() == [f"{dataset}|default"]
     assert recs.group_by("user_id").len()["len"].max() == 7
     # rated items are excluded
@@ -88,13 +97,20 @@ def test_explicit_and_implicit_partitions_end_to_end(setup):
     for name in ("ndcg@10", "recall@10", "precision@10", "hit@10", "mrr@10", "map@10", "ndcg@20",
                  "baseline_ndcg@10"):
         assert 0 <= meta[name].value <= 1, name
+    # the NDCG@k curve behind the figure agrees with the reported NDCG@10 and NDCG@20
+    curves = meta["curves"].value
+    assert curves["k"] == list(range(1, 51))
+    assert curves["ndcg"][9] == pytest.approx(meta["metrics"].value["ndcg@10"])
+    assert curves["ndcg"][19] == pytest.approx(meta["metrics"].value["ndcg@20"])
+    assert curves["baseline_ndcg"][9] == pytest.approx(meta["metrics"].value["baseline_ndcg@10"])
+    assert len(meta["ndcg_at_k"].value) < 1000 and "data:image/svg+xml," in meta["ndcg_at_k"].value
 
 
 def test_ui_style_key_trains_with_parsed_overrides(setup):
     project, defs, instance = setup
     dataset = "synthetic-100k"
     run(defs, "data_job", dataset, instance)
-    ui_key = "embedding_size=8,epochs=2"
+    ui_key = "embedding_size=8;epochs=2"
     instance.add_dynamic_partitions("explicit_hparams", [ui_key])
     run(defs, "explicit_job", dg.MultiPartitionKey({"dataset": dataset, "hparams": ui_key}), instance)
     meta = materializations(instance, "explicit_model")[0].asset_materialization.metadata
@@ -110,3 +126,36 @@ def test_ui_style_key_trains_with_parsed_overrides(setup):
     message = failure_text(result).splitlines()[0]
     assert message.startswith("ConfigError: ")
     assert "did you mean 'embedding_size'" in message and "valid" in message
+
+
+def test_latest_tables_read_by_duckdb(setup):
+    """The stable ``latest.parquet`` of each partition, read by the DuckDB queries of docs/sweeps.md;
+    a rerun replaces it (a glob over the partitions never double-counts)."""
+    import duckdb
+
+    project, defs, instance = setup
+    dataset = "synthetic-100k"
+    run(defs, "data_job", dataset, instance)
+    instance.add_dynamic_partitions("explicit_hparams", ["default", "wide"])
+    instance.add_dynamic_partitions("implicit_hparams", ["default"])
+    for name in ("default", "wide"):
+        run(defs, "explicit_job", dg.MultiPartitionKey({"dataset": dataset, "hparams": name}), instance)
+    run(defs, "implicit_job", dg.MultiPartitionKey({"dataset": dataset, "hparams": "default"}), instance)
+    run(defs, "leaderboard_job", dataset, instance)
+    storage = project.storage_dir
+    champion = storage / "champion_recommendations" / dataset / "latest.parquet"
+    stored = VersionedStore().read(UPath(storage / "champion_recommendations" / dataset))
+    rows = duckdb.sql(f"SELECT track, rank, title, genres, round(score, 3) AS score FROM '{champion}' "
+                      "WHERE user_id = 1 ORDER BY track, rank LIMIT 10").fetchall()
+    assert rows and [r[0] for r in rows] == sorted(r[0] for r in rows)
+    assert duckdb.sql(f"SELECT count(*) FROM '{champion}'").fetchone()[0] == stored.height
+
+    pattern = storage / "explicit_recommendations" / dataset / "*" / "latest.parquet"
+    query = f"SELECT model_partition, count(*) FROM '{pattern}' GROUP BY model_partition ORDER BY 1"
+    before = duckdb.sql(query).fetchall()
+    assert [p for p, _ in before] == [f"{dataset}|default", f"{dataset}|wide"]
+    run(defs, "explicit_job", dg.MultiPartitionKey({"dataset": dataset, "hparams": "wide"}), instance)
+    assert duckdb.sql(query).fetchall() == before  # the rerun replaced its table, nothing counted twice
+    # the same path polars reads; it is the version CURRENT points at
+    latest = pl.read_parquet(storage / "explicit_recommendations" / dataset / "wide" / "latest.parquet")
+    assert latest.equals(VersionedStore().read(UPath(storage / "explicit_recommendations" / dataset / "wide")))

@@ -57,9 +57,11 @@ def test_huge_batch_runs_out_of_memory_and_names_batch_size():
 
 
 def test_huge_embedding_size_runs_out_of_memory_and_names_it():
-    line = run_limited("FlexMFExplicitScorer(device='cpu', embedding_size=10**9, epochs=1).fit(df)")
+    # the largest embedding_size a config accepts (4096) on 400,000 users: a 6.5 GB user table
+    many = "pl.DataFrame({'user_id': range(400_000), 'item_id': [0] * 400_000, 'rating': [3.0] * 400_000})"
+    line = run_limited(f"FlexMFExplicitScorer(device='cpu', embedding_size=4096, epochs=1).fit({many})")
     assert line.startswith("TrainingError: out of memory during model allocation with "
-                           "embedding_size=1000000000 (300 users, 8 items); lower embedding_size ("), line
+                           "embedding_size=4096 (400000 users, 1 items); lower embedding_size ("), line
 
 
 # --------------------------------------------------------------------------- degenerate datasets

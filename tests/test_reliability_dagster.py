@@ -237,8 +237,8 @@ def test_model_step_failures_are_one_line_and_keep_the_previous_model(tmp_path, 
 
     # impossible values and wrong types in a UI-style hparams key
     cases = {
-        ("explicit", "embedding_size=0"): "FlexMFExplicitConfig.embedding_size: must be a positive integer, got 0",
-        ("explicit", "learning_rate=-0.5"): "FlexMFExplicitConfig.learning_rate: must be > 0, got -0.5",
+        ("explicit", "embedding_size=0"): "FlexMFExplicitConfig.embedding_size: must be >= 1 and <= 4,096, got 0",
+        ("explicit", "learning_rate=-0.5"): "FlexMFExplicitConfig.learning_rate: must be > 0 and <= 1,000, got -0.5",
         ("explicit", "epochs=three"): "FlexMFExplicitConfig.epochs: expected an integer, got 'three'",
         ("explicit", "embeding_size=8"): "unknown field 'embeding_size' (did you mean 'embedding_size'?)",
         ("explicit", "nonsense"): "'nonsense' is not of the form field=value; valid FlexMFExplicitConfig fields",
