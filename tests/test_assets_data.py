@@ -173,3 +173,30 @@ def test_definitions_validate(tmp_path):
     assert {"archive", "ratings", "items", "split", "explicit_model", "explicit_evaluation",
             "explicit_recommendations", "implicit_model", "implicit_evaluation",
             "implicit_recommendations"} <= keys
+
+
+def test_download_max_bytes_reaches_the_archive_step(tmp_path, instance):
+    rows = [f"{u},{i},{(u + i) % 5 + 1},{1_000_000_000 + u * 100 + i}" for u in range(1, 40) for i in range(1, 40)]
+    path = _csv_zipless(tmp_path, rows)
+    size = path.stat().st_size
+    body = """
+validation: {{min_rows: 100}}
+download: {{max_bytes: {cap}}}
+datasets:
+  mine:
+    url: {url}
+    format: csv
+    columns: {{user_id: uid, item_id: iid, rating: stars, timestamp: ts}}
+    rating_scale: [1, 5]
+    rating_step: 1
+"""
+    project, defs = make_project(tmp_path, body.format(cap=size - 1, url=path.as_uri()))
+    result = run(defs, "data_job", "mine", instance)
+    assert not result.success
+    first = failure_text(result).splitlines()[0]
+    assert first == (f"DownloadError: mine: {path.as_uri()} is {size} bytes; the download size cap "
+                     f"(download.max_bytes) is {size - 1} bytes; nothing was kept (raise "
+                     f"download.max_bytes if the file really is that large)")
+    assert not (project.cache_dir / "mine").exists() and latest(instance, "ratings", "mine") is None
+    _, defs = make_project(tmp_path, body.format(cap=size, url=path.as_uri()))
+    assert run(defs, "data_job", "mine", instance).success
