@@ -32,7 +32,7 @@ _TOP_KEYS = (
     "explicit_hparams", "implicit_hparams", "explicit_grid", "implicit_grid", "sweep", "schedule",
     "validation", "dataset_partitions",
 )
-_DOWNLOAD_KEYS = ("timeout", "retries", "allowed_file_roots")
+_DOWNLOAD_KEYS = ("timeout", "retries", "allowed_file_roots", "max_bytes")
 _DEVICE_KEYS = ("device", "threads", "matmul_precision", "allow_fallback")
 _RECS_KEYS = ("n",)
 _SWEEP_KEYS = ("datasets",)
@@ -252,6 +252,9 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
 
     download = _mapping(f"{where} download", raw.get("download"))
     _check_keys(f"{where} download", download, _DOWNLOAD_KEYS)
+    max_bytes = download.get("max_bytes")
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1):
+        raise ConfigError(f"{where} download.max_bytes: expected a positive integer (bytes), got {max_bytes!r}")
     device = _mapping(f"{where} device", raw.get("device"))
     _check_keys(f"{where} device", device, _DEVICE_KEYS)
     recs = _mapping(f"{where} recommendations", raw.get("recommendations"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flexmf_assets.datasets.archive import MARKER, find_member, safe_extract
+from flexmf_assets.datasets.archive import MARKER, RATIO_FLOOR_BYTES, find_member, safe_extract
 from flexmf_assets.errors import ArchiveError
 
 
@@ -171,3 +171,72 @@ def test_find_member(tmp_path):
     assert MARKER not in msg
     msg = _single_line_error(lambda: find_member(dest, "movies.csv"))
     assert "2 files named movies.csv" in msg and "other/movies.csv" in msg
+
+
+# --------------------------------------------------------------------------- only the needed members
+
+NEEDED = ("ratings.csv", "movies.csv")
+
+
+def padded_zip(path: Path, n_padding: int, members: dict[str, bytes] | None = None) -> Path:
+    """GOOD plus ``n_padding`` members of 1 MiB of zeros each (a few KiB zipped, under the ratio floor)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in {**GOOD, **(members or {})}.items():
+            zf.writestr(zipfile.ZipInfo(name), data, compress_type=zipfile.ZIP_DEFLATED)
+        for i in range(n_padding):
+            zf.writestr(zipfile.ZipInfo(f"ml-demo/pad/{i:04d}.bin"), bytes(RATIO_FLOOR_BYTES),
+                        compress_type=zipfile.ZIP_DEFLATED)
+    return path
+
+
+def _disk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def test_padding_members_are_not_written(tmp_path):
+    archive = padded_zip(tmp_path / "a.zip", 64)
+    assert archive.stat().st_size < 2**20  # 64 MiB of padding zipped to about 70 KiB
+    dest = tmp_path / "out"
+    files = safe_extract(archive, dest, members=NEEDED)
+    assert files == [dest / "ml-demo" / "ratings.csv", dest / "ml-demo" / "movies.csv"]
+    written = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert written == [MARKER, "ml-demo/movies.csv", "ml-demo/ratings.csv"]
+    assert _disk_bytes(dest) < 64 * 1024
+    # the padding was not even counted: a cap far below it still extracts the two files
+    again = safe_extract(archive, tmp_path / "capped", members=NEEDED, max_total_bytes=2**20)
+    assert [f.read_bytes() for f in again] == [GOOD["ml-demo/ratings.csv"], GOOD["ml-demo/movies.csv"]]
+    assert _only(tmp_path) == ["a.zip", "capped", "out"]
+
+
+def test_cap_applies_to_what_is_extracted(tmp_path):
+    import random
+
+    big = random.Random(3).randbytes(3 * 2**20)  # incompressible: no ratio refusal, only the cap
+    archive = padded_zip(tmp_path / "a.zip", 2, {"ml-demo/ratings.csv": big})
+    msg = _single_line_error(lambda: safe_extract(archive, tmp_path / "out", members=NEEDED,
+                                                  max_total_bytes=2 * 2**20))
+    assert "member 'ml-demo/ratings.csv' brings the declared uncompressed size to 3145728 bytes" in msg
+    assert "over the limit of 2097152" in msg
+    assert _only(tmp_path) == ["a.zip"]
+
+
+def test_a_needed_name_twice_is_refused_before_writing(tmp_path):
+    archive = padded_zip(tmp_path / "a.zip", 0, {"copy/ratings.csv": b"userId,movieId,rating\n",
+                                                 "__MACOSX/ml-demo/ratings.csv": b"resource fork"})
+    msg = _single_line_error(lambda: safe_extract(archive, tmp_path / "out", members=NEEDED))
+    assert msg == (f"{archive}: 2 files named ratings.csv (ml-demo/ratings.csv, copy/ratings.csv); "
+                   "expected one")
+    assert _only(tmp_path) == ["a.zip"]
+
+
+def test_members_not_extracted_are_still_checked_and_listed(tmp_path):
+    evil = make_zip(tmp_path / "evil.zip", {**GOOD, "../evil.txt": b"pwned"})
+    msg = _single_line_error(lambda: safe_extract(evil, tmp_path / "out", members=NEEDED))
+    assert "member '../evil.txt' escapes the destination" in msg
+    no_ratings = make_zip(tmp_path / "b.zip", {"ml-demo/movies.csv": b"x", "ml-demo/pad.bin": b"y"})
+    dest = tmp_path / "out"
+    assert safe_extract(no_ratings, dest, members=NEEDED) == [dest / "ml-demo" / "movies.csv"]
+    msg = _single_line_error(lambda: find_member(dest, "ratings.csv"))
+    assert msg == f"{dest}: no ratings.csv found (members: ml-demo/movies.csv, ml-demo/pad.bin)"
+    # a different selection of the same archive is a new extraction, not a reuse
+    assert len(safe_extract(no_ratings, dest)) == 2 and (dest / "ml-demo" / "pad.bin").is_file()

@@ -189,3 +189,30 @@ def test_dataset_dimension_lists_the_configured_datasets_not_the_catalog(tmp_pat
     assert names("dataset_partitions: [ml-25m, synthetic-100k]\n") == ["ml-25m", "synthetic-100k"]
     with pytest.raises(ConfigError, match=r"dataset_partitions: expected a list of known dataset names"):
         names("dataset_partitions: [ml-2m]\n")
+
+
+def test_download_max_bytes_reaches_the_archive_step(tmp_path, instance):
+    rows = [f"{u},{i},{(u + i) % 5 + 1},{1_000_000_000 + u * 100 + i}" for u in range(1, 40) for i in range(1, 40)]
+    path = _csv_zipless(tmp_path, rows)
+    size = path.stat().st_size
+    body = """
+validation: {{min_rows: 100}}
+download: {{max_bytes: {cap}}}
+datasets:
+  mine:
+    url: {url}
+    format: csv
+    columns: {{user_id: uid, item_id: iid, rating: stars, timestamp: ts}}
+    rating_scale: [1, 5]
+    rating_step: 1
+"""
+    project, defs = make_project(tmp_path, body.format(cap=size - 1, url=path.as_uri()))
+    result = run(defs, "data_job", "mine", instance)
+    assert not result.success
+    first = failure_text(result).splitlines()[0]
+    assert first == (f"DownloadError: mine: {path.as_uri()} is {size} bytes; the download size cap "
+                     f"(download.max_bytes) is {size - 1} bytes; nothing was kept (raise "
+                     f"download.max_bytes if the file really is that large)")
+    assert not (project.cache_dir / "mine").exists() and latest(instance, "ratings", "mine") is None
+    _, defs = make_project(tmp_path, body.format(cap=size, url=path.as_uri()))
+    assert run(defs, "data_job", "mine", instance).success

@@ -345,3 +345,92 @@ def test_real_movielens_archive_downloads_and_extracts(movielens_server, tmp_pat
     assert find_member(tmp_path / "extracted", "movies.csv").stat().st_size == 494_431
     assert fetch(movielens_server.url("ml-latest-small.zip"), tmp_path / "cache", name="ml-latest-small",
                  sha256=SHARED_SHA, builtin=True).cached
+
+
+# --------------------------------------------------------------------------- the size cap
+
+
+class EndlessHandler(http.server.SimpleHTTPRequestHandler):
+    """200 with neither Content-Length nor checksum, then zeros until the client hangs up."""
+
+    sent: list[int] = []
+
+    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+        pass
+
+    def do_GET(self):  # noqa: N802 - stdlib name
+        self.send_response(200)
+        self.send_header("Content-Type", "application/zip")
+        self.end_headers()
+        chunk, sent = bytes(64 * 1024), 0
+        try:
+            while sent < 2**31:  # a safety stop for the test itself: 2 GiB
+                self.wfile.write(chunk)
+                sent += len(chunk)
+        except OSError:  # the client closed the connection
+            pass
+        finally:
+            type(self).sent.append(sent)
+        self.close_connection = True
+
+
+def test_endless_download_stops_at_the_cap_and_leaves_nothing(tmp_path):
+    import time
+
+    handler = type("Endless", (EndlessHandler,), {"sent": []})
+    server = LoopbackServer(tmp_path, handler)
+    cap = 5 * 2**20
+    try:
+        started = time.monotonic()
+        with pytest.raises(DownloadError) as err:
+            fetch(server.url("forever.zip"), tmp_path / "cache", name="demo", max_bytes=cap, **FAST)
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    msg = str(err.value)
+    assert msg == (f"demo: {server.url('forever.zip')} sent more than {cap} bytes; the download size cap "
+                   f"(download.max_bytes) is {cap} bytes; nothing was kept (raise download.max_bytes "
+                   f"if the file really is that large)")
+    assert elapsed < 30
+    assert list((tmp_path / "cache" / "demo").iterdir()) == []  # no partial file, no target
+    assert handler.sent and cap <= handler.sent[0] < 2**31  # the client hung up, the server stopped
+
+
+def test_announced_declared_or_local_size_over_the_cap(scripted, tmp_path):
+    server, handler, payload = scripted  # data.zip: 300,000 bytes with Content-Length
+    with pytest.raises(DownloadError, match=r"announces 300000 bytes; the download size cap "
+                                            r"\(download.max_bytes\) is 100000 bytes"):
+        fetch(server.url("data.zip"), tmp_path, name="demo", max_bytes=100_000, **FAST)
+    assert len(handler.log) == 1 and list((tmp_path / "demo").iterdir()) == []
+    with pytest.raises(DownloadError, match=r"is declared as 300000 bytes; the download size cap"):
+        fetch(server.url("data.zip"), tmp_path, name="demo", size=300_000, max_bytes=100_000, **FAST)
+    assert len(handler.log) == 1  # refused before any request
+    with pytest.raises(DownloadError, match=r"is 300000 bytes; the download size cap"):
+        fetch(payload.as_uri(), tmp_path, name="local", max_bytes=100_000)
+    assert not (tmp_path / "local").exists()
+    info = fetch(server.url("data.zip"), tmp_path, name="demo", max_bytes=300_000, **FAST)
+    assert info.size == 300_000  # exactly the cap is allowed
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "4GB", 1.5, None])
+def test_max_bytes_must_be_a_positive_integer(tmp_path, bad):
+    with pytest.raises(DownloadError, match=r"^demo: download.max_bytes must be a positive integer, got "):
+        fetch("http://127.0.0.1:9/a.zip", tmp_path, name="demo", max_bytes=bad)
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    ("1048576", None), ("null", None), ("0", "got 0"), ("-5", "got -5"), ("'4GB'", "got '4GB'"),
+    ("true", "got True"), ("1.5e+9", "got 1500000000.0"),
+])
+def test_project_download_max_bytes(tmp_path, value, error):
+    from flexmf_assets.errors import ConfigError
+    from flexmf_assets.project import load_project
+
+    cfg = tmp_path / "flexmf.yaml"
+    cfg.write_text(f"download:\n  max_bytes: {value}\n")
+    if error is None:
+        assert load_project(cfg, env={}).download["max_bytes"] == (None if value == "null" else int(value))
+        return
+    with pytest.raises(ConfigError) as err:
+        load_project(cfg, env={})
+    assert str(err.value) == f"flexmf.yaml download.max_bytes: expected a positive integer (bytes), {error}"

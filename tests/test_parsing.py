@@ -262,3 +262,131 @@ def test_error_pass_in_small_blocks_keeps_line_numbers(tmp_path, monkeypatch, la
     path = _write(tmp_path / ("ratings.csv" if sep == "," else "ratings.dat"), "\n".join(lines) + "\n")
     with pytest.raises(ParseError, match=rf"line {bad_index + 1}: rating '4..0' is not a number$"):
         parse_ratings_file(path, LAYOUTS[layout])
+
+
+# --------------------------------------------------------------------------- issue 14: line endings,
+# quoting, separators (each case failed or was misreported before)
+
+H = "userId,movieId,rating,timestamp"
+ML_ROWS = [(1, 10, 4.0, 965710039), (1, 20, 3.5, 965710040)]
+PLAIN = {"user_id": "u", "item_id": "i", "rating": "r", "timestamp": "t"}
+
+
+def _plain(separator: str = ",", has_header: bool = True, **columns: str) -> DatasetSpec:
+    return DatasetSpec(name="mine", format="csv", url="file:///x", columns=columns or PLAIN,
+                       separator=separator, has_header=has_header)
+
+
+def _parse(kind, path: Path) -> pl.DataFrame:
+    return parse_plain(path, kind) if isinstance(kind, DatasetSpec) else parse_ratings_file(path, LAYOUTS[kind])
+
+
+PARSES = {
+    # Windows line endings, including a doubled carriage return (csv.writer in text mode on Windows)
+    "ratings.csv CRLF": ("ml-latest-small", f"{H}\r\n1,10,4.0,965710039\r\n1,20,3.5,965710040\r\n"),
+    "ratings.csv CR CR LF": ("ml-latest-small", f"{H}\r\r\n1,10,4.0,965710039\r\r\n1,20,3.5,965710040\r\r\n"),
+    "u.data CR CR LF": ("ml-100k", "1\t10\t4\t965710039\r\r\n1\t20\t3.5\t965710040\r\r\n"),
+    "ratings.dat CRLF": ("ml-1m", "1::10::4::965710039\r\n1::20::3.5::965710040\r\n"),
+    "plain CR CR LF": (_plain(), "u,i,r,t\r\r\n1,10,4.0,965710039\r\r\n1,20,3.5,965710040\r\r\n"),
+    # quoted numbers (valid CSV), also with spaces after the separators
+    "ratings.csv quoted": ("ml-latest-small", f'{H}\n"1","10","4.0","965710039"\n"1","20","3.5","965710040"\n'),
+    "ratings.csv quoted, spaces": ("ml-latest-small", f'{H}\n"1", "10", "4.0", "965710039"\n1, 20, 3.5, 965710040\n'),
+    "u.data quoted": ("ml-100k", '"1"\t"10"\t"4"\t"965710039"\n"1"\t"20"\t"3.5"\t"965710040"\n'),
+    "plain quoted, spaces": (_plain(), '"u","i","r","t"\n"1", "10", "4.0", "965710039"\n 1 ,20,3.5,965710040\n'),
+    # multi-character and multi-byte separators in a user csv
+    "plain '::'": (_plain("::"), "u::i::r::t\r\n1::10::4.0::965710039\r\n1::20::3.5::965710040\r\n\r\n"),
+    "plain '::' trailing blank lines": (_plain("::"), "u::i::r::t\n1::10::4.0::965710039\n1::20::3.5::965710040\n\n  \n"),
+    "plain '::' no header": (_plain("::", False, user_id="column_0", item_id="column_1", rating="column_2",
+                                    timestamp="column_3"), "1::10::4.0::965710039\n1::20::3.5::965710040\n"),
+    "plain '¦' quoted": (_plain("¦"), 'u¦i¦r¦t\n"1"¦"10"¦"4.0"¦"965710039"\n1¦20¦3.5¦965710040\n'),
+    "plain ' | ' extra column": (_plain(" | ", user_id="u", item_id="i", rating="r", timestamp="t"),
+                                 "note | u | i | r | t\na, b | 1 | 10 | 4.0 | 965710039\n | 1 | 20 | 3.5 | 965710040\n"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARSES))
+def test_line_endings_quotes_and_separators_parse(tmp_path, case):
+    kind, text = PARSES[case]
+    path = _write(tmp_path / "ratings.csv", text)
+    _assert_canonical(_parse(kind, path), ML_ROWS)
+
+
+BAD = {
+    # case: (kind, text, the whole message)
+    "CR CR LF, bad value": ("ml-latest-small", f"{H}\r\r\n1,10,4.0,965710039\r\r\n1,20,x,965710040\r\r\n",
+                            "ratings.csv line 3: rating 'x' is not a number"),
+    "quoted, bad later row": ("ml-latest-small", f'{H}\n"1","10","4.0","1"\n"1","11","4.0","2"\n1,12,4..0,3\n',
+                              "ratings.csv line 4: rating '4..0' is not a number"),
+    "quoted, bad quoted value": ("ml-latest-small", f'{H}\n"1","10","4.0","1"\n"1","x11","4.0","2"\n',
+                                 "ratings.csv line 3: movieId 'x11' is not an integer"),
+    "control characters echoed escaped": ("ml-latest-small", f"{H}\n1,10,4\x1b[31m,1\r\n",
+                                          "ratings.csv line 2: rating '4\\x1b[31m' is not a number"),
+    "plain, extra field": (_plain(), "u,i,r,t\r\n1,10,4.0,1\r\n1,11,4.0,2,9\r\n",
+                           None),  # polars' reason, but the line and the text
+    "plain, CR CR LF, bad id": (_plain(), "u,i,r,t\r\r\n1,10,4.0,1\r\r\n1,1x,4.0,2\r\r\n",
+                                "ratings.csv line 3: i '1x' is not an integer"),
+    "plain '::', short row": (_plain("::"), "u::i::r::t\n1::10::4.0::1\n1::11::4.0\n",
+                              "ratings.csv line 3: expected 4 fields separated by '::', found 3 in '1::11::4.0'"),
+    "plain '::', blank inside": (_plain("::"), "u::i::r::t\n1::10::4.0::1\n\n1::11::4.0::2\n",
+                                 "ratings.csv line 3: blank line inside the data"),
+    "plain '::', missing column": (_plain("::", rating="stars", user_id="u", item_id="i"), "u::i::r\n1::2::3\n",
+                                   "ratings.csv: column 'stars' (for rating) not found; columns present: u, i, r"),
+    "old Mac line endings": ("ml-latest-small", f"{H}\r1,10,4.0,965710039\r",
+                             "ratings.csv line 1: header 'userId,movieId,rating,timestamp\\r1,10,4.0,965710039' "
+                             "is not 'userId,movieId,rating,timestamp'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_every_parse_error_names_its_line_and_is_printable(tmp_path, case):
+    kind, text, expected = BAD[case]
+    path = _write(tmp_path / "ratings.csv", text)
+    with pytest.raises(ParseError) as info:
+        _parse(kind, path)
+    message = str(info.value)
+    assert message.isprintable(), message  # no raw \r, \n or escape sequence reaches a terminal
+    if expected is None:
+        assert message.startswith("ratings.csv line 3: cannot be parsed (") and message.endswith(" in '1,11,4.0,2,9'")
+    else:
+        assert message == expected
+
+
+@pytest.mark.parametrize("sep", [",", "::"])
+def test_blank_line_at_a_block_edge_is_named(tmp_path, monkeypatch, sep):
+    import flexmf_assets.datasets.parsing as parsing
+
+    monkeypatch.setattr(parsing, "_CHUNK", 1000)  # blocks cut between the blank line and the next row
+    lines = [sep.join(["u", "i", "r", "t"])] + [sep.join([str(k), "1", "3.5", "1"]) for k in range(1, 400)]
+    lines.insert(200, "")
+    path = _write(tmp_path / "r.csv", "\n".join(lines) + "\n")
+    with pytest.raises(ParseError, match=r"^r.csv line 201: blank line inside the data$"):
+        parse_plain(path, _plain(sep))
+    layout_lines = [H] + lines[1:]
+    ratings = _write(tmp_path / "ratings.csv", "\n".join(layout_lines).replace("::", ",") + "\n")
+    with pytest.raises(ParseError, match=r"^ratings.csv line 201: blank line inside the data$"):
+        parse_ratings_file(ratings, LAYOUTS["ml-latest-small"])
+
+
+def test_incomplete_column_mapping_names_every_missing_column(tmp_path):
+    path = _write(tmp_path / "r.csv", "u,i,r\n1,10,4\n")
+    for columns, missing in [({}, "'user_id', 'item_id', 'rating'"), ({"item_id": "i"}, "'user_id', 'rating'")]:
+        spec = DatasetSpec(name="mine", format="csv", url="file:///x", columns=columns)
+        with pytest.raises(ParseError) as info:
+            parse_plain(path, spec)
+        assert str(info.value) == f"r.csv: the column mapping (columns:) of dataset 'mine' lacks {missing}"
+
+
+@needs_archive
+def test_load_writes_only_the_layout_members(tmp_path):
+    archive = tmp_path / "ml-demo.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ml-demo/ratings.csv", f"{H}\n1,10,4.0,965710039\n1,20,3.5,965710040\n")
+        zf.writestr("ml-demo/movies.csv", "movieId,title,genres\n10,A,Drama\n20,B,Comedy\n")
+        for k in range(32):  # padding: 32 MiB of zeros, each member under the ratio check's floor
+            zf.writestr(f"ml-demo/pad{k}.bin", bytes(2**20))
+    spec = replace(builtin_catalog(env={})["ml-latest-small"], name="demo")
+    data = load_dataset(spec, archive, tmp_path / "work")
+    _assert_canonical(data.ratings, ML_ROWS)
+    assert data.items is not None and data.items.height == 2
+    written = sorted(p.name for p in (tmp_path / "work").rglob("*") if p.is_file())
+    assert written == [".flexmf-extracted.json", "movies.csv", "ratings.csv"]

@@ -2,8 +2,10 @@
 
 :func:`safe_extract` checks every member before writing anything, extracts into a temporary folder
 beside ``dest`` and moves it into place only when everything succeeded, so a refused or corrupt
-archive never leaves a partial ``dest`` (nor damages a previous one). A marker file records the
-archive's sha256; extracting the same archive again reuses the folder.
+archive never leaves a partial ``dest`` (nor damages a previous one). Given ``members`` (base names,
+e.g. ``ratings.csv`` and ``movies.csv``) it writes only those: padding members cost nothing. A
+marker file records the archive's sha256 and member names; extracting the same archive again
+reuses the folder.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import Collection
 
 from flexmf_assets.datasets.download import sha256_file
 from flexmf_assets.errors import ArchiveError
@@ -27,6 +30,8 @@ MARKER = ".flexmf-extracted.json"
 RATIO_FLOOR_BYTES = 2**20
 _CHUNK = 2**20
 _DRIVE = re.compile(r"^[A-Za-z]:")
+#: folders of metadata that archivers add (never a dataset member)
+_IGNORED_TOP = ("__MACOSX",)
 
 
 def _member_parts(archive: Path, name: str) -> tuple[str, ...]:
@@ -42,12 +47,19 @@ def _member_parts(archive: Path, name: str) -> tuple[str, ...]:
 
 
 def _check_members(archive: Path, infos: list[zipfile.ZipInfo], max_total_bytes: int,
-                   max_members: int, max_ratio: float) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+                   max_members: int, max_ratio: float,
+                   wanted: frozenset[str] | None) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+    """Check every member's name and type; size-check and plan the ones to extract.
+
+    With ``wanted`` (base names) only those files are planned, at most one per name (``__MACOSX``
+    ignored); sizes and compression ratios are checked for planned members only.
+    """
     if len(infos) > max_members:
         raise ArchiveError(f"{archive}: {len(infos)} members exceed the limit of {max_members}")
     total = 0
     seen: set[tuple[str, ...]] = set()
     plan = []
+    chosen: dict[str, list[str]] = {}
     for info in infos:
         parts = _member_parts(archive, info.filename)
         mode = info.external_attr >> 16
@@ -56,13 +68,18 @@ def _check_members(archive: Path, infos: list[zipfile.ZipInfo], max_total_bytes:
         if parts and parts[0] == MARKER:
             raise ArchiveError(f"{archive}: member {info.filename!r} uses the reserved name {MARKER}")
         if info.is_dir():
-            plan.append((info, parts))
+            if wanted is None:
+                plan.append((info, parts))
             continue
         if not parts:
             raise ArchiveError(f"{archive}: member {info.filename!r} has an empty path")
         if parts in seen:
             raise ArchiveError(f"{archive}: member {info.filename!r} appears twice")
         seen.add(parts)
+        if wanted is not None:
+            if parts[-1] not in wanted or parts[0] in _IGNORED_TOP:
+                continue  # not needed: never written, never counted
+            chosen.setdefault(parts[-1], []).append(PurePosixPath(*parts).as_posix())
         total += info.file_size
         if total > max_total_bytes:
             raise ArchiveError(f"{archive}: member {info.filename!r} brings the declared uncompressed "
@@ -72,7 +89,16 @@ def _check_members(archive: Path, infos: list[zipfile.ZipInfo], max_total_bytes:
             raise ArchiveError(f"{archive}: member {info.filename!r} compression ratio {ratio:.0f} "
                                f"exceeds {max_ratio:g} (zip bomb?)")
         plan.append((info, parts))
+    for base, paths in chosen.items():
+        if len(paths) > 1:
+            raise ArchiveError(f"{archive}: {len(paths)} files named {base} ({', '.join(paths)}); "
+                               f"expected one")
     return plan
+
+
+def _file_members(infos: list[zipfile.ZipInfo]) -> list[str]:
+    """The archive's file member names (for messages about a missing member)."""
+    return [info.filename for info in infos if not info.is_dir()]
 
 
 def _extract_into(archive: Path, zf: zipfile.ZipFile, plan, root: Path, max_total_bytes: int) -> list[str]:
@@ -112,23 +138,30 @@ def _read_marker(dest: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def safe_extract(archive: Path, dest: Path, *, max_total_bytes: int = 8 * 2**30,
+def safe_extract(archive: Path, dest: Path, *, max_total_bytes: int = 4 * 2**30,
                  max_members: int = 10_000, max_ratio: float = 200.0,
-                 archive_sha256: str | None = None) -> list[Path]:
+                 archive_sha256: str | None = None,
+                 members: Collection[str] | None = None) -> list[Path]:
     """Extract the zip ``archive`` into ``dest`` safely; returns the extracted files (archive order).
 
-    Refuses absolute names, drive letters, ``..`` components, symlink members, more than
-    ``max_members`` members, a declared uncompressed total over ``max_total_bytes`` and members
-    (over 1 MiB) compressed more than ``max_ratio`` times; bytes actually written are bounded too.
+    Refuses absolute names, drive letters, ``..`` components and symlink members (anywhere in the
+    archive), more than ``max_members`` members, a declared uncompressed total of the extracted
+    members over ``max_total_bytes`` and members (over 1 MiB) compressed more than ``max_ratio``
+    times; bytes actually written are bounded too. ``members``: base names of the only files to
+    extract (found in any folder, ``__MACOSX`` ignored, at most one each; a name absent from the
+    archive is not an error here, :func:`find_member` reports it); None extracts everything.
     ``archive_sha256`` (already verified by the caller) saves hashing the archive again. When
-    ``dest`` holds a marker with the archive's sha256 it is reused as is.
+    ``dest`` holds a marker with the archive's sha256 (and the same ``members``) it is reused as is.
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise ArchiveError(f"{archive}: not a zip archive (no such file)")
     digest = archive_sha256.lower() if archive_sha256 else sha256_file(archive)
+    wanted = frozenset(members) if members is not None else None
+    selection = sorted(wanted) if wanted is not None else None
     marker = _read_marker(dest)
-    if marker.get("sha256") == digest and isinstance(marker.get("files"), list):
+    if (marker.get("sha256") == digest and marker.get("selection") == selection
+            and isinstance(marker.get("files"), list)):
         paths = [dest / f for f in marker["files"]]
         if all(p.is_file() for p in paths):
             return paths
@@ -138,12 +171,15 @@ def safe_extract(archive: Path, dest: Path, *, max_total_bytes: int = 8 * 2**30,
         raise ArchiveError(f"{archive}: not a zip archive ({' '.join(str(exc).split())})") from None
     dest.parent.mkdir(parents=True, exist_ok=True)
     with zf:
-        plan = _check_members(archive, zf.infolist(), max_total_bytes, max_members, max_ratio)
+        infos = zf.infolist()
+        plan = _check_members(archive, infos, max_total_bytes, max_members, max_ratio, wanted)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".extract"))
         try:
             files = _extract_into(archive, zf, plan, tmp, max_total_bytes)
             (tmp / MARKER).write_text(json.dumps({"archive": str(archive), "sha256": digest,
-                                                  "files": files}, indent=1) + "\n", encoding="utf-8")
+                                                  "selection": selection, "files": files,
+                                                  "members": _file_members(infos)},
+                                                 indent=1) + "\n", encoding="utf-8")
             _swap_into_place(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -168,13 +204,17 @@ def _swap_into_place(new: Path, dest: Path) -> None:
 
 
 def find_member(root: Path, basename: str) -> Path:
-    """The unique file named ``basename`` anywhere under ``root`` (``__MACOSX`` ignored)."""
+    """The unique file named ``basename`` anywhere under ``root`` (``__MACOSX`` ignored).
+
+    When it is missing the message lists the archive's members (from the extraction marker, so
+    members that were not extracted are listed too).
+    """
     root = Path(root)
     found: list[Path] = []
     members: list[str] = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if not path.is_file() or rel.parts[0] in ("__MACOSX", MARKER):
+        if not path.is_file() or rel.parts[0] in (*_IGNORED_TOP, MARKER):
             continue
         members.append(rel.as_posix())
         if path.name == basename:
@@ -182,6 +222,9 @@ def find_member(root: Path, basename: str) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
+        listed = _read_marker(root).get("members")
+        if isinstance(listed, list):
+            members = [str(m) for m in listed if str(m).split("/")[0] not in _IGNORED_TOP]
         shown = ", ".join(members[:12]) + (f", ... ({len(members)} in all)" if len(members) > 12 else "")
         raise ArchiveError(f"{root}: no {basename} found (members: {shown or 'none'})")
     raise ArchiveError(f"{root}: {len(found)} files named {basename} "

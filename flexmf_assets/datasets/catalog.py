@@ -7,7 +7,9 @@ A :class:`DatasetSpec` says where a dataset comes from (``url``), how to check i
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, replace
 from typing import Mapping
 
@@ -189,11 +191,68 @@ def builtin_catalog(env: Mapping[str, str] | None = None) -> dict[str, DatasetSp
 _USER_KEYS = ("url", "format", "sha256", "size", "columns", "separator", "has_header",
               "rating_scale", "rating_step", "description")
 
+#: a dataset name is a partition key, a cache folder and part of file names: one rule for all of them
+DATASET_NAME_RULE = ("1 to 64 characters among letters, digits, '.', '_' and '-', starting with a "
+                     "letter or digit, without '..'")
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-def user_dataset(name: str, entry: Mapping[str, object], *, where: str = "flexmf.yaml") -> DatasetSpec:
-    """Build a :class:`DatasetSpec` from a ``flexmf.yaml`` ``datasets:`` entry, validating it."""
+
+def check_dataset_name(name: object, where: str = "flexmf.yaml") -> str:
+    """``name`` if it is a valid dataset name (see :data:`DATASET_NAME_RULE`), else ConfigError."""
+    if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{where} datasets: invalid dataset name {name!r}: use {DATASET_NAME_RULE}")
+    return name
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _columns(at: str, fmt: str, columns: object) -> dict[str, str] | None:
+    """The validated column mapping of a csv/parquet entry (None for archive layouts)."""
     from flexmf_assets.flexmf._config import suggest
 
+    if fmt not in PLAIN_FORMATS:
+        if columns is not None:
+            raise ConfigError(f"{at}.columns: only csv/parquet formats take a column mapping")
+        return None
+    if not isinstance(columns, Mapping):
+        raise ConfigError(f"{at}.columns: format {fmt!r} needs a column mapping, e.g. "
+                          "{user_id: userId, item_id: movieId, rating: rating, timestamp: ts}"
+                          + (f"; got {_type_name(columns)} {columns!r}" if columns is not None else ""))
+    for key, source in columns.items():
+        if key not in CANONICAL_COLUMNS:
+            raise ConfigError(f"{at}.columns: unknown canonical column {key!r}"
+                              f"{suggest(str(key), list(CANONICAL_COLUMNS))}; "
+                              f"valid: {', '.join(CANONICAL_COLUMNS)}")
+        if not isinstance(source, str) or not source:
+            raise ConfigError(f"{at}.columns.{key}: expected the name of a column of the file (a "
+                              f"non-empty string), got {_type_name(source)} {source!r}")
+    missing = [c for c in ("user_id", "item_id", "rating") if c not in columns]
+    if missing:
+        raise ConfigError(f"{at}.columns: missing required column{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(map(repr, missing))} (user_id, item_id and rating are required, "
+                          f"timestamp is optional)")
+    sources = list(columns.values())
+    twice = sorted({s for s in sources if sources.count(s) > 1})
+    if twice:
+        raise ConfigError(f"{at}.columns: column {twice[0]!r} is mapped to more than one canonical column")
+    return {str(k): str(v) for k, v in columns.items()}
+
+
+def user_dataset(name: str, entry: Mapping[str, object], *, where: str = "flexmf.yaml") -> DatasetSpec:
+    """Build a :class:`DatasetSpec` from a ``flexmf.yaml`` ``datasets:`` entry, validating it.
+
+    Every field has a strict type (a boolean is a YAML boolean, a list a list, a number a finite
+    number); any violation is a one-line :class:`ConfigError` naming the field.
+    """
+    from flexmf_assets.flexmf._config import suggest
+
+    check_dataset_name(name, where)
     at = f"{where} datasets.{name}"
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{at}: expected a mapping with url and format, got {type(entry).__name__}")
@@ -205,7 +264,7 @@ def user_dataset(name: str, entry: Mapping[str, object], *, where: str = "flexmf
     if not isinstance(url, str) or not url.startswith(("http://", "https://", "file://")):
         raise ConfigError(f"{at}.url: must be an http://, https:// or file:// URL, got {url!r}")
     fmt = entry.get("format")
-    if fmt not in LAYOUTS and fmt not in PLAIN_FORMATS:
+    if not isinstance(fmt, str) or (fmt not in LAYOUTS and fmt not in PLAIN_FORMATS):
         raise ConfigError(
             f"{at}.format: {fmt!r} is not one of {', '.join([*LAYOUTS, *PLAIN_FORMATS])}"
             f"{suggest(str(fmt), [*LAYOUTS, *PLAIN_FORMATS])}"
@@ -217,50 +276,45 @@ def user_dataset(name: str, entry: Mapping[str, object], *, where: str = "flexmf
     size = entry.get("size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
         raise ConfigError(f"{at}.size: expected a positive integer (bytes), got {size!r}")
-    columns = entry.get("columns")
-    if fmt in PLAIN_FORMATS:
-        if not isinstance(columns, Mapping):
-            raise ConfigError(f"{at}.columns: format {fmt!r} needs a column mapping, e.g. "
-                              "{user_id: userId, item_id: movieId, rating: rating, timestamp: ts}")
-        for key in columns:
-            if key not in CANONICAL_COLUMNS:
-                raise ConfigError(f"{at}.columns: unknown canonical column {key!r}"
-                                  f"{suggest(str(key), list(CANONICAL_COLUMNS))}; "
-                                  f"valid: {', '.join(CANONICAL_COLUMNS)}")
-        for required in ("user_id", "item_id", "rating"):
-            if required not in columns:
-                raise ConfigError(f"{at}.columns: missing required column {required!r}")
-    elif columns is not None:
-        raise ConfigError(f"{at}.columns: only csv/parquet formats take a column mapping")
-    layout = LAYOUTS.get(str(fmt))
+    columns = _columns(at, fmt, entry.get("columns"))
+    layout = LAYOUTS.get(fmt)
     scale = entry.get("rating_scale", layout.rating_scale if layout else (0.5, 5.0))
-    if (not isinstance(scale, (list, tuple)) or len(scale) != 2
-            or not all(isinstance(v, (int, float)) for v in scale) or scale[0] >= scale[1]):
-        raise ConfigError(f"{at}.rating_scale: expected [low, high] with low < high, got {scale!r}")
+    if (not isinstance(scale, (list, tuple)) or len(scale) != 2 or not all(map(_is_number, scale))
+            or not all(map(math.isfinite, scale)) or scale[0] >= scale[1]):
+        raise ConfigError(f"{at}.rating_scale: expected [low, high], two finite numbers with low < high, "
+                          f"got {scale!r}")
     step = entry.get("rating_step", layout.rating_step if layout else None)
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
-        raise ConfigError(f"{at}.rating_step: expected a positive number or null, got {step!r}")
+    if step is not None and (not _is_number(step) or not math.isfinite(step) or step <= 0):
+        raise ConfigError(f"{at}.rating_step: expected a finite positive number or null, got {step!r}")
     sep = entry.get("separator", ",")
-    if not isinstance(sep, str) or not sep:
-        raise ConfigError(f"{at}.separator: expected a non-empty string, got {sep!r}")
+    if not isinstance(sep, str) or not sep or any(c in sep for c in '\r\n"'):
+        raise ConfigError(f"{at}.separator: expected a non-empty string without quotes or line breaks, "
+                          f"got {_type_name(sep)} {sep!r}")
+    has_header = entry.get("has_header", True)
+    if not isinstance(has_header, bool):
+        raise ConfigError(f"{at}.has_header: expected a boolean (true or false, unquoted), "
+                          f"got {_type_name(has_header)} {has_header!r}")
+    description = entry.get("description", "")
+    if description is not None and not isinstance(description, str):
+        raise ConfigError(f"{at}.description: expected a string, got {_type_name(description)} {description!r}")
     return DatasetSpec(
         name=name,
-        format=str(fmt),
+        format=fmt,
         url=url,
         sha256=sha.lower() if isinstance(sha, str) else None,
         size=size,  # type: ignore[arg-type]
-        columns=dict(columns) if isinstance(columns, Mapping) else None,  # type: ignore[arg-type]
+        columns=columns,
         separator=sep,
-        has_header=bool(entry.get("has_header", True)),
+        has_header=has_header,
         rating_scale=(float(scale[0]), float(scale[1])),
         rating_step=float(step) if step is not None else None,
         builtin=False,
-        description=str(entry.get("description", "")),
+        description=description or "",
     )
 
 
 __all__ = [
     "ArchiveLayout", "DatasetSpec", "LAYOUTS", "FORMATS", "PLAIN_FORMATS", "SYNTHETIC_FORMAT",
     "SYNTHETIC_PRESETS", "CANONICAL_COLUMNS", "GROUPLENS_BASE_URL", "MIRROR_ENV", "MIRROR_SUMS_ENV",
-    "builtin_catalog", "user_dataset",
+    "DATASET_NAME_RULE", "builtin_catalog", "check_dataset_name", "user_dataset",
 ]

@@ -35,6 +35,9 @@ CHUNK = 64 * 1024  # an interrupted read loses at most one chunk before a resume
 PROGRESS_BYTES = 2**20
 PROGRESS_SECONDS = 1.0
 MAX_BACKOFF = 30.0
+#: default cap on the bytes one download may write (``download.max_bytes``); the largest catalog
+#: archive, ml-32m, is about 240 MB
+DEFAULT_MAX_BYTES = 4 * 2**30
 _SECRET_QUERY_KEYS = frozenset({
     "token", "access_token", "api_key", "apikey", "key", "password", "secret", "sig", "signature",
     "x-amz-signature", "x-amz-credential", "x-amz-security-token",
@@ -189,6 +192,12 @@ def _check_final(name: str, shown: str, ver: _Verifier, sha256: str | None, size
     return actual
 
 
+def _over_cap(name: str, shown: str, what: str, max_bytes: int) -> DownloadError:
+    return DownloadError(f"{name}: {shown} {what}; the download size cap (download.max_bytes) is "
+                         f"{max_bytes} bytes; nothing was kept (raise download.max_bytes if the file "
+                         f"really is that large)")
+
+
 def _finalize(tmp: Path, target: Path, info: dict) -> None:
     os.replace(tmp, target)
     _atomic_write_text(target.with_name(target.name + ".json"), json.dumps(info, indent=2) + "\n")
@@ -222,10 +231,12 @@ def _file_source(parts, name: str, shown: str, allowed_roots: Sequence[Path] | N
 
 
 def _fetch_file(source: Path, target: Path, name: str, shown: str, sha256: str | None,
-                size: int | None, progress: Progress | None) -> ArchiveInfo:
+                size: int | None, progress: Progress | None, max_bytes: int) -> ArchiveInfo:
     if not source.is_file():
         raise DownloadError(f"{name}: {shown}: no such file {source}")
     st = source.stat()
+    if st.st_size > max_bytes:
+        raise _over_cap(name, shown, f"is {st.st_size} bytes", max_bytes)
     last_modified = email.utils.formatdate(st.st_mtime, usegmt=True)
     sidecar = _read_sidecar(target.with_name(target.name + ".json"))
     if (sha256 is None and target.is_file() and sidecar.get("source_mtime_ns") == st.st_mtime_ns
@@ -239,6 +250,8 @@ def _fetch_file(source: Path, target: Path, name: str, shown: str, sha256: str |
     try:
         with fh, open(source, "rb") as src:
             while chunk := src.read(CHUNK):
+                if ver.received + len(chunk) > max_bytes:  # the file grew while being copied
+                    raise _over_cap(name, shown, f"grew past {max_bytes} bytes", max_bytes)
                 fh.write(chunk)
                 ver.update(chunk)
         ver.finish()
@@ -269,9 +282,10 @@ class _HttpDownload:
     """One download into an open temp file, attempt by attempt (resuming when the server allows)."""
 
     def __init__(self, session: requests.Session, url: str, shown: str, name: str, fh: IO[bytes],
-                 ver: _Verifier, size: int | None, timeout: float) -> None:
+                 ver: _Verifier, size: int | None, timeout: float, max_bytes: int) -> None:
         self.session, self.url, self.shown, self.name = session, url, shown, name
         self.fh, self.ver, self.size, self.timeout = fh, ver, size, timeout
+        self.max_bytes = max_bytes
         self.etag: str | None = None
         self.last_modified: str | None = None
         self.resumable = False
@@ -329,12 +343,17 @@ class _HttpDownload:
         if self.expected is not None and self.size is not None and self.expected != self.size:
             raise ChecksumError(f"{self.name}: size mismatch for {self.shown}: expected {self.size} "
                                 f"bytes, server announces {self.expected}")
+        if self.expected is not None and self.expected > self.max_bytes:
+            raise _over_cap(self.name, self.shown, f"announces {self.expected} bytes", self.max_bytes)
         self.ver.total = self.expected if self.expected is not None else self.size
 
     def _stream(self, resp: requests.Response) -> None:
         of = f" of {self.expected}" if self.expected is not None else ""
         try:
             for chunk in resp.iter_content(CHUNK):
+                if self.ver.received + len(chunk) > self.max_bytes:
+                    raise _over_cap(self.name, self.shown, f"sent more than {self.max_bytes} bytes",
+                                    self.max_bytes)
                 self.fh.write(chunk)
                 self.ver.update(chunk)
                 if self.size is not None and self.ver.received > self.size:
@@ -352,7 +371,7 @@ class _HttpDownload:
 
 def _fetch_http(url: str, target: Path, name: str, shown: str, sha256: str | None,
                 size: int | None, timeout: float, retries: int, backoff: float,
-                progress: Progress | None, session: requests.Session) -> ArchiveInfo:
+                progress: Progress | None, session: requests.Session, max_bytes: int) -> ArchiveInfo:
     sidecar = _read_sidecar(target.with_name(target.name + ".json"))
     headers: dict[str, str] = {}
     if sha256 is None and target.is_file() and sidecar.get("sha256"):
@@ -362,7 +381,7 @@ def _fetch_http(url: str, target: Path, name: str, shown: str, sha256: str | Non
             headers["If-Modified-Since"] = str(sidecar["last_modified"])
     ver = _Verifier(progress)
     fh, tmp = _temp_in(target)
-    dl = _HttpDownload(session, url, shown, name, fh, ver, size, timeout)
+    dl = _HttpDownload(session, url, shown, name, fh, ver, size, timeout, max_bytes)
     attempts = 0
     try:
         with fh:
@@ -415,15 +434,17 @@ def fetch(url: str, cache_dir: Path, *, name: str, sha256: str | None = None, si
           builtin: bool = False, timeout: float = 60.0, retries: int = 4, backoff: float = 0.5,
           allowed_roots: Sequence[Path] | None = None,
           progress: Callable[[int, int | None], None] | None = None,
-          session: requests.Session | None = None) -> ArchiveInfo:
+          session: requests.Session | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> ArchiveInfo:
     """Fetch ``url`` into ``cache_dir/<name>/`` and verify it; reuse the cached copy when unchanged.
 
     With ``sha256`` a cached file whose hash matches is reused without touching the network.
     Without it a conditional GET (ETag / Last-Modified from the sidecar) decides: 304 reuses the
     cache. ``builtin`` marks a catalog entry: its checksum, when it has one, is always enforced.
     ``retries`` is the number of attempts after the first one; ``timeout`` the (connect, read)
-    timeout in seconds. ``allowed_roots`` confines ``file://`` sources. Raises
-    :class:`DownloadError` (or :class:`ChecksumError`) with a one-line message.
+    timeout in seconds. ``allowed_roots`` confines ``file://`` sources. ``max_bytes`` caps what
+    one download may write (``download.max_bytes``): a larger announced or declared size is refused
+    before any byte is read, a body that grows past it is stopped and its partial file removed.
+    Raises :class:`DownloadError` (or :class:`ChecksumError`) with a one-line message.
     """
     shown = redact_url(url)
     try:
@@ -439,6 +460,10 @@ def fetch(url: str, cache_dir: Path, *, name: str, sha256: str | None = None, si
                             f"(got retries={retries}, timeout={timeout}, backoff={backoff})")
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise DownloadError(f"{name}: expected sha256 must be 64 hex digits, got {sha256!r}")
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+        raise DownloadError(f"{name}: download.max_bytes must be a positive integer, got {max_bytes!r}")
+    if size is not None and size > max_bytes:
+        raise _over_cap(name, shown, f"is declared as {size} bytes", max_bytes)
     # ``builtin`` needs no branch: a known checksum is enforced for every entry, and there is
     # deliberately no switch to skip it; the flag documents the caller's intent.
     target = _cache_target(parts.path, Path(cache_dir), name)  # type: ignore[union-attr]
@@ -452,15 +477,15 @@ def fetch(url: str, cache_dir: Path, *, name: str, sha256: str | None = None, si
         except OSError:
             pass  # unreadable cache: fetch again
     if source is not None:
-        return _fetch_file(source, target, name, shown, sha256, size, progress)
+        return _fetch_file(source, target, name, shown, sha256, size, progress, max_bytes)
     own = session is None
     sess = requests.Session() if own else session
     try:
         return _fetch_http(url, target, name, shown, sha256, size, timeout, retries, backoff,
-                           progress, sess)  # type: ignore[arg-type]
+                           progress, sess, max_bytes)  # type: ignore[arg-type]
     finally:
         if own:
             sess.close()  # type: ignore[union-attr]
 
 
-__all__ = ["ArchiveInfo", "fetch", "redact_url", "sha256_file", "ALLOWED_SCHEMES"]
+__all__ = ["ArchiveInfo", "fetch", "redact_url", "sha256_file", "ALLOWED_SCHEMES", "DEFAULT_MAX_BYTES"]

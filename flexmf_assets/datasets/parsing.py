@@ -8,15 +8,20 @@ Every format ends in the same two frames:
 
 The happy path is one strict polars read with an explicit schema (no Python loop over rows), so
 ML-25M parses in about a gigabyte. When that read fails, or leaves holes (short rows), a second,
-still vectorised pass reads the file as lines to find the *first* bad row and raises a
-:class:`ParseError` whose one-line message names the file, the 1-based line (the header counts)
-and the bad value, e.g. ``ml-latest-small/ratings.csv line 17: rating 'abc' is not a number``.
+still vectorised pass reads the file in blocks, each as text with trimmed values (quoted numbers,
+spaces around values and a stray carriage return before the line feed are accepted), to find the
+*first* bad row and raises a :class:`ParseError` whose one-line message names the file, the 1-based
+line (the header counts) and the bad value, e.g. ``ml-latest-small/ratings.csv line 17: rating
+'abc' is not a number``; echoed text is escaped (``\r``, ``\x1b``), so every message is printable.
+A file without a bad row is then read whole as text. User csv files may use a separator of
+several characters (``::``): their lines are split on it.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -53,9 +58,46 @@ class ParsedDataset:
 
 # --------------------------------------------------------------------------- error location
 
+#: what a failed strict read raises (a value that does not convert, a row of the wrong width...)
+_READ_ERRORS = (pl.exceptions.ComputeError, pl.exceptions.SchemaError, pl.exceptions.InvalidOperationError,
+                pl.exceptions.ShapeError)
+#: a strict read of some bytes: None when they parse, else why not
+Check = Callable[[bytes], "str | None"]
+
 
 def _is_utf8(encoding: str) -> bool:
     return encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8lossy")
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    """``text`` with control characters escaped (``\r``, ``\x1b``...), cut to ``limit`` characters."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of a polars error, printable."""
+    return _printable(str(exc).split("\n", 1)[0].strip()) or type(exc).__name__
+
+
+def _value(expr: pl.Expr) -> pl.Expr:
+    """A field's text as a value: surrounding whitespace and double quotes removed."""
+    return expr.str.strip_chars().str.strip_prefix('"').str.strip_suffix('"').str.strip_chars()
+
+
+def _to_dtype(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """Strict conversion of a text column read as strings: trimmed and unquoted, empty -> null."""
+    text = _value(expr)
+    return pl.when(text.str.len_chars() > 0).then(text).cast(dtype, strict=True)
+
+
+def _trailing_blank_start(body: bytes) -> int | None:
+    """Index (0-based line) of the first of the blank lines ending ``body``, or None."""
+    stripped = body.rstrip()
+    if not stripped:
+        return 0 if body else None
+    last_data = stripped.count(b"\n")
+    return last_data + 1 if body.count(b"\n") > last_data + 1 else None
 
 
 def _find_bad_row(
@@ -65,18 +107,21 @@ def _find_bad_row(
     separator: str,
     fields: Sequence[tuple[str, pl.DataType, bool]],
     skip: int,
+    check: Check,
     column_index: Sequence[int] | None = None,
-    block_ok: Callable[[bytes, int], bool] | None = None,
+    n_fields: int | None = None,
 ) -> ParseError | None:
     """Second pass after a failed strict read: scan the file in blocks of whole lines.
 
-    Each block is checked for undecodable bytes, then read strictly by ``block_ok`` (fast); only a
-    block that fails is split into lines and checked column by column (:func:`_locate_bad_row`).
-    The scan stops at the first bad line, so memory
-    stays at a few block sizes even for ML-25M.
+    Each block is checked for undecodable bytes, then read by ``check`` (:func:`_strict_read`,
+    fast). In a block that fails, :func:`_first_bad_line` finds the line ``check`` stops at,
+    whatever the reason, and says what is wrong with it. A blank line followed by more data is
+    an error. The scan stops at the first bad line, so memory stays at a few block sizes even
+    for ML-25M.
     """
     line_no = 1  # number of the first line of the current block
     carry = b""
+    pending_blank: int | None = None  # a blank line ending the previous block
     with open(path, "rb") as fh:
         while True:
             block = fh.read(_CHUNK)
@@ -95,6 +140,8 @@ def _find_bad_row(
                     try:
                         part.decode("utf-8")
                     except UnicodeDecodeError as exc:
+                        if pending_blank is not None and part[:exc.start].strip():
+                            return ParseError(f"{name} line {pending_blank}: blank line inside the data")
                         line = line_no + part.count(b"\n", 0, exc.start)
                         bad = part[exc.start:exc.start + 4]
                         return ParseError(f"{name} line {line}: bytes {bad!r} are not valid UTF-8 "
@@ -102,66 +149,138 @@ def _find_bad_row(
                     text = part
                 else:
                     text = part.decode(encoding, errors="replace").encode("utf-8")
-                if block_ok is not None and block_ok(text, skip if line_no == 1 else 0):
-                    line_no += part.count(b"\n")
-                    continue
-                lines = pl.read_lines(text)["line"]
                 first = line_no
-                if line_no == 1 and skip:
-                    lines, first = lines[skip:], 1 + skip
-                err = _locate_bad_row(lines, name, separator, fields, first, column_index,
-                                      trailing_blank_ok=not block)
-                if err is not None:
-                    return err
+                if line_no == 1:
+                    for _ in range(skip):  # header lines
+                        nl = text.find(b"\n")
+                        text = text[nl + 1:] if nl >= 0 else b""
+                        first += 1
+                if pending_blank is not None and text.strip():
+                    return ParseError(f"{name} line {pending_blank}: blank line inside the data")
+                if check(text) is not None:
+                    return _first_bad_line(text, first, name, separator, fields, check, column_index,
+                                           n_fields)
+                if text.strip():  # (a pending blank line was reported above)
+                    blank = _trailing_blank_start(text)
+                    pending_blank = None if blank is None else first + blank
+                elif text and pending_blank is None:
+                    pending_blank = first
                 line_no += part.count(b"\n")
             if not block:
                 return None
 
 
-def _locate_bad_row(
-    lines: pl.Series,
+def _first_bad_line(
+    body: bytes,
+    first_line: int,
     name: str,
     separator: str,
     fields: Sequence[tuple[str, pl.DataType, bool]],
-    first_line: int,
-    column_index: Sequence[int] | None = None,
-    trailing_blank_ok: bool = True,
-) -> ParseError | None:
-    """Find the first malformed data line; ``fields`` = (label, dtype, required) per used column.
+    check: Check,
+    column_index: Sequence[int] | None,
+    n_fields: int | None,
+) -> ParseError:
+    """The error of the first line of ``body`` (whole lines, failing ``check``) that ``check`` refuses.
 
-    ``first_line`` is the 1-based number of ``lines[0]``; ``column_index`` maps each field to its
-    position in the row (default: 0..n-1, with the row needing exactly ``len(fields)`` values).
-    Trailing blank lines are ignored when ``trailing_blank_ok``. Returns None when no row is at fault.
+    The per-value check of :func:`_naive_bad_row` proposes a line, two strict reads confirm it
+    (the lines before it parse, the prefix up to it does not); otherwise, or to narrow it down, a
+    bisection with ``check`` finds the line.
     """
-    n_expected = len(fields) if column_index is None else None
-    idx = list(range(len(fields))) if column_index is None else list(column_index)
+    ends = [m.end() for m in re.finditer(b"\n", body)]
+    if not ends or ends[-1] != len(body):
+        ends.append(len(body))
+    lines = pl.Series("line", body.decode("utf-8", errors="replace").split("\n")[: len(ends)])
+    lines = lines.str.strip_suffix("\r")
+    lo, hi = 0, len(ends) - 1  # the first failing prefix ends at one of ends[lo..hi]
+    candidate = _naive_bad_row(lines, separator, fields, column_index, True, n_fields)
+    if candidate is not None:
+        k = n = int(candidate["i"])
+        if not candidate["line"].strip():  # a blank line: the read fails at the next data line
+            rest = (lines.slice(k).str.strip_chars().str.len_chars() > 0).arg_true()
+            n = k + int(rest[0]) if rest.len() else -1
+        if n >= 0 and check(body[: ends[n]]) is not None:
+            hi = n
+            if k == 0 or check(body[: ends[k - 1]]) is None:
+                lo = k
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if check(body[: ends[mid]]) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    # blank lines right before it: a blank line inside the data (a prefix may end with blank lines)
+    blank = lo
+    while blank > 0 and not lines[blank - 1].strip():
+        blank -= 1
+    if blank < lo:
+        return ParseError(f"{name} line {first_line + blank}: blank line inside the data")
+    line = lines[lo]
+    row = _naive_bad_row(lines.slice(lo, 1), separator, fields, column_index, False, n_fields)
+    if row is not None:
+        return _describe_bad_row(row, name, first_line + lo, separator, fields, column_index, n_fields)
+    start = ends[lo - 1] if lo else 0
+    cause = check(body[start: ends[lo]]) or check(body[: ends[lo]]) or "unreadable row"
+    return ParseError(f"{name} line {first_line + lo}: cannot be parsed ({cause}) in {line[:80]!r}")
+
+
+def _field_values(lines: pl.Series, separator: str, n_used: int, idx: Sequence[int]) -> pl.DataFrame:
+    """Per line: its row index ``i``, text ``line``, field count ``__n`` and used fields ``s0``..."""
     frame = pl.DataFrame({"line": lines}).with_row_index("i")
-    blank = frame["line"].str.strip_chars().str.len_chars() == 0
+    parts = pl.col("line").str.split(separator)
+    return frame.select(
+        "i", "line", parts.list.len().alias("__n"),
+        *[_value(parts.list.get(idx[j], null_on_oob=True)).alias(f"s{j}") for j in range(n_used)],
+    )
+
+
+def _expected_fields(fields: Sequence, column_index: Sequence[int] | None,
+                     n_fields: int | None) -> tuple[int | None, list[int]]:
+    """(the exact field count a row needs, or None for 'at least'; each field's position)."""
+    if column_index is None:
+        return len(fields), list(range(len(fields)))
+    return n_fields, list(column_index)
+
+
+def _naive_bad_row(
+    lines: pl.Series,
+    separator: str,
+    fields: Sequence[tuple[str, pl.DataType, bool]],
+    column_index: Sequence[int] | None,
+    trailing_blank_ok: bool,
+    n_fields: int | None,
+) -> dict | None:
+    """The first line (as a row of :func:`_field_values`) with a wrong field count or value, or None.
+
+    Vectorised: lines are split on ``separator`` (quotes are not parsed), values trimmed and unquoted.
+    """
+    n_expected, idx = _expected_fields(fields, column_index, n_fields)
     if trailing_blank_ok:
-        nonblank = (~blank).arg_true()
+        nonblank = (lines.str.strip_chars().str.len_chars() > 0).arg_true()
         if nonblank.len() == 0:
             return None
-        frame = frame.head(int(nonblank[-1]) + 1)
-    parts = pl.col("line").str.split(separator)
-    exprs = [parts.list.len().alias("__n")]
-    for j, (label, dtype, _required) in enumerate(fields):
-        exprs.append(parts.list.get(idx[j], null_on_oob=True).str.strip_chars().alias(f"s{j}"))
-    frame = frame.select("i", "line", *exprs)
-    checks = []
-    if n_expected is not None:
-        checks.append(pl.col("__n") != n_expected)
-    else:
-        checks.append(pl.col("__n") <= max(idx))
+        lines = lines.head(int(nonblank[-1]) + 1)
+    frame = _field_values(lines, separator, len(fields), idx)
+    checks = [pl.col("__n") != n_expected] if n_expected is not None else [pl.col("__n") <= max(idx)]
     for j, (_label, dtype, required) in enumerate(fields):
         raw = pl.col(f"s{j}")
         empty = raw.is_null() | (raw.str.len_chars() == 0)
         bad_value = ~empty & raw.cast(dtype, strict=False).is_null()
         checks.append((empty & required) | bad_value)
     bad = frame.filter(pl.any_horizontal(checks)).head(1)
-    if bad.height == 0:
-        return None
-    row = bad.row(0, named=True)
-    line = first_line + int(row["i"])
+    return bad.row(0, named=True) if bad.height else None
+
+
+def _describe_bad_row(
+    row: dict,
+    name: str,
+    line: int,
+    separator: str,
+    fields: Sequence[tuple[str, pl.DataType, bool]],
+    column_index: Sequence[int] | None,
+    n_fields: int | None,
+) -> ParseError:
+    """The one-line error for a row :func:`_naive_bad_row` found at 1-based ``line``."""
+    n_expected, idx = _expected_fields(fields, column_index, n_fields)
     text = row["line"]
     if not text.strip():
         return ParseError(f"{name} line {line}: blank line inside the data")
@@ -185,7 +304,31 @@ def _locate_bad_row(
         if not ok:
             kind = "an integer" if dtype.is_integer() else "a number"
             return ParseError(f"{name} line {line}: {label} {value!r} is not {kind}")
-    return None  # pragma: no cover - the filter and the per-field checks agree
+    raise AssertionError("_naive_bad_row and _describe_bad_row disagree")  # pragma: no cover
+
+
+def _locate_bad_row(
+    lines: pl.Series,
+    name: str,
+    separator: str,
+    fields: Sequence[tuple[str, pl.DataType, bool]],
+    first_line: int,
+    column_index: Sequence[int] | None = None,
+    trailing_blank_ok: bool = True,
+    n_fields: int | None = None,
+) -> ParseError | None:
+    """Find the first malformed data line; ``fields`` = (label, dtype, required) per used column.
+
+    ``first_line`` is the 1-based number of ``lines[0]``; ``column_index`` maps each field to its
+    position in the row (default: 0..n-1, with the row needing exactly ``len(fields)`` values);
+    ``n_fields`` demands that exact count with a ``column_index`` too. Values are trimmed and
+    unquoted. Trailing blank lines are ignored when ``trailing_blank_ok``. Returns None when no
+    row is at fault.
+    """
+    row = _naive_bad_row(lines, separator, fields, column_index, trailing_blank_ok, n_fields)
+    if row is None:
+        return None
+    return _describe_bad_row(row, name, first_line + int(row["i"]), separator, fields, column_index, n_fields)
 
 
 def _drop_trailing_null_rows(df: pl.DataFrame) -> pl.DataFrame | None:
@@ -201,7 +344,7 @@ def _drop_trailing_null_rows(df: pl.DataFrame) -> pl.DataFrame | None:
 
 def _header_line(path: Path, name: str, encoding: str) -> tuple[str, ...]:
     with open(path, "rb") as fh:
-        first = fh.readline()
+        first = fh.readline(4096)
     try:
         text = first.decode("utf-8-sig" if _is_utf8(encoding) else encoding)
     except UnicodeDecodeError:
@@ -209,10 +352,61 @@ def _header_line(path: Path, name: str, encoding: str) -> tuple[str, ...]:
     return tuple(f.strip().strip('"') for f in text.rstrip("\r\n").split(","))
 
 
+def _finish(df: pl.DataFrame) -> tuple[pl.DataFrame | None, str]:
+    """``df`` without trailing all-null rows (blank lines at the end), or (None, why) if holes remain."""
+    if df.null_count().sum_horizontal()[0] == 0:
+        return df, ""
+    trimmed = _drop_trailing_null_rows(df)
+    return (trimmed, "") if trimmed is not None else (None, "missing values")
+
+
+def _strict_read(read: Callable[[Path | bytes, int, bool], pl.DataFrame], source: Path | bytes,
+                 skip_lines: int) -> tuple[pl.DataFrame | None, str]:
+    """(frame, '') from a strict read, or (None, why) when some row is at fault.
+
+    ``read(source, skip_lines, typed)``: a fast typed read first; when it fails, a read as text
+    that trims every value before converting it (spaces, a stray carriage return).
+    """
+    try:
+        df, cause = _finish(read(source, skip_lines, True))
+        if df is not None:
+            return df, cause
+    except _READ_ERRORS:
+        pass
+    try:
+        return _finish(read(source, skip_lines, False))
+    except _READ_ERRORS as exc:
+        return None, _cause(exc)
+
+
+def _read_file(read: Callable[[Path | bytes, int, bool], pl.DataFrame], path: Path, skip: int, name: str,
+               locate: Callable[[Check], ParseError | None]) -> pl.DataFrame:
+    """The frame of a whole file: one fast typed read; when it fails, the block pass of ``locate``
+    (with :func:`_strict_read` on each block) names the first bad line, or, when every block
+    reads, the file is read again as text with trimmed values."""
+    try:
+        df, _ = _finish(read(path, skip, True))
+    except _READ_ERRORS:
+        df = None
+    if df is not None:
+        return df
+    err = locate(lambda text: _strict_read(read, text, 0)[1] or None)
+    if err is not None:
+        raise err
+    try:
+        df, cause = _finish(read(path, skip, False))
+    except _READ_ERRORS as exc:
+        df, cause = None, _cause(exc)
+    if df is None:  # every block reads, the whole file does not: rows spanning blocks (quoted newlines)
+        raise ParseError(f"{name}: could not be parsed: {cause}")
+    return df
+
+
 def parse_ratings_file(path: Path, layout: ArchiveLayout, *, name: str | None = None) -> pl.DataFrame:
     """Parse a MovieLens ratings file (``u.data``, ``ratings.dat`` or ``ratings.csv``).
 
     ``name`` is how messages call the file (its path inside the archive); default: its base name.
+    Values may be quoted (``"1","10","4.0"``) and surrounded by spaces; lines may end in CRLF.
     """
     path = Path(path)
     name = name or path.name
@@ -221,7 +415,7 @@ def parse_ratings_file(path: Path, layout: ArchiveLayout, *, name: str | None = 
     if layout.has_header:
         header = _header_line(path, name, layout.encoding)
         if header[:4] != CSV_RATINGS_HEADER or len(header) != 4:
-            raise ParseError(f"{name} line 1: header {','.join(header)!r} is not "
+            raise ParseError(f"{name} line 1: header {','.join(header)[:80]!r} is not "
                              f"{','.join(CSV_RATINGS_HEADER)!r}")
         labels = CSV_RATINGS_HEADER
         skip = 1
@@ -231,45 +425,33 @@ def parse_ratings_file(path: Path, layout: ArchiveLayout, *, name: str | None = 
         # '1::2::5::978300760' split on ':' gives 7 fields with empty ones between the values
         cols = [f"c{i}" for i in range(7)]
         dtypes = [pl.Int64(), pl.String(), pl.Int64(), pl.String(), pl.Float32(), pl.String(), pl.Int64()]
-        schema = dict(zip(cols, dtypes))
         separator = ":"
     else:
-        schema = dict(zip(labels, RATINGS_SCHEMA.values()))
+        cols, dtypes = list(labels), list(RATINGS_SCHEMA.values())
         separator = layout.separator
     if len(separator) != 1:
         raise ParseError(f"{name}: unsupported separator {layout.separator!r}")
 
-    def strict(source: Path | bytes, skip_lines: int) -> tuple[pl.DataFrame | None, str]:
-        """(frame, '') from one strict polars read, or (None, why) when some row is at fault."""
+    def read(source: Path | bytes, skip_lines: int, typed: bool) -> pl.DataFrame:
+        schema = dict(zip(cols, dtypes if typed else [pl.String()] * len(cols)))
         try:
-            df = pl.read_csv(
-                source, has_header=False, skip_lines=skip_lines, separator=separator, schema=schema,
-                quote_char=None if not layout.has_header else '"', encoding=encoding,
-            )
-        except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as exc:
-            return None, str(exc).splitlines()[0]
+            df = pl.read_csv(source, has_header=False, skip_lines=skip_lines, separator=separator,
+                             schema=schema, quote_char='"', encoding=encoding)
         except pl.exceptions.NoDataError:
             df = pl.DataFrame(schema=schema)
         if double_colon:
             stray = df.select(pl.any_horizontal(pl.col("c1", "c3", "c5").is_not_null())).to_series()
             if stray.any():
-                return None, "values separated by a single ':'"
+                raise pl.exceptions.ComputeError("values separated by a single ':'")
             df = df.select(pl.col("c0"), pl.col("c2"), pl.col("c4"), pl.col("c6"))
         df.columns = list(RATINGS_SCHEMA)
-        if df.null_count().sum_horizontal()[0] > 0:
-            trimmed = _drop_trailing_null_rows(df)
-            if trimmed is None:
-                return None, "missing values"
-            df = trimmed
-        return df, ""
+        if not typed:  # spaces around values, a stray carriage return: trim, then convert strictly
+            df = df.select(_to_dtype(pl.col(c), t).alias(c) for c, t in RATINGS_SCHEMA.items())
+        return df
 
-    df, cause = strict(path, skip)
-    if df is None:
-        fields = [(lab, dt, True) for lab, dt in zip(labels, RATINGS_SCHEMA.values())]
-        err = _find_bad_row(path, name, layout.encoding, layout.separator, fields, skip,
-                            block_ok=lambda text, skip_lines: strict(text, skip_lines)[0] is not None)
-        raise err or ParseError(f"{name}: could not be parsed: {cause}")
-    return df
+    fields = [(lab, dt, True) for lab, dt in zip(labels, RATINGS_SCHEMA.values())]
+    return _read_file(read, path, skip, name, lambda check: _find_bad_row(
+        path, name, layout.encoding, layout.separator, fields, skip, check))
 
 
 # --------------------------------------------------------------------------- items
@@ -360,55 +542,96 @@ _DTYPE_LABEL = {"user_id": "an integer", "item_id": "an integer", "timestamp": "
 
 
 def _columns_of(spec: DatasetSpec, name: str) -> dict[str, str]:
-    if not spec.columns:
-        raise ParseError(f"{name}: dataset {spec.name!r} has no column mapping (columns:)")
-    mapping = dict(spec.columns)
-    for required in ("user_id", "item_id", "rating"):
-        if required not in mapping:
-            raise ParseError(f"{name}: column mapping of {spec.name!r} lacks {required!r}")
+    mapping = dict(spec.columns or {})
+    missing = [c for c in ("user_id", "item_id", "rating") if not mapping.get(c)]
+    if missing:
+        raise ParseError(f"{name}: the column mapping (columns:) of dataset {spec.name!r} lacks "
+                         f"{', '.join(map(repr, missing))}")
     return mapping
 
 
 def _missing_column(name: str, canonical: str, source: str, present: Sequence[str]) -> ParseError:
+    shown = ", ".join(_printable(c, 60) for c in present[:30])
+    more = f", ... ({len(present)} in all)" if len(present) > 30 else ""
     return ParseError(f"{name}: column {source!r} (for {canonical}) not found; "
-                      f"columns present: {', '.join(present)}")
+                      f"columns present: {shown}{more}")
+
+
+def _headerless_names(width: int) -> list[str]:
+    """The names polars gives the columns of a file without a header."""
+    return pl.read_csv(b",".join([b"0"] * width) + b"\n", has_header=False, n_rows=0).columns
 
 
 def _parse_plain_csv(path: Path, spec: DatasetSpec, name: str) -> pl.DataFrame:
     mapping = _columns_of(spec, name)
+    separator = spec.separator
+    if len(separator.encode("utf-8")) != 1:
+        return _parse_plain_split(path, spec, name, mapping)
     try:
-        head = pl.read_csv(path, n_rows=0, separator=spec.separator, has_header=spec.has_header,
+        head = pl.read_csv(path, n_rows=0, separator=separator, has_header=spec.has_header,
                            infer_schema=False)
     except pl.exceptions.NoDataError:
         raise ParseError(f"{name}: the file is empty") from None
     except pl.exceptions.ComputeError:
         raise ParseError(f"{name} line 1: header is not valid UTF-8 (wrong file encoding?)") from None
-    present = head.columns
+    present = [c.strip() for c in head.columns]  # (a header line ending in CR CR LF keeps one CR)
     for canonical, source in mapping.items():
         if source not in present:
             raise _missing_column(name, canonical, source, present)
     order = [c for c in RATINGS_SCHEMA if c in mapping]
-    overrides = {mapping[c]: RATINGS_SCHEMA[c] for c in order}
+    positions = [present.index(mapping[c]) for c in order]
+    skip = 1 if spec.has_header else 0
 
-    def locate(cause: str) -> ParseError:
-        fields = [(mapping[c], RATINGS_SCHEMA[c], True) for c in order]
-        err = _find_bad_row(path, name, "utf-8", spec.separator, fields, 1 if spec.has_header else 0,
-                            column_index=[present.index(mapping[c]) for c in order])
-        return err or ParseError(f"{name}: could not be parsed: {cause}")
+    def read(source: Path | bytes, skip_lines: int, typed: bool) -> pl.DataFrame:
+        schema: dict[str, pl.DataType] = {f"f{i}": pl.String() for i in range(len(present))}
+        if typed:
+            schema.update({f"f{pos}": RATINGS_SCHEMA[c] for c, pos in zip(order, positions)})
+        try:
+            df = pl.read_csv(source, has_header=False, skip_lines=skip_lines, separator=separator,
+                             schema=schema, columns=sorted(positions))
+        except pl.exceptions.NoDataError:
+            df = pl.DataFrame(schema=schema)
+        cols = [pl.col(f"f{pos}") for pos in positions]
+        if not typed:
+            cols = [_to_dtype(col, RATINGS_SCHEMA[c]) for c, col in zip(order, cols)]
+        return df.select(col.alias(c) for c, col in zip(order, cols))
 
+    fields = [(mapping[c], RATINGS_SCHEMA[c], True) for c in order]
+    return _canonical(_read_file(read, path, skip, name, lambda check: _find_bad_row(
+        path, name, "utf-8", separator, fields, skip, check, column_index=positions)))
+
+
+def _parse_plain_split(path: Path, spec: DatasetSpec, name: str, mapping: dict[str, str]) -> pl.DataFrame:
+    """A csv whose separator polars cannot read (several characters like ml-1m's ``::``, or one
+    multi-byte character): each line is split on it, so values cannot contain it (no quoting)."""
+    separator = spec.separator
     try:
-        df = pl.read_csv(path, separator=spec.separator, has_header=spec.has_header,
-                         columns=[mapping[c] for c in order], infer_schema=False,
-                         schema_overrides=overrides)
-    except (pl.exceptions.ComputeError, pl.exceptions.SchemaError) as exc:
-        raise locate(str(exc).splitlines()[0]) from None
-    df = df.select([pl.col(mapping[c]).alias(c) for c in order])
-    if df.null_count().sum_horizontal()[0] > 0:
-        trimmed = _drop_trailing_null_rows(df)
-        if trimmed is None:
-            raise locate("missing values") from None
-        df = trimmed
-    return _canonical(df)
+        lines = pl.read_lines(path)["line"]
+    except pl.exceptions.ComputeError as exc:
+        err = _find_bad_row(path, name, "utf-8", separator, [], 0, check=lambda text: None)
+        raise err or ParseError(f"{name}: cannot be read ({_cause(exc)})") from None
+    nonblank = (lines.str.strip_chars().str.len_chars() > 0).arg_true()
+    if nonblank.len() == 0:
+        raise ParseError(f"{name}: the file is empty")
+    first = lines[0].lstrip("\ufeff")
+    if spec.has_header:
+        present = [f.strip().removeprefix('"').removesuffix('"').strip() for f in first.split(separator)]
+    else:
+        present = _headerless_names(len(first.split(separator)))
+    for canonical, source in mapping.items():
+        if source not in present:
+            raise _missing_column(name, canonical, source, present)
+    skip = 1 if spec.has_header else 0
+    data = lines.slice(skip, max(int(nonblank[-1]) + 1 - skip, 0))  # without trailing blank lines
+    order = [c for c in RATINGS_SCHEMA if c in mapping]
+    positions = [present.index(mapping[c]) for c in order]
+    fields = [(mapping[c], RATINGS_SCHEMA[c], True) for c in order]
+    err = _locate_bad_row(data, name, separator, fields, 1 + skip, positions, n_fields=len(present))
+    if err is not None:
+        raise err
+    values = _field_values(data, separator, len(order), positions)
+    return _canonical(values.select(pl.col(f"s{j}").cast(RATINGS_SCHEMA[c]).alias(c)
+                                    for j, c in enumerate(order)))
 
 
 def _canonical(df: pl.DataFrame) -> pl.DataFrame:
@@ -493,7 +716,8 @@ def load_dataset(spec: DatasetSpec, source: Path | None, workdir: Path) -> Parse
     from flexmf_assets.datasets.archive import find_member, safe_extract
 
     dest = Path(workdir) / spec.name
-    safe_extract(source, dest)
+    # only the members the layout reads are written (padding members cost no disk)
+    safe_extract(source, dest, members=[f for f in (layout.ratings_file, layout.items_file) if f])
     ratings_path = find_member(dest, layout.ratings_file)
     ratings = parse_ratings_file(ratings_path, layout, name=_member_name(ratings_path, dest))
     items = None

@@ -41,7 +41,7 @@ def build_data_assets(dataset_partitions: dg.PartitionsDefinition):
     )
     @user_errors
     def archive(context: dg.AssetExecutionContext, project_config: ProjectResource) -> dg.Output[dict]:
-        from flexmf_assets.datasets.download import fetch
+        from flexmf_assets.datasets.download import DEFAULT_MAX_BYTES, fetch
 
         cfg = project_config.load()
         spec = cfg.dataset(context.partition_key)
@@ -66,6 +66,7 @@ def build_data_assets(dataset_partitions: dg.PartitionsDefinition):
             spec.url, cfg.cache_dir, name=spec.name, sha256=spec.sha256, size=spec.size,
             builtin=spec.builtin, timeout=float(dl.get("timeout", 60)), retries=int(dl.get("retries", 4)),
             allowed_roots=cfg.allowed_file_roots(), progress=progress,
+            max_bytes=dl.get("max_bytes") or DEFAULT_MAX_BYTES,
         )
         context.log.info(f"{spec.name}: {'cache hit' if info.cached else 'downloaded'} {info.url} "
                          f"sha256={info.sha256}")
