@@ -54,7 +54,8 @@ TRAINERS: dict[str, tuple[type, dict[str, Any]]] = {
     "implicit pairwise": (FlexMFImplicitScorer, {"loss": "pairwise", "negative_count": 3}),
     "implicit warp": (FlexMFImplicitScorer, {"preset": "warp"}),
 }
-ENGINES = ("native", "torch")
+#: the fused CPU kernels, eager torch on the CPU, eager torch on a GPU (skipped without one)
+ENGINES = ("native", "torch", "cuda")
 REASONS = (r"loss is (nan|inf)", r"the (user|item) parameters are (nan|inf)",
            r"parameters grew so large that scores overflow float32 \(bound [0-9.e+]+\)",
            rf"loss is [0-9.e+]+, over {DIVERGENCE_FACTOR:g}x the loss at initialization \([0-9.e+-]+\)")
@@ -66,10 +67,14 @@ def diverged(lr: float, reason: str = "|".join(REASONS)) -> str:
             r"lower learning_rate or raise regularization")
 
 
-def select_engine(engine: str, monkeypatch) -> None:
+def select_engine(engine: str, monkeypatch) -> str:
+    """Make the next fit train with ``engine``; returns the device to train on."""
     monkeypatch.setenv("FLEXMF_NATIVE", "1" if engine == "native" else "0")
     if engine == "native" and _native.kernels() is None:
         pytest.skip(f"fused kernels unavailable here: {_native.status()}")
+    if engine == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return "cuda" if engine == "cuda" else "cpu"
 
 
 def parameters(model) -> list[torch.Tensor]:
@@ -80,12 +85,12 @@ def parameters(model) -> list[torch.Tensor]:
 @pytest.mark.parametrize("trainer", list(TRAINERS))
 @pytest.mark.parametrize("engine", ENGINES)
 def test_absurd_learning_rate_fails_as_diverged_on_every_engine(ratings, monkeypatch, engine, trainer, lr):
-    select_engine(engine, monkeypatch)
+    device = select_engine(engine, monkeypatch)
     cls, config = TRAINERS[trainer]
-    model = cls(device="cpu", epochs=6, embedding_size=8, learning_rate=lr, **config)
+    model = cls(device=device, epochs=6, embedding_size=8, learning_rate=lr, **config)
     with pytest.raises(TrainingError) as info:
         model.fit(ratings)
-    assert model.engine == engine
+    assert model.engine == ("native" if engine == "native" else "torch")
     match = re.fullmatch(diverged(lr), str(info.value))
     assert match, str(info.value)
     # caught at once: the first epoch, or the second where the first epoch's loss is still that of the
@@ -97,8 +102,8 @@ def test_absurd_learning_rate_fails_as_diverged_on_every_engine(ratings, monkeyp
 def test_finite_but_diverged_loss_fails(ratings, monkeypatch, engine):
     # explicit Adam at learning_rate=1000: the loss stays finite (about 2e12 on 0.5-5 star ratings,
     # going up and down), the model was published before; now it fails on the loss rule
-    select_engine(engine, monkeypatch)
-    model = FlexMFExplicitScorer(device="cpu", epochs=6, embedding_size=8, learning_rate=1000.0, optimizer="adam")
+    device = select_engine(engine, monkeypatch)
+    model = FlexMFExplicitScorer(device=device, epochs=6, embedding_size=8, learning_rate=1000.0, optimizer="adam")
     with pytest.raises(TrainingError) as info:
         model.fit(ratings)
     message = str(info.value)
@@ -111,9 +116,9 @@ def test_finite_but_diverged_loss_fails(ratings, monkeypatch, engine):
 @pytest.mark.parametrize("trainer", list(TRAINERS))
 @pytest.mark.parametrize("engine", ENGINES)
 def test_sound_learning_rates_never_trip_the_guard(ratings, monkeypatch, engine, trainer):
-    select_engine(engine, monkeypatch)
+    device = select_engine(engine, monkeypatch)
     cls, config = TRAINERS[trainer]
-    model = cls(device="cpu", epochs=6, embedding_size=8, **config).fit(ratings)
+    model = cls(device=device, epochs=6, embedding_size=8, **config).fit(ratings)
     losses = [h["train_loss"] for h in model.history]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert all(bool(torch.isfinite(t).all()) for t in parameters(model))
@@ -121,12 +126,13 @@ def test_sound_learning_rates_never_trip_the_guard(ratings, monkeypatch, engine,
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_warp_on_a_catalogue_smaller_than_its_candidates(monkeypatch, engine):
-    # preset warp scores 64 candidates; with 30 items a violator found at trial 40 indexed past the
-    # rank-weight table (a raw IndexError); such a trial estimates rank 0, whose weight is 0
-    select_engine(engine, monkeypatch)
+    # the shipped warp set (preset warp: 64 candidates) on 30 items: once the model ranks positives
+    # well, a violator found at trial 40 indexed past the rank-weight table (a raw IndexError); such a
+    # trial estimates rank 0, whose weight is 0
+    device = select_engine(engine, monkeypatch)
     rows = [(u, i, 4.0) for u in range(1, 41) for i in range(1, 31) if (u * 7 + i * 3) % 5 < 2]
     frame = pl.DataFrame(rows, schema=["user_id", "item_id", "rating"], orient="row")
-    model = FlexMFImplicitScorer(device="cpu", preset="warp", epochs=8, embedding_size=4).fit(frame)
+    model = FlexMFImplicitScorer(device=device, preset="warp", epochs=30, embedding_size=32).fit(frame)
     assert model.config.misranked_candidates == 64 and model.n_items == 30
     assert model.recommend(n=3).height == 40 * 3
 
@@ -443,7 +449,7 @@ def test_diverging_or_forged_model_never_replaces_the_published_one(tmp_path, da
                                           sparse_rows, stored, stored_version)
 
     instance = dagster_instance
-    source = ml_zip(tmp_path / "www" / "demo.zip", sparse_rows())
+    source = ml_zip(tmp_path / "www" / "demo.zip", sparse_rows(60, 80))  # more items than WARP's 64 candidates
     project, defs = make_project(tmp_path, dataset_yaml(source.as_uri()) + IMPLICIT_CONFIG.format(lr=0.01))
     ok(run(defs, "data_job", "demo", instance))
     instance.add_dynamic_partitions("implicit_hparams", ["default"])
