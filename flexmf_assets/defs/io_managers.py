@@ -42,8 +42,6 @@ _VERSION_NAME = re.compile(r"v-[A-Za-z0-9_-]{1,200}")
 #: the largest manifest.json and value.json read, in bytes
 MANIFEST_LIMIT = 1 << 20
 VALUE_LIMIT = 64 << 20
-#: a stored file name a manifest may list (plain names inside the version folder)
-_PARQUET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,100}\.parquet")
 
 #: model classes the manager may load: name -> module (never arbitrary import paths from disk)
 MODEL_CLASSES = {
@@ -112,6 +110,12 @@ def current_version(partition_dir: UPath) -> UPath | None:
     return partition_dir / name
 
 
+def _bundle_file(name: Any) -> bool:
+    """A file name a frame bundle's manifest may list: ``<identifier>.parquet``, as :meth:`VersionedStore._dump`
+    writes (so never a path out of the version folder)."""
+    return isinstance(name, str) and name.endswith(".parquet") and name[: -len(".parquet")].isidentifier()
+
+
 def read_manifest(version_dir: UPath) -> dict[str, Any]:
     """The version's manifest.json, checked; a missing version folder or manifest is a one-line
     :class:`ConfigError` naming the path (``CURRENT`` names a version that is not there)."""
@@ -128,8 +132,7 @@ def read_manifest(version_dir: UPath) -> dict[str, Any]:
     kind, files = manifest.get("kind"), manifest.get("files")
     if kind not in ("frame", "frames", "json", "model"):
         raise ConfigError(f"{path}: unknown kind {str(kind)[:60]!r}")
-    if kind == "frames" and not (isinstance(files, list) and files
-                                 and all(isinstance(f, str) and _PARQUET_NAME.fullmatch(f) for f in files)):
+    if kind == "frames" and not (isinstance(files, list) and files and all(map(_bundle_file, files))):
         raise ConfigError(f"{path}: field 'files' must list plain '<name>.parquet' file names, "
                           f"got {str(files)[:80]}")
     return manifest
