@@ -254,7 +254,7 @@ def test_model_step_failures_are_one_line_and_keep_the_previous_model(tmp_path, 
     # training divergence of the same partition (the set was edited): clear error, old model kept
     _, diverging = model_project(tmp_path, source, lr=500.0, reg=0.0)
     message = one_line_failure(run(diverging, "explicit_job", key("default"), instance), "TrainingError: ")
-    assert re.fullmatch(r"TrainingError: training diverged at epoch \d+: loss is (nan|inf) "
+    assert re.fullmatch(r"TrainingError: training diverged at epoch \d+: .+ "  # the reasons: test_reliability_models
                         r"\(learning_rate=500.0\); lower learning_rate or raise regularization", message)
     assert stored_version(project, "explicit_model", "demo", "default") == model_before
 

@@ -20,6 +20,7 @@ import importlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -32,12 +33,18 @@ import polars as pl
 from upath import UPath
 
 from flexmf_assets.defs.failures import as_failure
-from flexmf_assets.errors import FlexMFError
+from flexmf_assets.errors import ConfigError, FlexMFError
+from flexmf_assets.flexmf._common import parse_json
 
 POINTER = "CURRENT"
 #: the newest table of a partition, at a stable path (see VersionedStore._publish_latest)
 LATEST = "latest.parquet"
 MANIFEST = "manifest.json"
+#: what a ``CURRENT`` pointer may hold: one version folder name (no dots, no separators)
+_VERSION_NAME = re.compile(r"v-[A-Za-z0-9_-]{1,200}")
+#: the largest manifest.json and value.json read, in bytes
+MANIFEST_LIMIT = 1 << 20
+VALUE_LIMIT = 64 << 20
 
 #: model classes the manager may load: name -> module (never arbitrary import paths from disk)
 MODEL_CLASSES = {
@@ -72,26 +79,66 @@ def _atomic_write_text(path: UPath, text: str) -> None:
         path.write_text(text, encoding="utf-8")
 
 
+def _read_limited(path: UPath, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``path`` (one plain GET on object stores); more is an error."""
+    if _is_local(path):
+        with open(_local(path), "rb") as fh:
+            data = fh.read(limit + 1)
+    else:  # never a cached listing/HEAD (see current_version)
+        data = path.fs.cat_file(path.path)
+    if len(data) > limit:
+        raise ConfigError(f"{path}: larger than the limit of {limit} bytes")
+    return data
+
+
 def current_version(partition_dir: UPath) -> UPath | None:
     """The version folder ``CURRENT`` points at, or None when nothing was materialized."""
     pointer = partition_dir / POINTER
     if _is_local(pointer):
         if not pointer.exists():
             return None
-        name = pointer.read_text(encoding="utf-8").strip()
-    else:  # object stores: one plain GET; never a cached listing/HEAD (a long-lived worker would see a
+    try:  # object stores: one plain GET; never a cached listing/HEAD (a long-lived worker would see a
         # stale pointer, and s3fs's open() sends If-Match with the cached ETag: PreconditionFailed)
-        try:
-            name = pointer.fs.cat_file(pointer.path).decode("utf-8").strip()
-        except FileNotFoundError:
-            return None
-    if not name.startswith("v-") or "/" in name or ".." in name:
-        raise ValueError(f"{pointer}: corrupt pointer {name!r}")
+        raw = _read_limited(pointer, 256)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ConfigError(f"{pointer}: corrupt pointer (a directory, not a file)") from None
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not _VERSION_NAME.fullmatch(name):
+        raise ConfigError(f"{pointer}: corrupt pointer {raw[:80]!r}; expected a version folder name 'v-...'")
     return partition_dir / name
 
 
+def _bundle_file(name: Any) -> bool:
+    """A file name a frame bundle's manifest may list: ``<identifier>.parquet``, as :meth:`VersionedStore._dump`
+    writes (so never a path out of the version folder)."""
+    return isinstance(name, str) and name.endswith(".parquet") and name[: -len(".parquet")].isidentifier()
+
+
 def read_manifest(version_dir: UPath) -> dict[str, Any]:
-    return json.loads((version_dir / MANIFEST).read_text(encoding="utf-8"))
+    """The version's manifest.json, checked; a missing version folder or manifest is a one-line
+    :class:`ConfigError` naming the path (``CURRENT`` names a version that is not there)."""
+    path = version_dir / MANIFEST
+    try:
+        data = _read_limited(path, MANIFEST_LIMIT)
+    except (FileNotFoundError, NotADirectoryError):
+        missing = version_dir if _is_local(version_dir) and not _local(version_dir).is_dir() else path
+        raise ConfigError(f"{missing}: does not exist, but {version_dir.parent / POINTER} names it "
+                          "(the partition's storage is damaged; rematerialize it)") from None
+    manifest = parse_json(data, path)
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    kind, files = manifest.get("kind"), manifest.get("files")
+    if kind not in ("frame", "frames", "json", "model"):
+        raise ConfigError(f"{path}: unknown kind {str(kind)[:60]!r}")
+    if kind == "frames" and not (isinstance(files, list) and files and all(map(_bundle_file, files))):
+        raise ConfigError(f"{path}: field 'files' must list plain '<name>.parquet' file names, "
+                          f"got {str(files)[:80]}")
+    return manifest
 
 
 class VersionedStore:
@@ -189,27 +236,37 @@ class VersionedStore:
 
     # -- reading ----------------------------------------------------------------------
     def read(self, partition_dir: UPath, *, device: Any = None) -> Any:
+        """The partition's current value. Nothing materialized is a ``FileNotFoundError``; a damaged
+        or forged pointer, manifest or file a one-line :class:`ConfigError` naming the path."""
         version = current_version(partition_dir)
         if version is None:
             raise FileNotFoundError(f"{partition_dir}: nothing materialized yet (no {POINTER})")
         manifest = read_manifest(version)
-        kind = manifest.get("kind")
+        kind = manifest["kind"]
         if kind == "frame":
-            return pl.read_parquet(self._local_file(version / "data.parquet"))
+            return self._read_parquet(version / "data.parquet")
         if kind == "frames":
-            return {f[: -len(".parquet")]: pl.read_parquet(self._local_file(version / f)) for f in manifest["files"]}
+            return {f[: -len(".parquet")]: self._read_parquet(version / f) for f in manifest["files"]}
         if kind == "json":
-            return json.loads((version / "value.json").read_text(encoding="utf-8"))
-        if kind == "model":
-            cls_name = manifest.get("class")
-            if cls_name not in MODEL_CLASSES:
-                raise ValueError(f"{version}: unknown model class {cls_name!r}")
-            cls = getattr(importlib.import_module(MODEL_CLASSES[cls_name]), cls_name)
-            return cls.load(self._local_dir(version / "model"), device=device)
-        raise ValueError(f"{version / MANIFEST}: unknown kind {kind!r}")
+            value = version / "value.json"
+            try:
+                return parse_json(_read_limited(value, VALUE_LIMIT), value)
+            except FileNotFoundError:
+                raise ConfigError(f"{value}: does not exist, but {version / MANIFEST} lists it") from None
+        cls_name = manifest.get("class")
+        if not isinstance(cls_name, str) or cls_name not in MODEL_CLASSES:
+            raise ConfigError(f"{version}: unknown model class {str(cls_name)[:60]!r}")
+        cls = getattr(importlib.import_module(MODEL_CLASSES[cls_name]), cls_name)
+        return cls.load(self._local_dir(version / "model"), device=device)
 
-    def _local_file(self, path: UPath) -> Any:
-        return _local(path) if _is_local(path) else io.BytesIO(path.read_bytes())
+    def _read_parquet(self, path: UPath) -> pl.DataFrame:
+        try:
+            return pl.read_parquet(_local(path) if _is_local(path) else io.BytesIO(path.read_bytes()))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: does not exist, but {path.parent / MANIFEST} lists it") from None
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(f"{path}: unreadable parquet file ({first})") from None
 
     def _local_dir(self, path: UPath) -> Path:
         if _is_local(path):

@@ -33,10 +33,14 @@ import torch
 
 from flexmf_assets.errors import DataValidationError
 from flexmf_assets.flexmf._common import (
+    DivergenceGuard,
     FrameScoring,
     IdIndex,
+    TENSOR_FILE,
     SeenItems,
-    check_finite,
+    check_score_range,
+    check_tensor_names,
+    expect_tensor,
     hot_loop_threads,
     requested_threads,
     load_model_dir,
@@ -143,6 +147,9 @@ class FlexMFExplicitScorer(FrameScoring):
         n = len(resid)
         native = _native.usable(dev)
         self.engine = "native" if native else "torch"
+        # expected squared error at initialization: the ratings' variance (the global mean's error)
+        # plus E[(p . q)^2] = k * init_scale^4 of the N(0, init_scale) embeddings (biases start at 0)
+        guard = DivergenceGuard(float(np.var(r_np, dtype=np.float64)) + k * cfg.init_scale**4, cfg.learning_rate)
         scratch = (
             (_native.Scratch(self.n_users + 1, width), _native.Scratch(self.n_items + 1, width)) if native else None
         )
@@ -153,7 +160,7 @@ class FlexMFExplicitScorer(FrameScoring):
                 run = self._run_epoch_native if native else self._run_epoch
                 loss = run(users[perm], items[perm], resid[perm], lr, state, scratch)
                 train_loss = float(loss) / n
-                check_finite(train_loss, epoch, cfg.learning_rate)
+                guard.check(epoch, train_loss, self.user_table, self.item_table)
                 record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "val_rmse": None}
                 if val is not None:
                     record["val_rmse"] = self._rmse_rows(*val)
@@ -403,33 +410,38 @@ class FlexMFExplicitScorer(FrameScoring):
     def load(
         cls, path: str | Path, device: DeviceSettings | str | torch.device | None = None
     ) -> "FlexMFExplicitScorer":
-        """Load a model saved with :meth:`save`; verifies the tensor file's sha256 first."""
+        """Load a model saved with :meth:`save`.
+
+        Verifies the tensor file's sha256 first, then every field and tensor against the others
+        (types, ranges, shapes against the recorded sizes, finite weights, seen items within the
+        catalogue): a forged or corrupt file is a one-line :class:`ConfigError` naming it.
+        """
         dev = resolve_device(device)
         tensors, config, meta = load_model_dir(path, dev, kind=KIND)
+        tensor_file = Path(path) / TENSOR_FILE
         cfg = FlexMFExplicitConfig.from_dict(config, where=f"{Path(path) / 'config.json'}")
         self = cls(cfg, device=dev)
         self.device = dev
-        self.users = IdIndex.from_state("user", tensors, meta)
-        self.items = IdIndex.from_state("item", tensors, meta)
-        self.n_users, self.n_items = int(meta["n_users"]), int(meta["n_items"])
-        self.user_table, self.item_table = tensors["user_table"], tensors["item_table"]
+        self.n_users, self.n_items = meta.integer("n_users", lo=1), meta.integer("n_items", lo=1)
+        self.users = IdIndex.from_state("user", tensors, meta, tensor_file, self.n_users)
+        self.items = IdIndex.from_state("item", tensors, meta, tensor_file, self.n_items)
         width = cfg.embedding_size + (2 if cfg.bias else 0)
-        if (
-            tuple(self.user_table.shape) != (self.n_users + 1, width)
-            or tuple(self.item_table.shape) != (self.n_items + 1, width)
-            or len(self.users) != self.n_users
-            or len(self.items) != self.n_items
-        ):
-            raise DataValidationError(f"{path}: tensor shapes do not match metadata.json / config.json")
-        self.seen = SeenItems(tensors["seen_indptr"], tensors["seen_indices"])
-        self.global_mean = float(meta["global_mean"])
-        self.rating_range = tuple(float(x) for x in meta["rating_range"])
-        self.history = list(meta.get("history", []))
-        self.epochs_run = int(meta.get("epochs_run", 0))
-        self.best_epoch = meta.get("best_epoch")
-        self.train_seconds = float(meta.get("train_seconds", 0.0))
-        self.updates_per_second = float(meta.get("updates_per_second", 0.0))
-        self.engine = str(meta.get("engine", "torch"))
+        self.user_table = expect_tensor(tensors, "user_table", (self.n_users + 1, width), torch.float32,
+                                        tensor_file, finite=True)
+        self.item_table = expect_tensor(tensors, "item_table", (self.n_items + 1, width), torch.float32,
+                                        tensor_file, finite=True)
+        self.seen = SeenItems.from_state(tensors, self.n_users, self.n_items, tensor_file)
+        check_tensor_names(tensors, {"user_table", "item_table", "seen_indptr", "seen_indices", "user_ids",
+                                     "item_ids"}, tensor_file)
+        self.global_mean = meta.number("global_mean")
+        check_score_range(self.user_table, self.item_table, tensor_file, extra=abs(self.global_mean))
+        self.rating_range = meta.bounds("rating_range")
+        self.history = meta.history()
+        self.epochs_run = meta.integer("epochs_run", default=0)
+        self.best_epoch = meta.integer("best_epoch", lo=1, hi=self.epochs_run, default=None, optional=True)
+        self.train_seconds = meta.number("train_seconds", lo=0, default=0.0)
+        self.updates_per_second = meta.number("updates_per_second", lo=0, default=0.0)
+        self.engine = meta.choice("engine", ("native", "torch"), default="torch")
         return self
 
 

@@ -28,12 +28,17 @@ import torch.nn.functional as F
 
 from flexmf_assets.errors import ConfigError, DataValidationError
 from flexmf_assets.flexmf._common import (
+    DivergenceGuard,
     FrameScoring,
     IdIndex,
+    TENSOR_FILE,
     SeenItems,
-    check_finite,
+    check_score_range,
+    check_tensor_names,
+    expect_tensor,
     hot_loop_threads,
     load_model_dir,
+    max_abs,
     make_generator,
     oom_guard,
     recommend_in_batches,
@@ -389,7 +394,13 @@ class FlexMFImplicitScorer(FrameScoring):
         positives = PositiveSet(users_t, items_t, n_items)
         sampler = make_sampler(cfg.negative_strategy, positives, items_t,
                                candidates=cfg.misranked_candidates)
-        warp_table = warp_rank_weights(n_items, dev) if cfg.loss == "warp" else None
+        warp_table = None
+        if cfg.loss == "warp":  # indexed by trials, 1..misranked_candidates: on a catalogue smaller than
+            # that, trials past n_items - 1 estimate a rank of 0, whose weight L(0) is 0
+            warp_table = warp_rank_weights(n_items, dev)
+            short = max(0, cfg.misranked_candidates + 1 - len(warp_table))
+            warp_table = torch.cat([warp_table, warp_table.new_zeros(short)])
+        guard = DivergenceGuard(self._initial_loss(n_items, l2), cfg.learning_rate)
 
         self.history, self.best_epoch, self.epochs_run = [], None, 0
         best_metric, best_state, stale = -math.inf, None, 0
@@ -431,7 +442,7 @@ class FlexMFImplicitScorer(FrameScoring):
                     torch.cuda.synchronize(dev)
                 seconds = time.perf_counter() - t0
                 train_time += seconds
-                check_finite(epoch_loss, epoch, cfg.learning_rate)
+                guard.check(epoch, epoch_loss, tables.user, tables.item)
                 row: dict[str, Any] = {"epoch": epoch, "train_loss": epoch_loss, "val_ndcg": None,
                                        "seconds": seconds}
                 self.epochs_run = epoch
@@ -459,6 +470,28 @@ class FlexMFImplicitScorer(FrameScoring):
         self.train_seconds = train_time
         self.updates_per_second = n * self.epochs_run / train_time if train_time > 0 else 0.0
         return self
+
+    def _initial_loss(self, n_items: int, l2: float) -> float:
+        """An upper bound of the expected mean loss per positive at initialization (the guard's scale).
+
+        Biases start at 0 and a score is ``p . q`` of N(0, init_scale) embeddings: a centred value
+        with standard deviation ``sigma = sqrt(k) * init_scale^2`` (a difference of two scores:
+        ``sqrt(2) * sigma``). ``softplus(x) <= ln 2 + max(x, 0)`` and ``E[max(x, 0)] = sd / sqrt(2 pi)``
+        bound the logistic and pairwise terms; WARP's is at most the largest rank weight times
+        ``E[1 + max(s- - s+, 0)]``. The L2 term adds ``l2 * ||row||^2`` for the user and the ``1 + c``
+        items of every positive.
+        """
+        cfg = self.config
+        k, c = cfg.embedding_size, cfg.negative_count
+        sigma = math.sqrt(k) * cfg.init_scale**2
+        spread = 1 / math.sqrt(2 * math.pi)
+        if cfg.loss == "logistic":
+            loss = (cfg.positive_weight + c) * (math.log(2) + sigma * spread)
+        elif cfg.loss == "pairwise":
+            loss = c * (math.log(2) + math.sqrt(2) * sigma * spread)
+        else:
+            loss = float(warp_rank_weights(n_items)[1]) * (1 + math.sqrt(2) * sigma * spread)
+        return loss + l2 * (2 + c) * k * cfg.init_scale**2
 
     def _hard_negatives(self, tables: "_Tables", us: torch.Tensor, pos: torch.Tensor, sampler, gen):
         """Misranked negatives for one batch, scored with the current model (pooled candidates)."""
@@ -644,21 +677,40 @@ class FlexMFImplicitScorer(FrameScoring):
     def load(
         cls, path: str | os.PathLike, device: DeviceSettings | str | torch.device | None = None
     ) -> "FlexMFImplicitScorer":
-        """Read a directory written by :meth:`save` onto ``device``."""
+        """Read a directory written by :meth:`save` onto ``device``.
+
+        Verifies the tensor file's sha256 first, then every field and tensor against the others
+        (types, ranges, shapes against the id counts and the config, finite weights, seen items
+        within the catalogue): a forged or corrupt file is a one-line :class:`ConfigError` naming it.
+        """
         dev = resolve_device(device)
         tensors, config, meta = load_model_dir(path, dev, kind=KIND)
-        model = cls(FlexMFImplicitConfig.from_dict(config, where=f"{path}/config.json"), device=dev)
-        model.users_ = IdIndex.from_state("user", tensors, meta)
-        model.items_ = IdIndex.from_state("item", tensors, meta)
-        model.seen_ = SeenItems(tensors["seen_indptr"], tensors["seen_indices"])
-        names = ("user_embedding", "item_embedding", "user_bias", "item_bias")
-        model.params_ = {n: tensors[n] for n in names if n in tensors}
-        model.history = list(meta.get("history", []))
-        model.epochs_run = int(meta.get("epochs_run", 0))
-        model.best_epoch = meta.get("best_epoch")
-        model.train_seconds = float(meta.get("train_seconds", 0.0))
-        model.updates_per_second = float(meta.get("updates_per_second", 0.0))
-        model.engine = str(meta.get("engine", "torch"))
+        tensor_file = Path(path) / TENSOR_FILE
+        cfg = FlexMFImplicitConfig.from_dict(config, where=f"{path}/config.json")
+        model = cls(cfg, device=dev)
+        model.users_ = IdIndex.from_state("user", tensors, meta, tensor_file)
+        model.items_ = IdIndex.from_state("item", tensors, meta, tensor_file)
+        n_users, n_items, k = len(model.users_), len(model.items_), cfg.embedding_size
+        if not n_users or not n_items:
+            raise ConfigError(f"{tensor_file}: a model without users or items ({n_users} users, {n_items} items)")
+        shapes = {"user_embedding": (n_users, k), "item_embedding": (n_items, k)}
+        if cfg.user_bias:
+            shapes["user_bias"] = (n_users,)
+        if cfg.item_bias:
+            shapes["item_bias"] = (n_items,)
+        p = {name: expect_tensor(tensors, name, shape, torch.float32, tensor_file, finite=True)
+             for name, shape in shapes.items()}
+        model.seen_ = SeenItems.from_state(tensors, n_users, n_items, tensor_file)
+        check_tensor_names(tensors, {*shapes, "seen_indptr", "seen_indices", "user_ids", "item_ids"}, tensor_file)
+        biases = sum(max_abs(p[name]) for name in ("user_bias", "item_bias") if name in p)
+        check_score_range(p["user_embedding"], p["item_embedding"], tensor_file, extra=biases)
+        model.params_ = p
+        model.history = meta.history()
+        model.epochs_run = meta.integer("epochs_run", default=0)
+        model.best_epoch = meta.integer("best_epoch", lo=1, hi=model.epochs_run, default=None, optional=True)
+        model.train_seconds = meta.number("train_seconds", lo=0, default=0.0)
+        model.updates_per_second = meta.number("updates_per_second", lo=0, default=0.0)
+        model.engine = meta.choice("engine", ("native", "torch"), default="torch")
         return model
 
 
