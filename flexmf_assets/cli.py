@@ -31,6 +31,11 @@ concurrency:
   pools:
     granularity: op
     default_limit: 2         # training steps of unconfigured pools (flexmf_training) at once
+run_monitoring:
+  enabled: true              # the daemon fails runs that never start or hang while canceling
+  start_timeout_seconds: 180
+  poll_interval_seconds: 15
+  free_slots_after_run_end_seconds: 15   # a failed or killed run's pool slots come back
 telemetry:
   enabled: false
 nux:
@@ -56,7 +61,11 @@ def _ensure_home(project: ProjectConfig) -> str:
 
 def ensure_pools(instance) -> None:
     """Give the ``gpu`` pool one slot unless the operator already set a limit: two trainings never
-    share one GPU."""
+    share one GPU. Give back the slots of runs that are over or whose process is gone (killed)."""
+    from flexmf_assets.defs.slots import free_dead_run_slots
+
+    for run_id in free_dead_run_slots(instance):
+        print(f"flexmf: gave back the pool slots of run {run_id} (finished, or its process is gone)")
     storage = instance.event_log_storage
     configured = storage.get_concurrency_keys()
     for pool, limit in POOL_LIMITS.items():

@@ -155,5 +155,5 @@ def test_daemon_automation_is_loaded_and_follows_flexmf_yaml(dep):
     sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
     schedules = {s["name"]: (s["cronSchedule"], s["scheduleState"]["status"]) for s in repo["schedules"]}
     # the test flexmf.yaml says schedule.enabled: false, so both start stopped (no surprise sweeps)
-    assert sensors == {"sweep": "STOPPED"}
+    assert sensors == {"sweep": "STOPPED", "free_dead_run_slots": "RUNNING"}  # slots: always on
     assert schedules == {"retrain_schedule": ("0 3 * * 1", "STOPPED")}

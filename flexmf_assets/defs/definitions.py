@@ -16,6 +16,7 @@ from flexmf_assets.defs.io_managers import FlexMFIOManager
 from flexmf_assets.defs.partitions import dataset_partitions
 from flexmf_assets.defs.profiles import select_profile, uses_cuda
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
+from flexmf_assets.defs.slots import build_slots_sensor
 from flexmf_assets.project import ProjectConfig, load_project
 
 DATA_GROUP = "data"
@@ -64,7 +65,7 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
         assets=assets,
         resources=resources,
         jobs=list(jobs.values()),
-        sensors=sensors,
+        sensors=[*sensors, build_slots_sensor()],
         schedules=schedules,
         executor=profile.executor,
     )

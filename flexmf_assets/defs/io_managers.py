@@ -9,7 +9,8 @@ Each asset partition lives in a folder holding immutable version folders and a `
 A writer fills a fresh version folder, writes ``manifest.json`` last, then replaces ``CURRENT``
 (``os.replace`` locally; a single PUT on object stores). Readers follow ``CURRENT``, so a run killed
 mid-write leaves the previous materialization readable, and two writers of one partition never tear
-each other's files: the last pointer written wins. Superseded versions are pruned after a grace period.
+each other's files: the last pointer written wins. Superseded versions are pruned after a grace period;
+a killed write's folder (no manifest, its writer's lock free) on the next successful write of the partition.
 
 dagster-polars does not work with polars 2.x, hence this small manager on ``UPathIOManager``.
 """
@@ -31,6 +32,11 @@ from typing import Any
 import dagster as dg
 import polars as pl
 from upath import UPath
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - no flock (Windows): killed writes are pruned by age only
+    fcntl = None
 
 from flexmf_assets.defs.failures import as_failure
 from flexmf_assets.errors import ConfigError, FlexMFError
@@ -119,6 +125,47 @@ def _bundle_file(name: Any) -> bool:
     return isinstance(name, str) and name.endswith(".parquet") and name[: -len(".parquet")].isidentifier()
 
 
+def _lock_path(partition_dir: UPath, name: str) -> Path:
+    return _local(partition_dir) / f".{name}.lock"
+
+
+def _take_write_lock(partition_dir: UPath, name: str):
+    """Local stores: an exclusive flock on ``<partition>/.<version>.lock``, taken before the version
+    folder exists and held until the write returns. The kernel drops it when the writer dies, so a free
+    lock beside a folder without a manifest marks a killed write (see ``VersionedStore._prune``)."""
+    if fcntl is None or not _is_local(partition_dir):
+        return None
+    path = _lock_path(partition_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")  # noqa: SIM115 - released by _release_write_lock (or the writer's death)
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def _release_write_lock(partition_dir: UPath, name: str, handle) -> None:
+    if handle is not None:
+        _lock_path(partition_dir, name).unlink(missing_ok=True)
+        handle.close()
+
+
+def _killed_write(partition_dir: UPath, version: UPath) -> bool:
+    """True when ``version`` is a write whose writer died before committing: its lock file is there
+    and free, and (checked after the lock: a writer writes the manifest before it lets go) it has no
+    manifest. False for a writer still at work, a complete version, or a folder without a lock file."""
+    if fcntl is None or not _is_local(version):
+        return False
+    try:
+        handle = open(_lock_path(partition_dir, version.name))  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its writer is alive
+    return not (version / MANIFEST).exists()
+
+
 def read_manifest(version_dir: UPath) -> dict[str, Any]:
     """The version's manifest.json, checked; a missing version folder or manifest is a one-line
     :class:`ConfigError` naming the path (``CURRENT`` names a version that is not there)."""
@@ -151,6 +198,7 @@ class VersionedStore:
     def write(self, partition_dir: UPath, obj: Any, *, crash_before_commit: bool = False) -> tuple[UPath, dict]:
         name = f"v-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         version = partition_dir / name
+        lock = _take_write_lock(partition_dir, name)  # released on return, or when the writer dies
         if _is_local(version):
             _local(version).mkdir(parents=True, exist_ok=False)
             manifest = self._dump(obj, _local(version))
@@ -166,6 +214,7 @@ class VersionedStore:
         _atomic_write_text(partition_dir / POINTER, name)
         self._publish_latest(partition_dir, version, manifest)
         self._prune(partition_dir, keep=name)
+        _release_write_lock(partition_dir, name, lock)
         return version, manifest
 
     def _publish_latest(self, partition_dir: UPath, version: UPath, manifest: dict[str, Any]) -> None:
@@ -213,7 +262,8 @@ class VersionedStore:
                         "a JSON-able dict or a FlexMF scorer")
 
     def _prune(self, partition_dir: UPath, keep: str) -> None:
-        """Remove superseded versions older than ``keep`` and older than the grace period."""
+        """Remove killed writes of the partition at once, and superseded versions older than ``keep`` and
+        older than the grace period (a reader may still be reading them)."""
         now = time.time_ns()
         try:
             entries = list(partition_dir.iterdir())
@@ -221,16 +271,21 @@ class VersionedStore:
             return
         for entry in entries:
             name = entry.name
-            if not name.startswith("v-") or name >= keep:
+            if not name.startswith("v-") or name == keep:
                 continue
-            try:
-                written_ns = int(name.split("-")[1])
-            except (IndexError, ValueError):
-                continue
-            if (now - written_ns) / 1e9 < self.retain_seconds:
-                continue
+            killed = _killed_write(partition_dir, entry)
+            if not killed:
+                if name > keep:
+                    continue
+                try:
+                    written_ns = int(name.split("-")[1])
+                except (IndexError, ValueError):
+                    continue
+                if (now - written_ns) / 1e9 < self.retain_seconds:
+                    continue
             if _is_local(entry):
                 shutil.rmtree(_local(entry), ignore_errors=True)
+                _lock_path(partition_dir, name).unlink(missing_ok=True)
             else:
                 entry.fs.rm(entry.path, recursive=True)
 
