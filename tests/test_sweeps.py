@@ -95,7 +95,8 @@ def context(env, sensor: str) -> tuple[dg.SensorDefinition, dg.SensorEvaluationC
 def test_nothing_trains_unasked_sweep_sensor_is_opt_in(env):
     sensors = {s.name: s.default_status for s in env.defs.sensors}
     assert sensors == {"register_sets": dg.DefaultSensorStatus.RUNNING, "sweep": dg.DefaultSensorStatus.STOPPED,
-                       "automation": dg.DefaultSensorStatus.RUNNING}
+                       "automation": dg.DefaultSensorStatus.RUNNING,
+                       "free_dead_run_slots": dg.DefaultSensorStatus.RUNNING}
     # the running registration sensor adds the file's sets as partitions and launches nothing
     sensor, ctx = context(env, "register_sets")
     first = sensor.evaluate_tick(ctx)
