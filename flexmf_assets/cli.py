@@ -115,8 +115,8 @@ def materialize(project: ProjectConfig, dataset: str, sets: dict[str, list[str]]
     one line per run and the summary on ``session``. True when every run succeeded."""
     import dagster as dg
 
-    from flexmf_assets.defs.automation import model_key
     from flexmf_assets.defs.definitions import build_definitions
+    from flexmf_assets.defs.partitions import DATASET_DIM, HPARAMS_DIM
 
     instance = instance or dg.DagsterInstance.get()
     project.dataset(dataset)
@@ -130,8 +130,8 @@ def materialize(project: ProjectConfig, dataset: str, sets: dict[str, list[str]]
     session.total = 1 + len(trainings) + (1 if trainings else 0)
     if session.run(defs, instance, "data_job", dataset).ok:
         for track, name in trainings:
-            session.run(defs, instance, f"{track}_job", model_key(dataset, name),
-                        epochs=_epochs(project, track, name))
+            key = dg.MultiPartitionKey({DATASET_DIM: dataset, HPARAMS_DIM: name})
+            session.run(defs, instance, f"{track}_job", key, epochs=_epochs(project, track, name))
         if trainings:
             session.run(defs, instance, "leaderboard_job", dataset)
     elif trainings:
@@ -156,6 +156,7 @@ def sweep(project: ProjectConfig, session: Session, *, instance=None) -> bool:
 
     from flexmf_assets.defs.automation import latest_materialization, sweep_requests
     from flexmf_assets.defs.definitions import build_definitions
+    from flexmf_assets.defs.partitions import HPARAMS_DIM
 
     instance = instance or dg.DagsterInstance.get()
     ensure_pools(instance)
@@ -181,7 +182,7 @@ def sweep(project: ProjectConfig, session: Session, *, instance=None) -> bool:
             tried.add(req.run_key)
             key = req.partition_key
             track = req.job_name.removesuffix("_job")
-            epochs = _epochs(project, track, key.keys_by_dimension["hparams"]) \
+            epochs = _epochs(project, track, key.keys_by_dimension[HPARAMS_DIM]) \
                 if isinstance(key, dg.MultiPartitionKey) and track in TRACKS else None
             session.run(defs, instance, req.job_name, key, epochs=epochs)
     for dataset in datasets:
