@@ -23,7 +23,7 @@ import traceback
 from typing import Sequence
 
 from flexmf_assets.cli_report import Session, one_line, print_report, show
-from flexmf_assets.errors import FlexMFError
+from flexmf_assets.errors import ConfigError, FlexMFError
 from flexmf_assets.project import TRACKS, ProjectConfig, load_project
 
 
@@ -91,24 +91,22 @@ def ensure_pools(instance) -> None:
 
 
 def register(project: ProjectConfig, instance=None) -> dict[str, list[str]]:
-    """Add every named hparams set of the file as a dynamic partition; returns the new names per track."""
+    """Add every named hparams set of the file as a dynamic partition (what the ``register_sets``
+    sensor does); returns the new names per track. A set that does not build is never registered:
+    the first one raises its one-line :class:`ConfigError`."""
     import dagster as dg
 
-    from flexmf_assets.defs.partitions import HPARAMS_PARTITIONS
+    from flexmf_assets.defs.automation import registration
 
     instance = instance or dg.DagsterInstance.get()
     ensure_pools(instance)
-    added: dict[str, list[str]] = {}
-    for track in TRACKS:
-        pdef = HPARAMS_PARTITIONS[track]
-        existing = set(instance.get_dynamic_partitions(pdef.name))
-        new = [name for name in project.hparam_sets(track) if name not in existing]
-        for name in new:
-            project.resolve_hparams(track, name)  # a set that does not build is never registered
-        if new:
-            instance.add_dynamic_partitions(pdef.name, new)
-        added[track] = new
-    return added
+    found = registration(project, instance)
+    bad = [f"{what}: {why}" for what, why in found.invalid.items() if " set " in what]
+    if bad:
+        raise ConfigError(bad[0])
+    for request in found.requests():
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return found.new
 
 
 def _epochs(project: ProjectConfig, track: str, name: str) -> int | None:
@@ -319,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if print_leaderboards(project, args.dataset or project.default_dataset) else 1
         if args.command == "dev":
             print(f"flexmf: DAGSTER_HOME={home}", flush=True)
+            # the UI lists the file's sets at once (the register_sets sensor would within 30 s)
+            added = sum(len(names) for names in register(project).values())
+            print(f"flexmf: {added} new hyperparameter set(s) registered; nothing trains until you launch "
+                  "one (or turn the sweep sensor on)", flush=True)
             if project.path is not None:  # the webserver and daemon processes read the same file
                 os.environ["FLEXMF_CONFIG"] = str(project.path)
             workspace = _write_workspace(home)
