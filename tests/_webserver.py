@@ -144,6 +144,11 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+        for proc in self.procs:  # what they left behind in their group (a code server that ignored SIGTERM)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for out in self.logs:
             out.close()
 

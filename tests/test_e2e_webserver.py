@@ -9,6 +9,12 @@ back to the downloaded archive.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +167,41 @@ def test_daemon_automation_is_loaded_and_follows_flexmf_yaml(dep):
     # the test flexmf.yaml says schedule.enabled: false, so both start stopped (no surprise sweeps)
     assert sensors == {"sweep": "STOPPED"}
     assert schedules == {"retrain_schedule": ("0 3 * * 1", "STOPPED")}
+
+
+LEADER = """
+import subprocess, sys, time
+child = "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+child += "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(300)"
+subprocess.Popen([sys.executable, "-c", "import sys; " + child, sys.argv[1]])
+time.sleep(300)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie has stopped running
+
+
+def test_stop_leaves_no_process_of_the_group_behind(tmp_path):
+    """A webserver's code server that ignores SIGTERM (seen once: alive two hours after its session)
+    is killed with the group, not left running."""
+    pidfile = tmp_path / "child.pid"
+    leader = subprocess.Popen([sys.executable, "-c", LEADER, str(pidfile)], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pidfile.read_text())
+    try:
+        Deployment(root=tmp_path, port=0, env={}, archive=None, procs=[leader]).stop()
+        assert leader.returncode is not None
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child)
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
