@@ -18,7 +18,6 @@ from flexmf_assets.datasets.archive import find_member, safe_extract
 from flexmf_assets.datasets.download import fetch, redact_url, sha256_file
 from flexmf_assets.errors import ChecksumError, DownloadError
 
-SHARED_SHA = "e2c21c85a055577ec52cf9076494a166108a15fca12261f140387d20decfffb5"
 FAST = {"backoff": 0.01, "timeout": 5.0}
 
 
@@ -333,18 +332,19 @@ def _closed_port() -> int:
 
 
 def test_real_movielens_archive_downloads_and_extracts(movielens_server, tmp_path):
+    archive = movielens_server.archive  # the shared file (982,873 bytes) or its synthetic stand-in
     info = fetch(movielens_server.url("ml-latest-small.zip"), tmp_path / "cache", name="ml-latest-small",
-                 sha256=SHARED_SHA, builtin=True)
-    assert info.sha256 == SHARED_SHA and info.size == 982873 and not info.cached
+                 sha256=archive.sha256, builtin=True)
+    assert info.sha256 == archive.sha256 and info.size == archive.size and not info.cached
     files = safe_extract(info.path, tmp_path / "extracted", archive_sha256=info.sha256)
     assert {f.name for f in files} >= {"ratings.csv", "movies.csv", "tags.csv", "links.csv"}
     ratings = find_member(tmp_path / "extracted", "ratings.csv")
     with open(ratings, encoding="utf-8") as fh:
         assert fh.readline().strip() == "userId,movieId,rating,timestamp"
-        assert sum(1 for _ in fh) == 100_836
-    assert find_member(tmp_path / "extracted", "movies.csv").stat().st_size == 494_431
+        assert sum(1 for _ in fh) == archive.ratings
+    assert find_member(tmp_path / "extracted", "movies.csv").stat().st_size == archive.movies_csv_size
     assert fetch(movielens_server.url("ml-latest-small.zip"), tmp_path / "cache", name="ml-latest-small",
-                 sha256=SHARED_SHA, builtin=True).cached
+                 sha256=archive.sha256, builtin=True).cached
 
 
 # --------------------------------------------------------------------------- the size cap
