@@ -8,6 +8,8 @@ back to the downloaded archive.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from _webserver import DATASET, MODEL_KEY, SHARED_SHA, Deployment, deployment
@@ -31,6 +33,7 @@ query($key: AssetKeyInput!, $partitions: [String!]) {
           ... on IntMetadataEntry { intValue }
           ... on TextMetadataEntry { text }
           ... on UrlMetadataEntry { url }
+          ... on JsonMetadataEntry { jsonString }
         }
       }
       assetChecksOrError { __typename ... on AssetChecks { checks { name blocking } } }
@@ -65,7 +68,7 @@ def asset(dep: Deployment, name: str, partitions: list[str] | None = None) -> di
 def metadata(event: dict) -> dict:
     out = {}
     for entry in event["metadataEntries"]:
-        for field in ("floatValue", "intValue", "text", "url"):
+        for field in ("floatValue", "intValue", "text", "url", "jsonString"):
             if field in entry:
                 out[entry["label"]] = entry[field]
     return out
@@ -118,7 +121,11 @@ def test_evaluation_metadata_holds_the_metrics(dep):
     for name in ("rmse", "mae", "baseline_rmse", "baseline_mae"):
         assert 0.5 < meta[name] < 1.5, (name, meta[name])
     assert meta["mae"] < meta["rmse"]
-    assert meta["rmse_delta_vs_baseline"] == pytest.approx(meta["rmse"] - meta["baseline_rmse"])
+    # the UI shows 4 significant digits; the raw values stay in the `metrics` JSON entry
+    raw = json.loads(meta["metrics"])
+    for name in ("rmse", "mae", "baseline_rmse", "rmse_delta_vs_baseline"):
+        assert meta[name] == float(f"{raw[name]:.4g}"), name
+    assert raw["rmse_delta_vs_baseline"] == pytest.approx(raw["rmse"] - raw["baseline_rmse"])
     assert meta["epochs_run"] == 3  # the test flexmf.yaml's default set
     assert meta["hparams_set"] == "default" and meta["dataset"] == DATASET
     # 20 % of 100836 ratings are test ratings (users/items unseen in training may be dropped)
@@ -154,6 +161,7 @@ def test_daemon_automation_is_loaded_and_follows_flexmf_yaml(dep):
     [repo] = data["repositoriesOrError"]["nodes"]
     sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
     schedules = {s["name"]: (s["cronSchedule"], s["scheduleState"]["status"]) for s in repo["schedules"]}
-    # the test flexmf.yaml says schedule.enabled: false, so both start stopped (no surprise sweeps)
-    assert sensors == {"sweep": "STOPPED"}
+    # nothing trains unasked: register_sets only registers, the sweep is opt-in (stopped), and the
+    # automation sensor (retraining and fresh boards) runs; the test flexmf.yaml says schedule.enabled: false
+    assert sensors == {"register_sets": "RUNNING", "sweep": "STOPPED", "automation": "RUNNING"}
     assert schedules == {"retrain_schedule": ("0 3 * * 1", "STOPPED")}
