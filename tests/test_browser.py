@@ -451,12 +451,16 @@ def test_fresh_flexmf_dev_trains_nothing_until_the_sweep_sensor_is_turned_on(fre
     # each row: a selection box, the sensor's link, its on/off switch (last)
     row = page.locator("div[data-index]").filter(has=page.locator('a[href$="/sensors/sweep"]'))
     expect(row).to_have_count(1, timeout=UI_TIMEOUT)
+    # the row's details and switch replace a loading skeleton
+    expect(row.get_by_text("Standard sensor")).to_be_visible(timeout=UI_TIMEOUT)
+    expect(row.get_by_role("checkbox")).to_have_count(2)
     switch, toggle = row.get_by_role("checkbox").last, row.locator("label").last
     expect(switch).not_to_be_checked(timeout=UI_TIMEOUT)
     save(page, "automation.png", tmp_path)
     toggle.click()
     expect(switch).to_be_checked(timeout=UI_TIMEOUT)
-    assert automation_states(fresh)[0]["sweep"] == "RUNNING"
+    wait_for("the sweep sensor started", lambda: automation_states(fresh)[0]["sweep"] == "RUNNING", 60,
+             interval=1)
 
     runs = wait_for("a run requested by the sweep sensor", lambda: all_runs(fresh), SWEEP_DEADLINE,
                     explain=fresh.log_tail)
