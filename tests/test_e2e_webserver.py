@@ -140,13 +140,15 @@ def test_recommendations_lineage_reaches_the_archive(dep):
         deps = ["/".join(k["path"]) for k in asset(dep, name)["dependencyKeys"]]
         seen[name] = deps
         frontier.extend(d for d in deps if d not in seen)
-    assert seen["explicit_recommendations"] == ["explicit_model"]
+    # the model, and the items for their titles and genres
+    assert sorted(seen["explicit_recommendations"]) == ["explicit_model", "items"]
     assert seen["explicit_model"] == ["split"]
     assert "ratings" in seen["split"]
-    assert seen["ratings"] == ["archive"] and seen["archive"] == []
+    assert seen["ratings"] == ["archive"] and seen["items"] == ["archive"] and seen["archive"] == []
     # every asset on the path was materialized for this dataset, by the runs launched above
     for name, partition, job in (("explicit_recommendations", MODEL_KEY, "explicit_job"),
                                  ("explicit_model", MODEL_KEY, "explicit_job"),
+                                 ("items", DATASET, "data_job"),
                                  ("split", DATASET, "data_job"), ("archive", DATASET, "data_job")):
         [mat] = asset(dep, name, [partition])["assetMaterializations"]
         assert mat["runId"] == dep.runs[job], name
