@@ -169,11 +169,17 @@ class Deployment:
         return DagsterGraphQLClient("127.0.0.1", port_number=self.port)
 
     def launch(self, job: str, partition: str, dims: dict[str, str] | None = None) -> str:
-        """Launch ``job`` for ``partition`` through the API (as the UI's launchpad does); returns the run id."""
+        """Launch ``job`` for ``partition`` through the API (as the UI's launchpad does: the run names the
+        job's assets, so declarative automation sees them as executed together); returns the run id."""
         tags = {"dagster/partition": partition}
         for dim, key in (dims or {}).items():
             tags[f"dagster/partition/{dim}"] = key
-        return self.client().submit_job_execution(job, tags=tags, run_config=RUN_CONFIG)
+        return self.client().submit_job_execution(job, tags=tags, run_config=RUN_CONFIG,
+                                                  asset_selection=self.job_assets(job))
+
+    def job_assets(self, job: str) -> list[list[str]]:
+        nodes = self.graphql("{ assetNodes { assetKey { path } jobNames } }")["assetNodes"]
+        return [n["assetKey"]["path"] for n in nodes if job in n["jobNames"]]
 
     def wait_run(self, run_id: str) -> str:
         from dagster import DagsterRunStatus
@@ -213,14 +219,8 @@ class Deployment:
         return "\n".join(f"{e['stepKey']}: {e['error']['message']}" for e in events if e.get("stepKey"))
 
 
-def start_deployment(root: Path, mirror_url: str, archive) -> Deployment:
-    """Write the test flexmf.yaml under ``root`` (the dataset at ``mirror_url``, ``archive``'s sha256)
-    and start webserver + daemon against it."""
-    root.mkdir(parents=True, exist_ok=True)
-    home = root / "dagster_home"
-    home.mkdir(exist_ok=True)
-    cfg = root / "flexmf.yaml"
-    cfg.write_text(CONFIG.format(dataset=DATASET, url=mirror_url, sha=archive.sha256))
+def deployment_env(root: Path, home: Path, cfg: Path) -> dict[str, str]:
+    """The environment of a test deployment's processes: its own DAGSTER_HOME, flexmf.yaml and data dir."""
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -230,12 +230,27 @@ def start_deployment(root: Path, mirror_url: str, archive) -> Deployment:
         "TQDM_DISABLE": "1",
         "DAGSTER_DISABLE_TELEMETRY": "1",
         "PYTHONUNBUFFERED": "1",
+        # on a loaded 2-core machine the code server may take over a minute to start a run; at the
+        # default 60 s the daemon marks the run failed while its process starts anyway
+        "DAGSTER_GRPC_TIMEOUT_SECONDS": os.environ.get("DAGSTER_GRPC_TIMEOUT_SECONDS", "300"),
     }
+    env.pop("FLEXMF_MIRROR_URL", None)
+    env.pop("FLEXMF_MIRROR_SHA256SUMS", None)
+    return env
+
+
+def start_deployment(root: Path, mirror_url: str, archive) -> Deployment:
+    """Write the test flexmf.yaml under ``root`` (the dataset at ``mirror_url``, ``archive``'s sha256)
+    and start webserver + daemon against it."""
+    root.mkdir(parents=True, exist_ok=True)
+    home = root / "dagster_home"
+    home.mkdir(exist_ok=True)
+    cfg = root / "flexmf.yaml"
+    cfg.write_text(CONFIG.format(dataset=DATASET, url=mirror_url, sha=archive.sha256))
+    env = deployment_env(root, home, cfg)
     # the UI's one-time "join the community" dialog counts as seen (what its Skip button records)
     (home / ".nux").mkdir(exist_ok=True)
     (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
-    env.pop("FLEXMF_MIRROR_URL", None)
-    env.pop("FLEXMF_MIRROR_SHA256SUMS", None)
     dep = Deployment(root=root, port=free_port(), env=env, archive=archive)
     try:
         dep.start()

@@ -8,6 +8,7 @@ back to the downloaded archive.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -39,6 +40,7 @@ query($key: AssetKeyInput!, $partitions: [String!]) {
           ... on IntMetadataEntry { intValue }
           ... on TextMetadataEntry { text }
           ... on UrlMetadataEntry { url }
+          ... on JsonMetadataEntry { jsonString }
         }
       }
       assetChecksOrError { __typename ... on AssetChecks { checks { name blocking } } }
@@ -73,7 +75,7 @@ def asset(dep: Deployment, name: str, partitions: list[str] | None = None) -> di
 def metadata(event: dict) -> dict:
     out = {}
     for entry in event["metadataEntries"]:
-        for field in ("floatValue", "intValue", "text", "url"):
+        for field in ("floatValue", "intValue", "text", "url", "jsonString"):
             if field in entry:
                 out[entry["label"]] = entry[field]
     return out
@@ -126,7 +128,11 @@ def test_evaluation_metadata_holds_the_metrics(dep):
     for name in ("rmse", "mae", "baseline_rmse", "baseline_mae"):
         assert 0.5 < meta[name] < 1.5, (name, meta[name])
     assert meta["mae"] < meta["rmse"]
-    assert meta["rmse_delta_vs_baseline"] == pytest.approx(meta["rmse"] - meta["baseline_rmse"])
+    # the UI shows 4 significant digits; the raw values stay in the `metrics` JSON entry
+    raw = json.loads(meta["metrics"])
+    for name in ("rmse", "mae", "baseline_rmse", "rmse_delta_vs_baseline"):
+        assert meta[name] == float(f"{raw[name]:.4g}"), name
+    assert raw["rmse_delta_vs_baseline"] == pytest.approx(raw["rmse"] - raw["baseline_rmse"])
     assert meta["epochs_run"] == 3  # the test flexmf.yaml's default set
     assert meta["hparams_set"] == "default" and meta["dataset"] == DATASET
     # 20 % of the ratings are test ratings (users/items unseen in training may be dropped):
@@ -143,13 +149,15 @@ def test_recommendations_lineage_reaches_the_archive(dep):
         deps = ["/".join(k["path"]) for k in asset(dep, name)["dependencyKeys"]]
         seen[name] = deps
         frontier.extend(d for d in deps if d not in seen)
-    assert seen["explicit_recommendations"] == ["explicit_model"]
+    # the model, and the items for their titles and genres
+    assert sorted(seen["explicit_recommendations"]) == ["explicit_model", "items"]
     assert seen["explicit_model"] == ["split"]
     assert "ratings" in seen["split"]
-    assert seen["ratings"] == ["archive"] and seen["archive"] == []
+    assert seen["ratings"] == ["archive"] and seen["items"] == ["archive"] and seen["archive"] == []
     # every asset on the path was materialized for this dataset, by the runs launched above
     for name, partition, job in (("explicit_recommendations", MODEL_KEY, "explicit_job"),
                                  ("explicit_model", MODEL_KEY, "explicit_job"),
+                                 ("items", DATASET, "data_job"),
                                  ("split", DATASET, "data_job"), ("archive", DATASET, "data_job")):
         [mat] = asset(dep, name, [partition])["assetMaterializations"]
         assert mat["runId"] == dep.runs[job], name
@@ -164,8 +172,11 @@ def test_daemon_automation_is_loaded_and_follows_flexmf_yaml(dep):
     [repo] = data["repositoriesOrError"]["nodes"]
     sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
     schedules = {s["name"]: (s["cronSchedule"], s["scheduleState"]["status"]) for s in repo["schedules"]}
-    # the test flexmf.yaml says schedule.enabled: false, so both start stopped (no surprise sweeps)
-    assert sensors == {"sweep": "STOPPED", "free_dead_run_slots": "RUNNING"}  # slots: always on
+    # nothing trains unasked: register_sets only registers, the sweep is opt-in (stopped), the
+    # automation sensor (retraining and fresh boards) and the slot reclaimer run; the test flexmf.yaml
+    # says schedule.enabled: false
+    assert sensors == {"register_sets": "RUNNING", "sweep": "STOPPED", "automation": "RUNNING",
+                       "free_dead_run_slots": "RUNNING"}
     assert schedules == {"retrain_schedule": ("0 3 * * 1", "STOPPED")}
 
 
