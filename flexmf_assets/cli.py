@@ -324,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if project.path is not None:  # the webserver and daemon processes read the same file
                 os.environ["FLEXMF_CONFIG"] = str(project.path)
             workspace = _write_workspace(home)
+            # a loaded machine can take over a minute to start a run in the code server; at Dagster's
+            # default of 60 s the daemon fails the run while its process starts anyway
+            os.environ.setdefault("DAGSTER_GRPC_TIMEOUT_SECONDS", "300")
             os.execv(_dagster_executable(), ["dagster", "dev", "-w", workspace, "-h", args.host, "-p", args.port])
     except FlexMFError as exc:
         print(f"flexmf: error: {exc}", file=sys.stderr)

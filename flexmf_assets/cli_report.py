@@ -243,9 +243,12 @@ class Session:
         outcome = Outcome(job_name, key, text, ok=False, seconds=0.0)
         try:
             job = defs.resolve_job_def(job_name).with_logger_defs({"flexmf": self.logger_def()})
-            # a logger runs only when the run config names it; then Dagster's console logger does not
+            # a logger runs only when the run config names it; then Dagster's console logger does not.
+            # The run records the assets it targets, so a running daemon's automation does not take
+            # this run's model update for a new one and refresh its evaluation a second time.
             result = job.execute_in_process(run_config={"loggers": {"flexmf": {}}}, instance=instance,
-                                            partition_key=key, raise_on_error=False)
+                                            partition_key=key, raise_on_error=False,
+                                            asset_selection=list(job.asset_layer.selected_asset_keys))
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # e.g. a partition key Dagster refuses before the run starts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -13,7 +14,7 @@ from flexmf_assets.defs.definitions import build_definitions
 from flexmf_assets.defs.io_managers import VersionedStore
 from flexmf_assets.project import load_project
 
-from conftest import failure_text
+from conftest import REPO, failure_text
 
 CONFIG = """
 default_dataset: synthetic-100k
@@ -159,6 +160,14 @@ def test_latest_tables_read_by_duckdb(setup):
     assert [p for p, _ in before] == [f"{dataset}|default", f"{dataset}|wide"]
     run(defs, "explicit_job", dg.MultiPartitionKey({"dataset": dataset, "hparams": "wide"}), instance)
     assert duckdb.sql(query).fetchall() == before  # the rerun replaced its table, nothing counted twice
+    # the queries of the docs themselves, on this test's storage and dataset
+    docs = [REPO / "docs" / "sweeps.md", REPO / "docs" / "quickstart.md"]
+    queries = [q for doc in docs for q in re.findall(r"^```sql\n(.*?)^```", doc.read_text(), re.S | re.M)]
+    assert len(queries) >= 2
+    for block in queries:
+        for statement in filter(str.strip, block.split(";")):
+            sql = statement.replace("'data/storage/", f"'{storage}/").replace("ml-latest-small", dataset)
+            assert duckdb.sql(sql).fetchall(), sql
     # the same path polars reads; it is the version CURRENT points at
     latest = pl.read_parquet(storage / "explicit_recommendations" / dataset / "wide" / "latest.parquet")
     assert latest.equals(VersionedStore().read(UPath(storage / "explicit_recommendations" / dataset / "wide")))

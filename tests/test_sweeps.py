@@ -123,6 +123,10 @@ def test_sweep_trains_each_configuration_once_never_twice_never_invalid_keys(env
     plan = sweep_plan(env.project, env.instance)
     wanted = {(r.job_name, str(r.partition_key)) for r in plan.runs}
     assert ("explicit_job", "mine|default") in wanted and ("explicit_job", "mine|short") in wanted
+    # each run records the assets it targets (automation then does not refresh them a second time)
+    assert all(sorted(k.to_user_string() for k in r.asset_selection) == sorted(
+        f"{r.job_name.removesuffix('_job')}_{a}" for a in ("evaluation", "model", "recommendations"))
+        for r in plan.runs)
     # one run per configuration: the duplicates of `default` are named, not trained
     assert plan.same_as == {"explicit:mine|same_as_default": "default",
                             "explicit:mine|patience=none;epochs=12;embedding_size=8": "default"}

@@ -35,6 +35,8 @@ DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00
 #: model metadata key holding the data version of the split it was trained on
 SPLIT_VERSION_KEY = "split_data_version"
 DATA_VERSION_TAG = "dagster/data_version"
+#: the assets of a track's job, in the order they materialize
+TRACK_ASSETS = ("model", "evaluation", "recommendations")
 #: run statuses that count as "already on its way" for a partition
 PENDING_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                     dg.DagsterRunStatus.STARTED]
@@ -147,7 +149,10 @@ def sweep_plan(project: ProjectConfig, instance: dg.DagsterInstance) -> SweepPla
                 if str(partition) in pending:
                     plan.pending.append(f"{track}:{partition}")
                     continue
+                # the asset selection is recorded on the run: automation then knows the evaluation and
+                # recommendations were made with the model in this run (a job name alone records none)
                 plan.runs.append(dg.RunRequest(job_name=f"{track}_job", partition_key=partition,
+                                               asset_selection=[dg.AssetKey(f"{track}_{a}") for a in TRACK_ASSETS],
                                                run_key=f"train:{track}:{partition}:{version}"))
     return plan
 

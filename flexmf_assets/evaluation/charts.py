@@ -41,7 +41,8 @@ def _encode(svg: str) -> str:
 
 
 def line_chart(title: str, x: Sequence[float], series: Sequence[Series], *, x_label: str = "",
-               y_range: tuple[float, float] | None = None, diagonal: bool = False, y_labels: bool = True) -> str:
+               y_range: tuple[float, float] | None = None, diagonal: bool = False, y_labels: bool = True,
+               x_ends: tuple[str, str] | None = None) -> str:
     """A Markdown image of ``series`` over ``x`` (shared y axis, zoomed to the data), under the UI's
     inline limit. ``None`` values are gaps; ``diagonal`` draws y = x (predicted vs actual)."""
     n = len(x)
@@ -73,8 +74,8 @@ def line_chart(title: str, x: Sequence[float], series: Sequence[Series], *, x_la
             "font-family='sans-serif'>",
             f"<path d='M{LEFT},{TOP}V{BOTTOM}H{RIGHT}' stroke='#adb5bd' fill='none'/>",
             f"<text y='{TOP + 3}'>{_fmt(hi)}</text><text y='{BOTTOM}'>{_fmt(lo)}</text>" if y_labels else "",
-            f"<text x='{LEFT}' y='{HEIGHT - 6}'>{_fmt(x_lo)}</text>"
-            f"<text x='{RIGHT}' y='{HEIGHT - 6}' text-anchor='end'>{_fmt(x_hi)}</text>",
+            f"<text x='{LEFT}' y='{HEIGHT - 6}'>{x_ends[0] if x_ends else _fmt(x_lo)}</text>"
+            f"<text x='{RIGHT}' y='{HEIGHT - 6}' text-anchor='end'>{x_ends[1] if x_ends else _fmt(x_hi)}</text>",
         ]
         if x_label:
             parts.append(f"<text x='{(LEFT + RIGHT) // 2}' y='{HEIGHT - 6}' text-anchor='middle'>{x_label}</text>")
