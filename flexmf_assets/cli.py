@@ -161,7 +161,8 @@ def sweep(project: ProjectConfig, session: Session, *, instance=None) -> bool:
     refreshed. True when every run succeeded."""
     import dagster as dg
 
-    from flexmf_assets.defs.automation import latest_materialization, sweep_plan
+    from flexmf_assets.defs.automation import sweep_plan
+    from flexmf_assets.defs.records import latest_materialization
     from flexmf_assets.defs.definitions import build_definitions
     from flexmf_assets.defs.partitions import HPARAMS_DIM
 
@@ -217,7 +218,7 @@ def print_leaderboards(project: ProjectConfig, dataset: str) -> bool:
     import polars as pl
     from upath import UPath
 
-    from flexmf_assets.defs.io_managers import VersionedStore
+    from flexmf_assets.storage import VersionedStore
 
     found = False
     for track in TRACKS:
@@ -268,10 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mat = sub.add_parser("materialize", parents=[verbose],
                          help="materialize data and model partitions in the instance")
     mat.add_argument("--dataset", help="dataset partition (default: flexmf.yaml default_dataset)")
-    mat.add_argument("--explicit", nargs="*", default=None, metavar="SET",
-                     help="explicit hparams sets (default: default; none to skip)")
-    mat.add_argument("--implicit", nargs="*", default=None, metavar="SET",
-                     help="implicit hparams sets (default: default; none to skip)")
+    for name in TRACKS:
+        mat.add_argument(f"--{name}", nargs="*", default=None, metavar="SET",
+                         help=f"{name} hparams sets (default: default; none to skip)")
     mat.add_argument("--data-only", action="store_true", help="only the data assets")
     sub.add_parser("sweep", parents=[verbose],
                    help="train every registered/declared set on the swept datasets, then "
@@ -305,8 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ok = sweep(project, session)
                 else:
                     dataset = args.dataset or project.default_dataset
-                    sets = {"explicit": ["default"] if args.explicit is None else args.explicit,
-                            "implicit": ["default"] if args.implicit is None else args.implicit}
+                    chosen = {name: getattr(args, name) for name in TRACKS}
+                    sets = {name: ["default"] if names is None else names for name, names in chosen.items()}
                     if args.data_only:
                         sets = {}
                     session.echo(f"flexmf: materialize {dataset}; Dagster's events go to {show(session.log_path)}")

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from upath import UPath
 
 from flexmf_assets.datasets.synthetic import SyntheticConfig, generate
-from flexmf_assets.defs.io_managers import POINTER, VersionedStore, current_version
+from flexmf_assets.storage import POINTER, VersionedStore, current_version
 from flexmf_assets.errors import ConfigError, TrainingError
 from flexmf_assets.flexmf import _native
 from flexmf_assets.flexmf._common import DIVERGENCE_FACTOR, DivergenceGuard, sha256_file
