@@ -23,7 +23,7 @@ import yaml
 
 from flexmf_assets.datasets.catalog import DatasetSpec, builtin_catalog, user_dataset
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import KEY_SEPARATOR, check_key_syntax, format_literal, suggest
+from flexmf_assets.flexmf.config_base import KEY_SEPARATOR, check_key_syntax, format_literal, suggest
 
 CONFIG_ENV = "FLEXMF_CONFIG"
 DATA_DIR_ENV = "FLEXMF_DATA_DIR"
@@ -322,9 +322,9 @@ def _read_yaml(path: Path) -> Any:
 def builtin_sets(track: str) -> dict[str, dict[str, Any]]:
     """The engine's named presets for a track; ``flexmf.yaml`` adds to and overrides them."""
     if track == "explicit":
-        from flexmf_assets.flexmf.config import EXPLICIT_PRESETS as presets
+        from flexmf_assets.flexmf.explicit_config import EXPLICIT_HPARAM_SETS as presets
     elif track == "implicit":
-        from flexmf_assets.flexmf.implicit_config import IMPLICIT_PRESETS as presets
+        from flexmf_assets.flexmf.implicit_config import IMPLICIT_HPARAM_SETS as presets
     else:
         raise ConfigError(f"unknown track {track!r}; valid: {', '.join(TRACKS)}")
     return {name: dict(values) for name, values in presets.items()}
@@ -349,7 +349,7 @@ def _mapping(where: str, value: Any) -> dict[str, Any]:
 def config_class(track: str):
     """The scorer config class of a track (imported lazily: torch is heavy)."""
     if track == "explicit":
-        from flexmf_assets.flexmf.config import FlexMFExplicitConfig
+        from flexmf_assets.flexmf.explicit_config import FlexMFExplicitConfig
 
         return FlexMFExplicitConfig
     if track == "implicit":

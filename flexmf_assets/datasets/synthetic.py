@@ -20,9 +20,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import polars as pl
 
-from flexmf_assets.datasets.parsing import ITEMS_SCHEMA, ParsedDataset
+from flexmf_assets.datasets.frames import ITEMS_SCHEMA, ParsedDataset
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import ConfigBase, suggest
+from flexmf_assets.flexmf.config_base import ConfigBase, suggest
 
 _EPOCH_2000 = 946_684_800  # 2000-01-01T00:00:00Z
 _EPOCH_2021 = 1_609_459_200  # 2021-01-01T00:00:00Z
@@ -84,7 +84,8 @@ class SyntheticConfig(ConfigBase):
         return max(1, int(self.max_user_fraction * self.n_items))
 
 
-PRESETS: dict[str, SyntheticConfig] = {
+#: the named synthetic datasets (``generate("synthetic-1m")``), shaped like the MovieLens releases
+SYNTHETIC_DATASETS: dict[str, SyntheticConfig] = {
     # like ml-latest-small: 100,836 ratings, 610 users, 9,724 rated of 9,742 movies
     "synthetic-100k": SyntheticConfig(n_users=610, n_items=9_742, n_ratings=100_000),
     # like ml-1m: 1,000,209 ratings, 6,040 users, 3,706 movies
@@ -99,10 +100,11 @@ PRESETS: dict[str, SyntheticConfig] = {
 def resolve_config(config_or_preset: SyntheticConfig | str, seed: int | None = None) -> SyntheticConfig:
     """A config from a preset name (or the config itself), with ``seed`` applied when given."""
     if isinstance(config_or_preset, str):
-        if config_or_preset not in PRESETS:
+        if config_or_preset not in SYNTHETIC_DATASETS:
             raise ConfigError(f"synthetic preset {config_or_preset!r} is unknown"
-                              f"{suggest(config_or_preset, list(PRESETS))}; presets: {', '.join(PRESETS)}")
-        config = PRESETS[config_or_preset]
+                              f"{suggest(config_or_preset, list(SYNTHETIC_DATASETS))}; "
+                              f"presets: {', '.join(SYNTHETIC_DATASETS)}")
+        config = SYNTHETIC_DATASETS[config_or_preset]
     else:
         config = config_or_preset
     return config if seed is None else replace(config, seed=seed)
@@ -348,4 +350,4 @@ def generate(config_or_preset: SyntheticConfig | str, *, seed: int | None = None
     return ParsedDataset(ratings, items)
 
 
-__all__ = ["SyntheticConfig", "SyntheticTruth", "PRESETS", "generate", "planted_truth", "resolve_config"]
+__all__ = ["SyntheticConfig", "SyntheticTruth", "SYNTHETIC_DATASETS", "generate", "planted_truth", "resolve_config"]

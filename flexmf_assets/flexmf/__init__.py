@@ -5,15 +5,15 @@
 """
 
 from flexmf_assets.flexmf._native import status as native_status
-from flexmf_assets.flexmf.config import EXPLICIT_PRESETS, FlexMFExplicitConfig
+from flexmf_assets.flexmf.explicit_config import EXPLICIT_HPARAM_SETS, FlexMFExplicitConfig
 from flexmf_assets.flexmf.device import DeviceSettings, resolve_device
 from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
 from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer
-from flexmf_assets.flexmf.implicit_config import IMPLICIT_PRESETS, FlexMFImplicitConfig
+from flexmf_assets.flexmf.implicit_config import IMPLICIT_HPARAM_SETS, FlexMFImplicitConfig
 
 __all__ = [
-    "EXPLICIT_PRESETS",
-    "IMPLICIT_PRESETS",
+    "EXPLICIT_HPARAM_SETS",
+    "IMPLICIT_HPARAM_SETS",
     "DeviceSettings",
     "FlexMFExplicitConfig",
     "FlexMFExplicitScorer",

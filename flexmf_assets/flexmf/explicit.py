@@ -50,7 +50,7 @@ from flexmf_assets.flexmf._common import (
     save_model_dir,
 )
 from flexmf_assets.flexmf import _native
-from flexmf_assets.flexmf.config import FlexMFExplicitConfig
+from flexmf_assets.flexmf.explicit_config import FlexMFExplicitConfig
 from flexmf_assets.flexmf.device import DeviceSettings, resolve_device
 
 KIND = "flexmf-explicit"

@@ -6,15 +6,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import ConfigBase
+from flexmf_assets.flexmf.config_base import ConfigBase, RegMethod
 
 Loss = Literal["logistic", "pairwise", "warp"]
 Strategy = Literal["uniform", "popular", "misranked"]
 Preset = Literal["bpr", "warp"]
-RegMethod = Literal["L2", "AdamW"]
 
-#: what a preset fills in (fields the caller sets explicitly win)
-PRESETS: dict[str, dict[str, Any]] = {
+#: what a loss preset (the ``preset`` field) fills in (fields the caller sets explicitly win)
+LOSS_PRESETS: dict[str, dict[str, Any]] = {
     "bpr": {"loss": "pairwise", "negative_strategy": "uniform"},
     "warp": {"loss": "warp", "negative_strategy": "misranked", "misranked_candidates": 64},
 }
@@ -77,9 +76,9 @@ class FlexMFImplicitConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if self.preset is not None and self.preset not in PRESETS:
+        if self.preset is not None and self.preset not in LOSS_PRESETS:
             raise ConfigError(f"{name}.preset: {self.preset!r} is not one of 'bpr', 'warp', None")
-        fill = {**_BASE, **PRESETS.get(self.preset or "", {})}
+        fill = {**_BASE, **LOSS_PRESETS.get(self.preset or "", {})}
         for field, value in fill.items():
             if getattr(self, field) is None:
                 object.__setattr__(self, field, value)
@@ -108,14 +107,10 @@ class FlexMFImplicitConfig(ConfigBase):
             )
 
 
-#: Named hyperparameter sets measured on ml-latest-small (LensKit's crossfold_users protocol);
-#: see benchmarks/implicit_movielens.py and docs/metrics.md.
-#: Fold 0, NDCG@10 (log2 discount), autograd engine: default 0.125, bpr 0.138, warp 0.156, best 0.177.
-#: 5 folds, hand-derived engine (2026-11-29): default 0.130, bpr 0.122, warp 0.144, best 0.172;
-#: popularity 0.075. Seeds alone move bpr by +-0.02 (fold 0: 0.099 to 0.138), so compare means.
-#: bpr retuned (5 folds): k=64, 40 epochs, lr 0.005 -> 0.139 (k=32/30/0.01 gave 0.122).
-#: warp retuned (5 folds): k=32, 30 epochs -> 0.153 (0.148 in LensKit's discount; k=64/20 gave 0.144).
-IMPLICIT_PRESETS: dict[str, dict[str, Any]] = {
+#: Named hyperparameter sets (flexmf.yaml's ``implicit_hparams`` adds to and overrides them).
+#: Their measured quality: docs/metrics.md (current table) and docs/benchmarks.md ("Named
+#: hyperparameter sets": how they were chosen), made by benchmarks/implicit_movielens.py.
+IMPLICIT_HPARAM_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "bpr": {"preset": "bpr", "embedding_size": 64, "epochs": 40, "learning_rate": 0.005},
     "warp": {"preset": "warp", "embedding_size": 32, "epochs": 30},

@@ -25,7 +25,7 @@ def synthetic_fingerprint(preset: str) -> str:
     """A stable sha256 for a synthetic preset: its generator parameters (no download involved)."""
     from flexmf_assets.datasets import synthetic
 
-    params = dataclasses.asdict(synthetic.PRESETS[preset])
+    params = dataclasses.asdict(synthetic.SYNTHETIC_DATASETS[preset])
     blob = json.dumps({"preset": preset, "params": params}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

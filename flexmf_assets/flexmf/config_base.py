@@ -1,4 +1,6 @@
-"""Shared machinery of the typed, validated config classes (explicit and implicit)."""
+"""The base of every typed, validated settings class (scorer configs, split, synthetic data):
+:class:`ConfigBase` (``from_dict`` with typo suggestions, range checks, ``to_dict``), the ranges
+the scorer configs enforce, and the partition-key grammar (``field=value;...``)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ import math
 import re
 import types
 import typing
-from typing import Any, Mapping, TypeVar
+from typing import Any, Literal, Mapping, TypeVar
 
 from flexmf_assets.errors import ConfigError
 
 T = TypeVar("T", bound="ConfigBase")
+
+#: how ``regularization`` applies (see the scorer configs); ``None`` disables it
+RegMethod = Literal["L2", "AdamW"]
 
 
 def suggest(name: str, valid: list[str]) -> str:
@@ -82,6 +87,8 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "eval_k": (1, 1000, False),
     "min_rating": (-1e6, 1e6, False),
 }
+
+
 def _bound(value: float) -> str:
     return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
 
@@ -144,8 +151,9 @@ class ConfigBase:
             if too_low or value > high:
                 bound = f"> {_bound(low)}" if low_open else f">= {_bound(low)}"
                 raise ConfigError(f"{name}.{field}: must be {bound} and <= {_bound(high)}, got {value!r}")
-        if self.reg_method not in ("L2", "AdamW", None):  # type: ignore[attr-defined]
-            raise ConfigError(f"{name}.reg_method: {self.reg_method!r} is not one of 'L2', 'AdamW', None")  # type: ignore[attr-defined]
+        reg_method = getattr(self, "reg_method", None)
+        if reg_method not in (*typing.get_args(RegMethod), None):
+            raise ConfigError(f"{name}.reg_method: {reg_method!r} is not one of 'L2', 'AdamW', None")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
