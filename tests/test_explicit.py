@@ -12,7 +12,8 @@ import torch
 from flexmf_assets.errors import ConfigError, DataValidationError, TrainingError
 from flexmf_assets.evaluation import BiasBaseline, rating_metrics
 from flexmf_assets.flexmf import FlexMFExplicitConfig, FlexMFExplicitScorer
-from flexmf_assets.flexmf._common import IdIndex, SeenItems, oom_guard
+from flexmf_assets.flexmf.ids import IdIndex, SeenItems
+from flexmf_assets.flexmf.training import oom_guard
 
 NOISE = 0.3
 
@@ -284,10 +285,10 @@ def test_sgd_stable_at_large_batches(data):
 
 
 def test_row_groups_match_torch_unique():
-    from flexmf_assets.flexmf.explicit import _RowGroups
+    from flexmf_assets.flexmf.optim import RowGroups
 
     gen = torch.Generator().manual_seed(3)
-    groups = _RowGroups(50, torch.device("cpu"))
+    groups = RowGroups(50, torch.device("cpu"))
     for size in (1, 7, 200, 2):  # dense flags (small tables) and the unique fallback (size 1, 2)
         rows = torch.randint(0, 50, (size,), generator=gen)
         uniq, inv = groups(rows)

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from flexmf_assets.flexmf import FlexMFExplicitScorer, FlexMFImplicitScorer, _native
+from flexmf_assets.flexmf import FlexMFExplicitScorer, FlexMFImplicitScorer, _abi, _native
 from flexmf_assets.flexmf.device import DeviceSettings
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the torch engine trains")
@@ -87,9 +87,9 @@ def test_implicit_kernel_matches_torch_engine(ratings, monkeypatch, config):
     common = {"embedding_size": 8, "batch_size": 256, "epochs": 5, "learning_rate": 0.02, **config}
     fast = _fit(FlexMFImplicitScorer, ratings, True, monkeypatch, **common)
     ref = _fit(FlexMFImplicitScorer, ratings, False, monkeypatch, **common)
-    assert set(fast.params_) == set(ref.params_)
-    for name, value in ref.params_.items():
-        torch.testing.assert_close(fast.params_[name], value, atol=5e-5, rtol=1e-4, msg=name)
+    assert set(fast.parameters()) == set(ref.parameters())
+    for name, value in ref.parameters().items():
+        torch.testing.assert_close(fast.parameters()[name], value, atol=5e-5, rtol=1e-4, msg=name)
     for a, b in zip(fast.history, ref.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     assert fast.history[-1]["train_loss"] < fast.history[0]["train_loss"]
@@ -102,8 +102,8 @@ def test_thread_count_does_not_change_the_result(ratings, monkeypatch):
                         (FlexMFImplicitScorer, {"embedding_size": 8, "batch_size": 256, "epochs": 3})):
         one = _fit(cls, ratings, True, monkeypatch, threads=1, **config)
         three = _fit(cls, ratings, True, monkeypatch, threads=3, **config)
-        p1 = one.params_ if cls is FlexMFImplicitScorer else {"u": one.user_table, "i": one.item_table}
-        p3 = three.params_ if cls is FlexMFImplicitScorer else {"u": three.user_table, "i": three.item_table}
+        p1 = one.parameters() if cls is FlexMFImplicitScorer else {"u": one.user_table, "i": one.item_table}
+        p3 = three.parameters() if cls is FlexMFImplicitScorer else {"u": three.user_table, "i": three.item_table}
         for name in p1:
             assert torch.equal(p1[name], p3[name]), (cls.__name__, name)
 
@@ -142,7 +142,7 @@ def test_disabled_by_environment(ratings, monkeypatch):
 
 def test_kernels_reject_strided_tensors():
     with pytest.raises(ValueError, match="contiguous CPU tensors"):
-        _native.ptr(torch.zeros(4, 4)[:, 1])
+        _abi.ptr(torch.zeros(4, 4)[:, 1])
 
 
 @needs_compiler
@@ -184,5 +184,5 @@ def test_a_compiler_without_openmp_builds_serial_kernels(ratings, monkeypatch, t
     fast = _fit(FlexMFImplicitScorer, ratings, True, monkeypatch, threads=2, **common)
     assert _native.status() == "loaded"
     ref = _fit(FlexMFImplicitScorer, ratings, False, monkeypatch, threads=2, **common)
-    for name, value in ref.params_.items():
-        torch.testing.assert_close(fast.params_[name], value, atol=5e-5, rtol=1e-4, msg=name)
+    for name, value in ref.parameters().items():
+        torch.testing.assert_close(fast.parameters()[name], value, atol=5e-5, rtol=1e-4, msg=name)

@@ -34,7 +34,7 @@ from upath import UPath
 
 from flexmf_assets.defs.failures import as_failure
 from flexmf_assets.errors import ConfigError, FlexMFError
-from flexmf_assets.flexmf._common import parse_json
+from flexmf_assets.flexmf.model_files import parse_json
 
 POINTER = "CURRENT"
 #: the newest table of a partition, at a stable path (see VersionedStore._publish_latest)

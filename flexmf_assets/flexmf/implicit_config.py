@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from flexmf_assets.errors import ConfigError
 from flexmf_assets.flexmf.config_base import ConfigBase, RegMethod
-
-Loss = Literal["logistic", "pairwise", "warp"]
-Strategy = Literal["uniform", "popular", "misranked"]
-Preset = Literal["bpr", "warp"]
+from flexmf_assets.flexmf.losses import LOSSES
+from flexmf_assets.flexmf.sampling import SAMPLERS
 
 #: what a loss preset (the ``preset`` field) fills in (fields the caller sets explicitly win)
 LOSS_PRESETS: dict[str, dict[str, Any]] = {
@@ -63,21 +61,27 @@ class FlexMFImplicitConfig(ConfigBase):
     seed: int = 42
     patience: int | None = None
     init_scale: float = 0.1
-    loss: Loss | None = None
-    negative_strategy: Strategy | None = None
+    loss: str | None = None
+    negative_strategy: str | None = None
     negative_count: int | None = None
     misranked_candidates: int | None = None
     positive_weight: float = 1.0
     user_bias: bool | None = None
     item_bias: bool = True
-    preset: Preset | None = None
+    preset: str | None = None
     min_rating: float | None = None
     eval_k: int = 10
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if self.preset is not None and self.preset not in LOSS_PRESETS:
-            raise ConfigError(f"{name}.preset: {self.preset!r} is not one of 'bpr', 'warp', None")
+
+        def choice(field: str, valid: Any) -> None:
+            value = getattr(self, field)
+            if value not in valid:
+                raise ConfigError(f"{name}.{field}: {value!r} is not one of {', '.join(map(repr, valid))}")
+
+        if self.preset is not None:
+            choice("preset", LOSS_PRESETS)
         fill = {**_BASE, **LOSS_PRESETS.get(self.preset or "", {})}
         for field, value in fill.items():
             if getattr(self, field) is None:
@@ -86,23 +90,16 @@ class FlexMFImplicitConfig(ConfigBase):
             object.__setattr__(self, "user_bias", self.loss == "logistic")
 
         self._check_common()
-        if self.loss not in ("logistic", "pairwise", "warp"):
+        choice("loss", LOSSES)
+        choice("negative_strategy", SAMPLERS)
+        if LOSSES[self.loss].rank_weighted and not SAMPLERS[self.negative_strategy].needs_model:  # type: ignore[index]
             raise ConfigError(
-                f"{name}.loss: {self.loss!r} is not one of 'logistic', 'pairwise', 'warp'"
-            )
-        if self.negative_strategy not in ("uniform", "popular", "misranked"):
-            raise ConfigError(
-                f"{name}.negative_strategy: {self.negative_strategy!r} is not one of "
-                "'uniform', 'popular', 'misranked'"
-            )
-        if self.loss == "warp" and self.negative_strategy != "misranked":
-            raise ConfigError(
-                f"{name}.negative_strategy: loss 'warp' needs negative_strategy 'misranked', "
+                f"{name}.negative_strategy: loss {self.loss!r} needs negative_strategy 'misranked', "
                 f"got {self.negative_strategy!r}"
             )
-        if self.loss == "warp" and self.negative_count != 1:
+        if LOSSES[self.loss].rank_weighted and self.negative_count != 1:  # type: ignore[index]
             raise ConfigError(
-                f"{name}.negative_count: loss 'warp' takes one violating negative per positive, "
+                f"{name}.negative_count: loss {self.loss!r} takes one violating negative per positive, "
                 f"got {self.negative_count}"
             )
 
