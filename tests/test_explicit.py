@@ -258,6 +258,18 @@ def test_early_stopping_restores_best_epoch(small):
     assert rating_metrics(test, m.predict_frame(test)).rmse == pytest.approx(best, abs=1e-5)
 
 
+def test_without_patience_the_best_validation_epoch_is_kept(small):
+    """All epochs train, and the model is the best validation epoch's (as its reported validation
+    RMSE says), not the last one's: the rule both scorers share."""
+    train, test = small
+    m = FlexMFExplicitScorer(device="cpu", embedding_size=16, epochs=25, learning_rate=0.05, regularization=0.0,
+                             reg_method=None, batch_size=64).fit(train, test)
+    curve = [h["val_rmse"] for h in m.history]
+    assert m.epochs_run == 25 and m.best_epoch == int(np.argmin(curve)) + 1 < 25
+    assert curve[-1] > min(curve) + 1e-4  # the last epoch is worse
+    assert rating_metrics(test, m.predict_frame(test)).rmse == pytest.approx(min(curve), abs=1e-5)
+
+
 @pytest.mark.parametrize("reg_method", ["L2", "AdamW"])
 def test_adam_optimizer_learns(data, reg_method):
     train, test = data

@@ -88,6 +88,23 @@ def test_early_stopping_restores_best_epoch_and_save_load(planted, tmp_path):
     assert back.recommend(n=5).equals(model.recommend(n=5))
 
 
+def test_a_model_saved_without_its_sizes_still_loads(planted, tmp_path):
+    """Implicit models saved before the scorers shared one core recorded no n_users/n_items in
+    metadata.json: their id lists give the sizes, and they load and score as before."""
+    import json
+
+    train, _, _ = planted
+    model = FlexMFImplicitScorer(embedding_size=8, epochs=2, device="cpu").fit(train)
+    path = model.save(tmp_path / "m")
+    meta = json.loads((path / "metadata.json").read_text())
+    for field in ("n_users", "n_items"):
+        del meta[field]
+    (path / "metadata.json").write_text(json.dumps(meta))
+    back = FlexMFImplicitScorer.load(path, device="cpu")
+    assert (back.n_users, back.n_items) == (model.n_users, model.n_items)
+    assert back.recommend(n=5).equals(model.recommend(n=5))
+
+
 def test_min_rating_filters_interactions():
     train = pl.DataFrame({"user_id": [1, 1, 2, 2], "item_id": [1, 2, 1, 3], "rating": [5.0, 1.0, 4.0, 2.0]})
     model = FlexMFImplicitScorer(min_rating=3.0, epochs=1, device="cpu")

@@ -186,3 +186,85 @@ def test_a_compiler_without_openmp_builds_serial_kernels(ratings, monkeypatch, t
     ref = _fit(FlexMFImplicitScorer, ratings, False, monkeypatch, threads=2, **common)
     for name, value in ref.parameters().items():
         torch.testing.assert_close(fast.parameters()[name], value, atol=5e-5, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# the interface: _kernels.h and its ctypes mirror (_abi.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_compiler
+def test_ctypes_structs_mirror_the_header(tmp_path):
+    """Every struct's size, every field's offset and size, every enum value and constant of
+    _kernels.h, printed by a program compiled against the header, equal the Python mirror's."""
+    import ctypes
+    import subprocess
+
+    from flexmf_assets.flexmf.losses import LOSSES
+    from flexmf_assets.flexmf.optim import ADAM_BETAS, ADAM_EPS
+
+    expected: dict[str, float] = {}
+    lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "_kernels.h"', "int main(void) {"]
+    for struct in _abi.STRUCTS:
+        c = struct.C_NAME
+        lines.append(f'printf("sizeof {c} %zu\\n", sizeof({c}));')
+        expected[f"sizeof {c}"] = ctypes.sizeof(struct)
+        for name, ctype in struct._fields_:
+            lines.append(f'printf("{c}.{name} %zu %zu\\n", offsetof({c}, {name}), sizeof((({c} *)0)->{name}));')
+            expected[f"{c}.{name}"] = (getattr(struct, name).offset, ctypes.sizeof(ctype))
+    constants = {
+        "FLEXMF_OK": _abi.OK, "FLEXMF_UNKNOWN_LOSS": _abi.UNKNOWN_LOSS,
+        "FLEXMF_UNKNOWN_OPTIMIZER": _abi.UNKNOWN_OPTIMIZER, "FLEXMF_BAD_NEGATIVES": _abi.BAD_NEGATIVES,
+        "FLEXMF_SGD": _abi.SGD, "FLEXMF_ADAM": _abi.ADAM, "FLEXMF_MAX_NEGATIVES": _abi.MAX_NEGATIVES,
+        **{f"FLEXMF_LOSS_{name.upper()}": loss.kind for name, loss in LOSSES.items()},
+    }
+    for name, value in constants.items():
+        lines.append(f'printf("{name} %lld\\n", (long long){name});')
+        expected[name] = value
+    floats = {"FLEXMF_ADAM_B1": ADAM_BETAS[0], "FLEXMF_ADAM_B2": ADAM_BETAS[1], "FLEXMF_ADAM_EPS": ADAM_EPS}
+    for name in floats:
+        lines.append(f'printf("{name} %.9g\\n", (double){name});')
+    lines += ["return 0;", "}"]
+    (tmp_path / "layout.c").write_text("\n".join(lines) + "\n")
+    subprocess.run(["cc", "-I", str(_native.HEADER.parent), "-o", str(tmp_path / "layout"), str(tmp_path / "layout.c")],
+                   check=True)
+    printed = subprocess.run([str(tmp_path / "layout")], check=True, capture_output=True, text=True).stdout
+    got: dict[str, object] = {}
+    for line in printed.splitlines():
+        key, *values = line.rsplit(" ", 2) if "." in line.split(" ")[0] else line.rsplit(" ", 1)
+        got[key] = tuple(int(v) for v in values) if len(values) == 2 else float(values[0])
+    for key, want in expected.items():
+        assert got[key] == (want if isinstance(want, tuple) else float(want)), key
+    for name, value in floats.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name
+    assert len(got) == len(expected) + len(floats)
+
+
+@needs_compiler
+def test_kernels_refuse_unknown_kinds():
+    """A loss kind or optimizer the kernels do not know is an error status, never a silent default."""
+    assert _native.kernels() is not None
+    with pytest.raises(RuntimeError, match="flexmf_implicit_batches: unknown loss kind"):
+        _native.run("flexmf_implicit_batches", _abi.ImplicitArgs(
+            train=_abi.Train(optimizer=_abi.ADAM), loss_kind=99, negatives=1))
+    with pytest.raises(RuntimeError, match="flexmf_explicit_epoch: unknown optimizer"):
+        _native.run("flexmf_explicit_epoch", _abi.ExplicitArgs(train=_abi.Train(optimizer=7)))
+    with pytest.raises(RuntimeError, match="flexmf_implicit_batches: negatives per positive"):
+        _native.run("flexmf_implicit_batches", _abi.ImplicitArgs(
+            train=_abi.Train(optimizer=_abi.ADAM), loss_kind=2, negatives=3))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_an_unknown_loss_is_an_error_in_every_engine(ratings, monkeypatch, native):
+    """A loss name that reaches an engine without a config check (here forged into a valid config)
+    fails naming it; it never trains as some other loss."""
+    from flexmf_assets.errors import ConfigError
+    from flexmf_assets.flexmf import FlexMFImplicitConfig
+
+    monkeypatch.setenv("FLEXMF_NATIVE", "1" if native else "0")
+    if native and _native.kernels() is None:
+        pytest.skip(_native.status())
+    config = FlexMFImplicitConfig(embedding_size=4, epochs=1)
+    object.__setattr__(config, "loss", "hinge")
+    with pytest.raises(ConfigError, match=r"^loss: 'hinge' is not one of 'logistic', 'pairwise', 'warp'$"):
+        FlexMFImplicitScorer(config, device="cpu").fit(ratings)
