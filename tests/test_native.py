@@ -226,7 +226,7 @@ def test_ctypes_structs_mirror_the_header(tmp_path):
         lines.append(f'printf("{name} %.9g\\n", (double){name});')
     lines += ["return 0;", "}"]
     (tmp_path / "layout.c").write_text("\n".join(lines) + "\n")
-    subprocess.run(["cc", "-I", str(_native.HEADER.parent), "-o", str(tmp_path / "layout"), str(tmp_path / "layout.c")],
+    subprocess.run(["cc", "-I", str(_native.SOURCE.parent), "-o", str(tmp_path / "layout"), str(tmp_path / "layout.c")],
                    check=True)
     printed = subprocess.run([str(tmp_path / "layout")], check=True, capture_output=True, text=True).stdout
     got: dict[str, object] = {}

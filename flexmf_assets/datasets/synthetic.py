@@ -100,10 +100,10 @@ SYNTHETIC_DATASETS: dict[str, SyntheticConfig] = {
 def resolve_config(config_or_preset: SyntheticConfig | str, seed: int | None = None) -> SyntheticConfig:
     """A config from a preset name (or the config itself), with ``seed`` applied when given."""
     if isinstance(config_or_preset, str):
-        if config_or_preset not in SYNTHETIC_DATASETS:
-            raise ConfigError(f"synthetic preset {config_or_preset!r} is unknown"
-                              f"{suggest(config_or_preset, list(SYNTHETIC_DATASETS))}; "
-                              f"presets: {', '.join(SYNTHETIC_DATASETS)}")
+        names = list(SYNTHETIC_DATASETS)
+        if config_or_preset not in names:
+            raise ConfigError(f"synthetic preset {config_or_preset!r} is unknown{suggest(config_or_preset, names)}; "
+                              f"presets: {', '.join(names)}")
         config = SYNTHETIC_DATASETS[config_or_preset]
     else:
         config = config_or_preset

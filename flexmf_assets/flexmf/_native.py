@@ -6,10 +6,11 @@ temporaries plus per-op dispatch; on a 2-core machine that caps MF training near
 from the memory-bound ceiling. The kernels do the same minibatch step (same gradients, same
 optimizers, same batch semantics) in two passes, in place on the torch tensors' storage.
 
-How: ``_kernels.c`` (with its interface ``_kernels.h``) is compiled once per machine with the system C compiler (``$CC`` or ``cc``;
-``-O3 -march=native -fopenmp``, about a second; at most ``$FLEXMF_NATIVE_BUILD_TIMEOUT`` seconds,
-default 120) into ``$FLEXMF_NATIVE_CACHE`` (default ``~/.cache/flexmf-assets/native``), keyed by the
-source, the header, the flags and the CPU. No compiler, a failed build or ``FLEXMF_NATIVE=0`` means the
+How: ``_kernels.c`` (including ``_kernels.h``, the interface, and ``_kernels_rows.h``) is compiled
+once per machine with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
+a second; at most ``$FLEXMF_NATIVE_BUILD_TIMEOUT`` seconds, default 120) into
+``$FLEXMF_NATIVE_CACHE`` (default ``~/.cache/flexmf-assets/native``), keyed by the source, the
+headers, the flags and the CPU. No compiler, a failed build or ``FLEXMF_NATIVE=0`` means the
 eager-torch engine trains instead (same results up to float rounding, slower): :func:`kernels`
 returns None and :func:`status` says why. GPUs always use the torch engine.
 
@@ -51,7 +52,8 @@ from flexmf_assets.flexmf import _abi
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_kernels.c")
-HEADER = Path(__file__).with_name("_kernels.h")
+#: the interface (_kernels.h, mirrored by _abi.py) and the row machinery the kernels share
+HEADERS = (Path(__file__).with_name("_kernels.h"), Path(__file__).with_name("_kernels_rows.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
 #: seconds a build may take (``$FLEXMF_NATIVE_BUILD_TIMEOUT`` overrides) before the torch engine trains
 BUILD_TIMEOUT = 120.0
@@ -85,8 +87,9 @@ def cache_dir() -> Path:
 
 
 def _key(cc: str) -> str:
-    """The cache key of a build: the source and header, the flags, the compiler and the CPU."""
-    return hashlib.sha256(b"\0".join([SOURCE.read_bytes(), HEADER.read_bytes(), " ".join(FLAGS).encode(), cc.encode(),
+    """The cache key of a build: the source and headers, the flags, the compiler and the CPU."""
+    sources = [p.read_bytes() for p in (SOURCE, *HEADERS)]
+    return hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), cc.encode(),
                                       platform.machine().encode(), _cpu_key().encode()])).hexdigest()[:20]
 
 
@@ -249,7 +252,7 @@ def _compile(cc: str, out: Path) -> None:
     failure = ""
     for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):
         with tempfile.TemporaryFile() as err:  # a file, not a pipe: an orphaned child cannot block the read
-            proc = subprocess.Popen([cc, *flags, "-I", str(HEADER.parent), "-o", str(out), str(SOURCE), "-lm"],
+            proc = subprocess.Popen([cc, *flags, "-I", str(SOURCE.parent), "-o", str(out), str(SOURCE), "-lm"],
                                     stdin=subprocess.DEVNULL,
                                     stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
             try:

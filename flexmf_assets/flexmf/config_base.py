@@ -50,23 +50,25 @@ def _coerce(cls_name: str, field: str, annotation: Any, value: Any) -> Any:
         )
     # strict: flexmf.yaml gives typed YAML scalars (a boolean is true/false, not "false"); keys are
     # parsed to typed values by parse_overrides before they get here
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{cls_name}.{field}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{cls_name}.{field}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise ConfigError(f"{cls_name}.{field}: expected a finite number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{cls_name}.{field}: expected a string, got {value!r}")
+    if annotation in _SCALARS:
+        expected, ok = _SCALARS[annotation]
+        if not ok(value):
+            raise ConfigError(f"{cls_name}.{field}: expected {expected}, got {value!r}")
+        return float(value) if annotation is float else value
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: annotation -> (what a value must be, the check): booleans are not integers, numbers are finite
+_SCALARS: dict[Any, tuple[str, Any]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: _is_number(v) and math.isfinite(v)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
 
 
 #: field -> (lower bound, upper bound, lower bound excluded): the ranges every scorer config enforces

@@ -27,9 +27,9 @@ from flexmf_assets.errors import DataValidationError
 from flexmf_assets.flexmf import _abi, _native
 from flexmf_assets.flexmf.explicit_config import FlexMFExplicitConfig
 from flexmf_assets.flexmf.model_files import Fields, expect_tensor
-from flexmf_assets.flexmf.optim import RowGroups, SparseAdam
+from flexmf_assets.flexmf.optim import RowGroups
 from flexmf_assets.flexmf.scorer import FlexMFScorer, TableLayout
-from flexmf_assets.flexmf.training import Strategy, TrainingData
+from flexmf_assets.flexmf.training import MinibatchStrategy, Strategy, TrainingData
 
 KIND = "flexmf-explicit"
 
@@ -133,44 +133,31 @@ class FlexMFExplicitScorer(FlexMFScorer):
 # ----------------------------------------------------------------------------------------------
 
 
-class _Engine:
-    """What both explicit strategies share: the order of each epoch, the learning-rate decay, the
-    regularization of the configuration, Adam's state (the core's tables become views into it)."""
+class _Engine(MinibatchStrategy):
+    """What both explicit strategies share: the learning-rate decay and the regularization of the
+    configuration."""
 
-    name = ""
-
-    def setup(self, core: FlexMFExplicitScorer, data: TrainingData) -> None:
-        cfg = self.cfg = core.config
-        self.core, self.data = core, data
+    def setup(self, core: FlexMFExplicitScorer, data: TrainingData) -> None:  # type: ignore[override]
+        super().setup(core, data)
+        cfg = self.cfg
         self.lr = cfg.learning_rate
         self.batch = min(cfg.batch_size, len(data))
         reg = cfg.regularization if cfg.reg_method is not None else 0.0
         # with plain SGD decoupled weight decay equals L2, so both are the L2 step
         self.l2 = reg if cfg.reg_method == "L2" or cfg.optimizer == "sgd" else 0.0
         self.decay = reg if cfg.reg_method == "AdamW" and cfg.optimizer == "adam" else 0.0
-        self.step = 0  # Adam's, one per batch
-        self.adam: tuple[SparseAdam, SparseAdam] | None = None
         if cfg.optimizer == "adam":
-            layout = core.layout
-            self.adam = (SparseAdam(core.user_table, self.lr, self.decay, layout.user_const),  # type: ignore[arg-type]
-                         SparseAdam(core.item_table, self.lr, self.decay, layout.item_const))  # type: ignore[arg-type]
-            core.user_table, core.item_table = self.adam[0].table, self.adam[1].table
+            self.use_adam(self.lr, self.decay, catch_up=False)
 
     def epoch(self, epoch: int) -> float:
-        d, n = self.data, len(self.data)
-        perm = torch.randperm(n, generator=d.generator, device=d.users.device)
+        d, perm = self.data, self.permutation()
         loss = self._pass(d.users[perm], d.items[perm], d.residuals[perm])  # type: ignore[index]
         self.lr *= self.cfg.lr_decay
-        return float(loss) / n
+        return float(loss) / len(d)
 
     def _pass(self, users: torch.Tensor, items: torch.Tensor, resid: torch.Tensor) -> float | torch.Tensor:
         """One pass over permuted ratings at ``self.lr``; the summed squared error."""
         raise NotImplementedError
-
-    def finish(self) -> None:
-        core = self.core
-        core.user_table, core.item_table = core.user_table.contiguous(), core.item_table.contiguous()  # type: ignore[union-attr]
-        self.adam = None
 
 
 class NativeEngine(_Engine):

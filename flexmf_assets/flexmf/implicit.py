@@ -30,7 +30,7 @@ from flexmf_assets.flexmf.model_files import expect_tensor
 from flexmf_assets.flexmf.optim import RowGroups, SparseAdam
 from flexmf_assets.flexmf.sampling import NegativeSample, PositiveSet, make_sampler
 from flexmf_assets.flexmf.scorer import FlexMFScorer, TableLayout
-from flexmf_assets.flexmf.training import Strategy, TrainingData
+from flexmf_assets.flexmf.training import MinibatchStrategy, Strategy, TrainingData
 
 KIND = "flexmf-implicit"
 #: random (uniform/popular) negatives are drawn for this many batches at once; misranked ones,
@@ -159,21 +159,19 @@ class FlexMFImplicitScorer(FlexMFScorer):
 # ----------------------------------------------------------------------------------------------
 
 
-class _Engine:
-    """What both implicit strategies share: the order of each epoch, the negatives, Adam's state (the
-    core's tables become views into it), the end-of-epoch catch-up of idle rows."""
+class _Engine(MinibatchStrategy):
+    """What both implicit strategies share: the negatives, AdamW with catch-up of idle rows (at the
+    end of every epoch too)."""
 
-    name = ""
+    adam: tuple[SparseAdam, SparseAdam]
 
-    def setup(self, core: FlexMFImplicitScorer, data: TrainingData) -> None:
-        cfg = self.cfg = core.config
-        self.core, self.data, self.layout = core, data, core.layout
+    def setup(self, core: FlexMFImplicitScorer, data: TrainingData) -> None:  # type: ignore[override]
+        super().setup(core, data)
+        cfg = self.cfg
         self.loss = loss_named(cfg.loss)  # type: ignore[arg-type]
         self.wd = cfg.regularization if cfg.reg_method == "AdamW" else 0.0
         self.l2 = cfg.regularization if cfg.reg_method == "L2" else 0.0
-        self.adam = (SparseAdam(core.user_table, cfg.learning_rate, self.wd, self.layout.user_const, catch_up=True),  # type: ignore[arg-type]
-                     SparseAdam(core.item_table, cfg.learning_rate, self.wd, self.layout.item_const, catch_up=True))  # type: ignore[arg-type]
-        core.user_table, core.item_table = self.adam[0].table, self.adam[1].table
+        self.use_adam(cfg.learning_rate, self.wd, catch_up=True)
         positives = PositiveSet(data.users, data.items, core.n_items)
         self.sampler = make_sampler(cfg.negative_strategy, positives, data.items,  # type: ignore[arg-type]
                                     candidates=cfg.misranked_candidates)  # type: ignore[arg-type]
@@ -185,12 +183,10 @@ class _Engine:
             self.warp_table = torch.cat([table, table.new_zeros(short)])
         self.user_groups = RowGroups(core.n_users + 1, data.users.device)
         self.chunk = cfg.batch_size * (1 if self.sampler.needs_model else _CHUNK_BATCHES)
-        self.step = 0
 
     def epoch(self, epoch: int) -> float:
-        d, n = self.data, len(self.data)
+        d, n, perm = self.data, len(self.data), self.permutation()
         total = torch.zeros((), device=d.users.device, dtype=torch.float64)
-        perm = torch.randperm(n, generator=d.generator, device=d.users.device)
         for start in range(0, n, self.chunk):
             idx = perm[start : start + self.chunk]
             us, ps = d.users[idx], d.items[idx]
@@ -221,10 +217,6 @@ class _Engine:
 
     def _flush(self) -> None:
         raise NotImplementedError
-
-    def finish(self) -> None:
-        core = self.core
-        core.user_table, core.item_table = core.user_table.contiguous(), core.item_table.contiguous()  # type: ignore[union-attr]
 
 
 class NativeEngine(_Engine):

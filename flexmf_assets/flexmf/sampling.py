@@ -98,15 +98,10 @@ class NegativeSampler(Protocol):
     #: scores candidates with the current model: ``sample`` needs ``pool_scores``
     needs_model: bool
 
-    def sample(
-        self,
-        users: torch.Tensor,
-        count: int,
-        *,
-        pos_scores: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        pool_scores: PoolScoreFn | None = None,
-    ) -> NegativeSample: ...
+    def sample(self, users: torch.Tensor, count: int, *, pos_scores: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, pool_scores: PoolScoreFn | None = None) -> NegativeSample:
+        """``count`` negatives for each of ``users`` (``pos_scores``: WARP's positive scores;
+        ``pool_scores``: the current model, for samplers that need it)."""
 
 
 class _RandomSampler:
@@ -126,15 +121,8 @@ class _RandomSampler:
     def _draw(self, shape: tuple[int, ...], device: torch.device, generator) -> torch.Tensor:
         raise NotImplementedError
 
-    def sample(
-        self,
-        users: torch.Tensor,
-        count: int,
-        *,
-        pos_scores: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        pool_scores: PoolScoreFn | None = None,
-    ) -> NegativeSample:
+    def sample(self, users: torch.Tensor, count: int, *, pos_scores: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, pool_scores: PoolScoreFn | None = None) -> NegativeSample:
         items = self._draw((users.shape[0], count), users.device, generator)
         bad = self.positives.contains(users, items)
         if users.device.type == "cpu":
@@ -214,15 +202,8 @@ class MisrankedSampler:
         size = self.pool_size or max(8 * self.candidates * count, 512)
         return max(1, min(size, self.positives.n_items))
 
-    def sample(
-        self,
-        users: torch.Tensor,
-        count: int,
-        *,
-        pos_scores: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        pool_scores: PoolScoreFn | None = None,
-    ) -> NegativeSample:
+    def sample(self, users: torch.Tensor, count: int, *, pos_scores: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, pool_scores: PoolScoreFn | None = None) -> NegativeSample:
         if pool_scores is None:
             raise ValueError("MisrankedSampler.sample needs pool_scores (the current model)")
         b, t = users.shape[0], self.candidates

@@ -420,10 +420,9 @@ def recommend_in_batches(
     so a user may receive fewer than ``n`` rows. Returns numpy arrays ``(batch position in
     user_rows, item row, score, rank)``, rank 1-based, ordered by user then rank.
     """
-    if n < 1:
-        raise ConfigError(f"n: must be >= 1, got {n}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+    for name, value in (("n", n), ("batch_size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {value}")
     k = min(n, n_items)
     out_u, out_i, out_s, out_r = [], [], [], []
     if k == 0:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Protocol
 import torch
 
 from flexmf_assets.errors import TrainingError
+from flexmf_assets.flexmf.optim import SparseAdam
 
 if TYPE_CHECKING:
     from flexmf_assets.flexmf.scorer import FlexMFScorer
@@ -57,6 +58,35 @@ class Strategy(Protocol):
 
     def finish(self) -> None:
         """Leave ``core.user_table``/``core.item_table`` as plain contiguous tensors; drop the state."""
+
+
+class MinibatchStrategy:
+    """What the minibatch strategies of both tracks (fused kernels, eager torch) share: the core, its
+    data, configuration and table layout, each epoch's order, Adam's state for both tables (the
+    core's tables become views of it) and the plain tables at the end."""
+
+    name = ""
+
+    def setup(self, core: "FlexMFScorer", data: TrainingData) -> None:
+        self.core, self.data, self.cfg, self.layout = core, data, core.config, core.layout
+        self.adam: tuple[SparseAdam, SparseAdam] | None = None
+        self.step = 0  # Adam's, one per batch
+
+    def use_adam(self, lr: float, weight_decay: float, catch_up: bool) -> None:
+        """Train with :class:`.optim.SparseAdam`: the core's tables become views of its state."""
+        core, layout = self.core, self.layout
+        self.adam = (SparseAdam(core.user_table, lr, weight_decay, layout.user_const, catch_up),  # type: ignore[arg-type]
+                     SparseAdam(core.item_table, lr, weight_decay, layout.item_const, catch_up))  # type: ignore[arg-type]
+        core.user_table, core.item_table = self.adam[0].table, self.adam[1].table
+
+    def permutation(self) -> torch.Tensor:
+        """This epoch's order of the training pairs."""
+        return torch.randperm(len(self.data), generator=self.data.generator, device=self.data.users.device)
+
+    def finish(self) -> None:
+        core = self.core
+        core.user_table, core.item_table = core.user_table.contiguous(), core.item_table.contiguous()  # type: ignore[union-attr]
+        self.adam = None
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -176,5 +206,5 @@ def oom_guard(batch_size: int, what: str = "training", *, setting: str | None = 
         ) from exc
 
 
-__all__ = ["DIVERGENCE_FACTOR", "DivergenceGuard", "Strategy", "TrainingData", "hot_loop_threads", "make_generator",
+__all__ = ["DIVERGENCE_FACTOR", "DivergenceGuard", "MinibatchStrategy", "Strategy", "TrainingData", "hot_loop_threads", "make_generator",
            "max_abs", "oom_guard", "requested_threads", "score_bound"]
