@@ -32,8 +32,8 @@ class FlexMFExplicitConfig(ConfigBase):
         row is in the batch, like torch's SparseAdam).
     lr_decay: the learning rate is multiplied by this after every epoch (1.0 = constant).
     seed: seeds initialisation and shuffling (same seed and device -> identical model).
-    patience: early stopping: stop after this many epochs without a better validation RMSE and
-        restore the best epoch; ``None`` trains all epochs (the best epoch is still reported).
+    patience: early stopping: stop after this many epochs without a better validation RMSE;
+        ``None`` trains all epochs. With validation data the best epoch's parameters are kept.
     init_scale: embeddings start as N(0, init_scale); biases start at 0.
     bias: learn user and item biases (the global mean is always used). Biases share
         ``regularization`` with the embeddings.

@@ -31,7 +31,8 @@ class FlexMFImplicitConfig(ConfigBase):
         ``"L2"`` ``regularization * ||row||^2`` of the batch's rows added to the loss, ``None`` none.
     seed: seeds initialisation, shuffling and sampling (same seed and device -> identical model).
     patience: early stopping on validation NDCG@``eval_k``: stop after this many epochs without
-        improvement and restore the best epoch; ``None`` trains all epochs.
+        improvement; ``None`` trains all epochs. With validation data the best epoch's parameters
+        are kept.
     init_scale: embeddings start as N(0, init_scale); biases start at 0.
     loss: ``"logistic"`` (BCE on positives and sampled negatives, Johnson 2014), ``"pairwise"``
         (BPR, Rendle 2009) or ``"warp"`` (Weston 2011; needs the ``misranked`` strategy).
