@@ -35,7 +35,7 @@ int64_t flexmf_adam_flush(flexmf_train *a) {
         if (!tb->last) continue;
 #pragma omp parallel for num_threads(threads_of(a->threads)) schedule(static)
         for (int64_t r = 0; r < tb->n_rows; r++) {
-            adam_row(tb->rows + r * 3 * w, 0, w, tb->const_col, t - tb->last[r], &o);
+            adam_row(tb->rows + r * 3 * w, 0, 1.0f, 0.0f, w, tb->const_col, t - tb->last[r], &o);
             tb->last[r] = t;
         }
     }

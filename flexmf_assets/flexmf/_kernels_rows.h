@@ -113,11 +113,27 @@ static Adam adam_at(double lr, double wd, int64_t t) {
     return o;
 }
 
+/* One Adam(W) step of row p with the gradient sign * g + reg * p (`plain`: g itself; a constant, so
+ * each call site gets its own loop). */
+static inline __attribute__((always_inline)) void adam_step(float *restrict p, const float *restrict g, float sign,
+                                                            float reg, int64_t w, const Adam *o, const int plain) {
+    float *restrict m = p + w, *restrict v = p + 2 * w;
+    float keep = (float)(1.0 - o->lr * o->wd), st = (float)o->step_t;
+#pragma omp simd
+    for (int64_t c = 0; c < w; c++) {
+        float gc = plain ? g[c] : sign * g[c] + reg * p[c];
+        m[c] += (float)(1.0 - B1) * (gc - m[c]);
+        v[c] = (float)B2 * v[c] + (float)(1.0 - B2) * gc * gc;
+        p[c] = p[c] * keep - st * m[c] / (sqrtf(v[c]) + EPS);
+    }
+}
+
 /* `idle` zero-gradient steps in closed form: idle step j does p <- a p - step q^j a^j m / sqrt(v)
  * with a = 1 - lr wd and q a = b1 / sqrt(b2); after d steps p a^d - step m / sqrt(v) a^d
- * sum_{j=1..d} q^j, m b1^d, v b2^d. Then (g != NULL) one AdamW step with gradient g. */
-static void adam_row(float *restrict p, const float *restrict g, int64_t w, int64_t cst, int64_t idle,
-                     const Adam *o) {
+ * sum_{j=1..d} q^j, m b1^d, v b2^d. Then (g != NULL) one AdamW step with the gradient
+ * sign * g + reg * p. */
+static void adam_row(float *restrict p, const float *restrict g, float sign, float reg, int64_t w, int64_t cst,
+                     int64_t idle, const Adam *o) {
     float *restrict m = p + w, *restrict v = p + 2 * w;
     if (idle > 0) {
         double d = (double)idle, decay = exp(d * o->log_a);
@@ -131,15 +147,8 @@ static void adam_row(float *restrict p, const float *restrict g, int64_t w, int6
             v[c] *= vb;
         }
     }
-    if (g != 0) {
-        float keep = (float)(1.0 - o->lr * o->wd), st = (float)o->step_t;
-#pragma omp simd
-        for (int64_t c = 0; c < w; c++) {
-            m[c] += (float)(1.0 - B1) * (g[c] - m[c]);
-            v[c] = (float)B2 * v[c] + (float)(1.0 - B2) * g[c] * g[c];
-            p[c] = p[c] * keep - st * m[c] / (sqrtf(v[c]) + EPS);
-        }
-    }
+    if (g != 0 && sign == 1.0f && reg == 0.0f) adam_step(p, g, sign, reg, w, o, 1);
+    else if (g != 0) adam_step(p, g, sign, reg, w, o, 0);
     if (cst >= 0) p[cst] = 1.0f; /* the constant column (its moments are never read) */
 }
 
@@ -185,12 +194,9 @@ static inline double step_rows(Acc *a, const flexmf_table *tb, const RowStep *s)
                     sq += (double)p[col] * (double)p[col];
                 }
                 l2_loss += tr->l2 * (double)cnt * sq;
-            } else if (s->l2_cols == 0) {
-                float reg = (float)tr->l2 * cnt, sign = s->sign;
-#pragma omp simd
-                for (int64_t c = 0; c < w; c++) g[c] = sign * g[c] + reg * p[c];
             }
-            adam_row(p, g, w, cst, tb->last ? (s->tnow - 1) - tb->last[r] : 0, s->adam);
+            float reg = s->l2_cols == 0 ? (float)tr->l2 * cnt : 0.0f;
+            adam_row(p, g, s->sign, reg, w, cst, tb->last ? (s->tnow - 1) - tb->last[r] : 0, s->adam);
             if (tb->last) tb->last[r] = s->tnow;
         }
         a->slot[r] = -1;
