@@ -9,7 +9,6 @@ header and checks every size, offset and value here against it. A struct field h
 from __future__ import annotations
 
 import ctypes
-from typing import Any
 
 import torch
 
@@ -111,11 +110,6 @@ def table(rows: torch.Tensor, scratch: Scratch, const_col: int | None, last: tor
     return Table(rows=ptr(rows), last=ptr(last), n_rows=rows.shape[0], const_col=-1 if const_col is None else const_col,
                  grad=ptr(scratch.grad), count=ptr(scratch.count), touched=ptr(scratch.touched),
                  slot=ptr(scratch.slot))
-
-
-def fields(struct: type[ctypes.Structure]) -> list[tuple[str, Any]]:
-    """``(name, ctypes type)`` of every field of ``struct``."""
-    return list(struct._fields_)  # type: ignore[attr-defined]
 
 
 __all__ = ["ContainsArgs", "ExplicitArgs", "ImplicitArgs", "KERNELS", "Scratch", "Table", "Train", "call", "declare",

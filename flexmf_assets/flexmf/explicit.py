@@ -81,7 +81,7 @@ class FlexMFExplicitScorer(FlexMFScorer):
     def _initial_embeddings(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         # drawn contiguous (torch's vectorised normal_ path), then placed: much faster than a strided fill
         k, scale = self.config.embedding_size, self.config.init_scale
-        return tuple(torch.empty(n, k, device=self.device).normal_(0.0, scale, generator=generator)  # type: ignore[return-value]
+        return tuple(torch.empty(n, k, device=self.device).normal_(0.0, scale, generator=generator)
                      for n in (self.n_users, self.n_items))
 
     def _initial_loss(self, data: TrainingData) -> float:
@@ -95,8 +95,8 @@ class FlexMFExplicitScorer(FlexMFScorer):
     def _validation_set(self, frame: pl.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _check_frame(frame, "validation")
         dev = self.device
-        u = torch.from_numpy(self._rows(self.users, frame["user_id"], self.n_users)).to(dev)  # type: ignore[arg-type]
-        i = torch.from_numpy(self._rows(self.items, frame["item_id"], self.n_items)).to(dev)  # type: ignore[arg-type]
+        u = torch.from_numpy(self._rows(self.users, frame["user_id"], self.n_users)).to(dev)
+        i = torch.from_numpy(self._rows(self.items, frame["item_id"], self.n_items)).to(dev)
         r = torch.from_numpy(np.array(frame["rating"].cast(pl.Float32).to_numpy())).to(dev)
         return u, i, r
 
@@ -119,7 +119,7 @@ class FlexMFExplicitScorer(FlexMFScorer):
         self.rating_range = meta.bounds("rating_range")
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        return {"user_table": self.user_table, "item_table": self.item_table}  # type: ignore[dict-item]
+        return {"user_table": self.user_table, "item_table": self.item_table}
 
     def _tables_from(self, tensors, where):
         w = self.layout.width
@@ -137,7 +137,7 @@ class _Engine(MinibatchStrategy):
     """What both explicit strategies share: the learning-rate decay and the regularization of the
     configuration."""
 
-    def setup(self, core: FlexMFExplicitScorer, data: TrainingData) -> None:  # type: ignore[override]
+    def setup(self, core: FlexMFExplicitScorer, data: TrainingData) -> None:
         super().setup(core, data)
         cfg = self.cfg
         self.lr = cfg.learning_rate
@@ -151,7 +151,7 @@ class _Engine(MinibatchStrategy):
 
     def epoch(self, epoch: int) -> float:
         d, perm = self.data, self.permutation()
-        loss = self._pass(d.users[perm], d.items[perm], d.residuals[perm])  # type: ignore[index]
+        loss = self._pass(d.users[perm], d.items[perm], d.residuals[perm])
         self.lr *= self.cfg.lr_decay
         return float(loss) / len(d)
 
@@ -170,7 +170,7 @@ class NativeEngine(_Engine):
         layout = core.layout
         P, Q = (core.user_table, core.item_table) if self.adam is None else (self.adam[0].state, self.adam[1].state)
         self.tables = (P, Q)
-        self.scratch = (_abi.Scratch(P.shape[0], layout.width), _abi.Scratch(Q.shape[0], layout.width))  # type: ignore[union-attr]
+        self.scratch = (_abi.Scratch(P.shape[0], layout.width), _abi.Scratch(Q.shape[0], layout.width))
         self.err = torch.empty(self.batch)
 
     def _pass(self, users: torch.Tensor, items: torch.Tensor, resid: torch.Tensor) -> float:
@@ -205,20 +205,20 @@ class TorchEngine(_Engine):
     def _pass(self, users: torch.Tensor, items: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         P, Q = self.core.user_table, self.core.item_table
         layout = self.core.layout
-        loss = torch.zeros((), device=P.device, dtype=torch.float64)  # type: ignore[union-attr]
+        loss = torch.zeros((), device=P.device, dtype=torch.float64)
         for start in range(0, len(resid), self.batch):
             u, i = users[start : start + self.batch], items[start : start + self.batch]
             m = len(u)
             pu, qi, gp, gq, err = self.pu[:m], self.qi[:m], self.gp[:m], self.gq[:m], self.err[:m]
-            torch.index_select(P, 0, u, out=pu)  # type: ignore[arg-type]
-            torch.index_select(Q, 0, i, out=qi)  # type: ignore[arg-type]
+            torch.index_select(P, 0, u, out=pu)
+            torch.index_select(Q, 0, i, out=qi)
             torch.mul(pu, qi, out=gp)
             torch.sum(gp, 1, out=err)
             torch.sub(resid[start : start + self.batch], err, out=err)
             loss += err.dot(err)
             if self.adam is None:
-                self._sgd_side(P, u, pu, qi, gp, self.counts[0], layout.user_const)  # type: ignore[arg-type]
-                self._sgd_side(Q, i, qi, pu, gq, self.counts[1], layout.item_const)  # type: ignore[arg-type]
+                self._sgd_side(P, u, pu, qi, gp, self.counts[0], layout.user_const)
+                self._sgd_side(Q, i, qi, pu, gq, self.counts[1], layout.item_const)
                 continue
             self.step += 1
             torch.mul(qi, err.unsqueeze(1), out=gp)  # the ascent direction of each rating's user row

@@ -82,7 +82,7 @@ class FlexMFImplicitScorer(FlexMFScorer):
     def _initial_embeddings(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         init = torch.Generator().manual_seed(self.config.seed)  # on the CPU: the same start on every device
         k, scale = self.config.embedding_size, self.config.init_scale
-        return tuple(torch.randn(n, k, generator=init) * scale for n in (self.n_users, self.n_items))  # type: ignore[return-value]
+        return tuple(torch.randn(n, k, generator=init) * scale for n in (self.n_users, self.n_items))
 
     def _initial_loss(self, data: TrainingData) -> float:
         """An upper bound of the expected mean loss per positive at initialization (the guard's scale).
@@ -105,8 +105,8 @@ class FlexMFImplicitScorer(FlexMFScorer):
 
     def _validation_set(self, frame: pl.DataFrame) -> tuple[torch.Tensor, pl.DataFrame]:
         pairs = interactions(frame, self.config.min_rating, what="validation")
-        pairs = pairs.filter(pl.Series(self.users.lookup(pairs["user_id"]) >= 0))  # type: ignore[union-attr]
-        users = np.unique(self.users.lookup(pairs["user_id"]))  # type: ignore[union-attr]
+        pairs = pairs.filter(pl.Series(self.users.lookup(pairs["user_id"]) >= 0))
+        users = np.unique(self.users.lookup(pairs["user_id"]))
         return torch.from_numpy(users).to(self.device), pairs
 
     def _validation_metric(self, validation: tuple[torch.Tensor, pl.DataFrame]) -> float:
@@ -118,8 +118,8 @@ class FlexMFImplicitScorer(FlexMFScorer):
         pos, item_rows, scores, ranks = self._recommend_rows(rows, k, True, 1024)
         if len(pos) == 0 or truth.height == 0:
             return 0.0
-        recs = pl.DataFrame({"user_id": self.users.ids[rows.cpu().numpy()[pos]],  # type: ignore[union-attr]
-                             "item_id": self.items.ids[item_rows],  # type: ignore[union-attr]
+        recs = pl.DataFrame({"user_id": self.users.ids[rows.cpu().numpy()[pos]],
+                             "item_id": self.items.ids[item_rows],
                              "score": scores.astype(np.float32), "rank": ranks.astype(np.int32)})
         return topn_metrics(recs, truth, ks=(k,)).means[f"ndcg@{k}"]
 
@@ -128,7 +128,7 @@ class FlexMFImplicitScorer(FlexMFScorer):
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """``user_embedding``, ``item_embedding`` and the biases the configuration learns."""
-        layout, U, I = self.layout, self.user_table[:-1], self.item_table[:-1]  # type: ignore[index]
+        layout, U, I = self.layout, self.user_table[:-1], self.item_table[:-1]
         out = {"user_embedding": U[:, : layout.k].contiguous(), "item_embedding": I[:, : layout.k].contiguous()}
         if layout.user_bias_col is not None:
             out["user_bias"] = U[:, layout.user_bias_col].contiguous()
@@ -165,21 +165,21 @@ class _Engine(MinibatchStrategy):
 
     adam: tuple[SparseAdam, SparseAdam]
 
-    def setup(self, core: FlexMFImplicitScorer, data: TrainingData) -> None:  # type: ignore[override]
+    def setup(self, core: FlexMFImplicitScorer, data: TrainingData) -> None:
         super().setup(core, data)
         cfg = self.cfg
-        self.loss = loss_named(cfg.loss)  # type: ignore[arg-type]
+        self.loss = loss_named(cfg.loss)
         self.wd = cfg.regularization if cfg.reg_method == "AdamW" else 0.0
         self.l2 = cfg.regularization if cfg.reg_method == "L2" else 0.0
         self.use_adam(cfg.learning_rate, self.wd, catch_up=True)
         positives = PositiveSet(data.users, data.items, core.n_items)
-        self.sampler = make_sampler(cfg.negative_strategy, positives, data.items,  # type: ignore[arg-type]
-                                    candidates=cfg.misranked_candidates)  # type: ignore[arg-type]
+        self.sampler = make_sampler(cfg.negative_strategy, positives, data.items,
+                                    candidates=cfg.misranked_candidates)
         self.warp_table = None
         if self.loss.rank_weighted:  # indexed by trials, 1..misranked_candidates: on a catalogue smaller
             # than that, trials past n_items - 1 estimate a rank of 0, whose weight L(0) is 0
             table = warp_rank_weights(core.n_items, data.users.device)
-            short = max(0, cfg.misranked_candidates + 1 - len(table))  # type: ignore[operator]
+            short = max(0, cfg.misranked_candidates + 1 - len(table))
             self.warp_table = torch.cat([table, table.new_zeros(short)])
         self.user_groups = RowGroups(core.n_users + 1, data.users.device)
         self.chunk = cfg.batch_size * (1 if self.sampler.needs_model else _CHUNK_BATCHES)
@@ -191,7 +191,7 @@ class _Engine(MinibatchStrategy):
             idx = perm[start : start + self.chunk]
             us, ps = d.users[idx], d.items[idx]
             neg = self._negatives(us, ps)
-            weight = None if self.warp_table is None else self.warp_table[neg.trials[:, 0]]  # type: ignore[index]
+            weight = None if self.warp_table is None else self.warp_table[neg.trials[:, 0]]
             total += self._batches(us, ps, neg, weight)
         self._flush()
         return float(total) / n
@@ -199,16 +199,16 @@ class _Engine(MinibatchStrategy):
     def _negatives(self, us: torch.Tensor, pos: torch.Tensor) -> NegativeSample:
         cfg, gen = self.cfg, self.data.generator
         if not self.sampler.needs_model:
-            return self.sampler.sample(us, cfg.negative_count, generator=gen)  # type: ignore[arg-type]
+            return self.sampler.sample(us, cfg.negative_count, generator=gen)
         # scored with the current model: the batch's distinct users against a pool of items
         U, I = self.core.user_table, self.core.item_table
         urows, uinv = self.user_groups(us)
-        P = U.index_select(0, urows)  # type: ignore[union-attr]
+        P = U.index_select(0, urows)
         pool_scores = lambda pool: (P @ I.index_select(0, pool).T, uinv)  # noqa: E731
         if self.loss.rank_weighted:
-            s_pos = (P.index_select(0, uinv) * I.index_select(0, pos)).sum(1)  # type: ignore[union-attr]
+            s_pos = (P.index_select(0, uinv) * I.index_select(0, pos)).sum(1)
             return self.sampler.sample(us, 1, pos_scores=s_pos, generator=gen, pool_scores=pool_scores)
-        return self.sampler.sample(us, cfg.negative_count, generator=gen, pool_scores=pool_scores)  # type: ignore[arg-type]
+        return self.sampler.sample(us, cfg.negative_count, generator=gen, pool_scores=pool_scores)
 
     def _batches(self, us: torch.Tensor, pos: torch.Tensor, neg: NegativeSample,
                  weight: torch.Tensor | None) -> float | torch.Tensor:
@@ -228,7 +228,7 @@ class NativeEngine(_Engine):
         super().setup(core, data)
         w = self.layout.width
         self.scratch = (_abi.Scratch(core.n_users + 1, w), _abi.Scratch(core.n_items + 1, w))
-        self.ds = torch.empty(self.cfg.batch_size * (1 + self.cfg.negative_count))  # type: ignore[operator]
+        self.ds = torch.empty(self.cfg.batch_size * (1 + self.cfg.negative_count))
 
     def _train(self) -> _abi.Train:
         (au, ai), (su, si), layout = self.adam, self.scratch, self.layout
@@ -280,17 +280,17 @@ class TorchEngine(_Engine):
         cfg, U, I = self.cfg, self.core.user_table, self.core.item_table
         b, c = us.numel(), neg_items.shape[1]
         urows, uinv = self.user_groups(us)
-        P = U.index_select(0, urows)  # type: ignore[union-attr]  # the batch's distinct user rows
+        P = U.index_select(0, urows)  # the batch's distinct user rows
         all_items = torch.cat([pos.unsqueeze(1), neg_items], 1)  # [b, 1 + c], positive first
         irows, iinv = self.item_groups(all_items.reshape(-1))
-        Q = I.index_select(0, irows)  # type: ignore[union-attr]
+        Q = I.index_select(0, irows)
         # one row per (positive or negative) pair, all 2-D: tiny bmm's and mid-axis broadcasts are
         # several times slower on CPU than a gather plus a flat elementwise product
         X = Q.index_select(0, iinv)  # [b * (1 + c), w]
         uinv_rep = uinv.unsqueeze(1).expand(b, 1 + c).reshape(-1)
         pu_rep = P.index_select(0, uinv_rep)
         s = (X * pu_rep).sum(1).view(b, 1 + c)
-        ds, loss = score_gradients(cfg.loss, s, neg_valid.to(s.dtype), b, cfg.positive_weight, warp_weight)  # type: ignore[arg-type]
+        ds, loss = score_gradients(cfg.loss, s, neg_valid.to(s.dtype), b, cfg.positive_weight, warp_weight)
         g_user, g_item = backprop(ds, X, pu_rep, uinv_rep, iinv, P.shape[0], Q.shape[0])
         if self.l2:
             k = self.layout.k

@@ -93,12 +93,12 @@ class FlexMFImplicitConfig(ConfigBase):
         self._check_common()
         choice("loss", LOSSES)
         choice("negative_strategy", SAMPLERS)
-        if LOSSES[self.loss].rank_weighted and not SAMPLERS[self.negative_strategy].needs_model:  # type: ignore[index]
+        if LOSSES[self.loss].rank_weighted and not SAMPLERS[self.negative_strategy].needs_model:
             raise ConfigError(
                 f"{name}.negative_strategy: loss {self.loss!r} needs negative_strategy 'misranked', "
                 f"got {self.negative_strategy!r}"
             )
-        if LOSSES[self.loss].rank_weighted and self.negative_count != 1:  # type: ignore[index]
+        if LOSSES[self.loss].rank_weighted and self.negative_count != 1:
             raise ConfigError(
                 f"{name}.negative_count: loss {self.loss!r} takes one violating negative per positive, "
                 f"got {self.negative_count}"

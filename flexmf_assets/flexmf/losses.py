@@ -51,7 +51,7 @@ def _pairwise(s: torch.Tensor, valid: torch.Tensor, positive_weight: float, warp
 def _warp(s: torch.Tensor, valid: torch.Tensor, positive_weight: float, warp_weight: torch.Tensor | None):
     """WARP: ``L(trials) * relu(1 - s+ + s-)`` with one negative, the first violator found."""
     margin = 1.0 - s[:, 0] + s[:, 1]
-    w = warp_weight * valid[:, 0]  # type: ignore[operator]
+    w = warp_weight * valid[:, 0]
     g = w * (margin > 0).to(s.dtype)
     ds = torch.stack([-g, g], 1)
     total = (w * margin.clamp(min=0)).sum(dtype=torch.float64)

@@ -91,7 +91,7 @@ class SparseAdam:
             self._catch_up(rows, p, m, v, t - 1)
             self.last.index_fill_(0, rows, t)
         if l2:
-            grad.addcmul_(p, counts.unsqueeze(1).to(p.dtype), value=l2)  # type: ignore[union-attr]
+            grad.addcmul_(p, counts.unsqueeze(1).to(p.dtype), value=l2)
         m.lerp_(grad, 1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         if self.wd:
@@ -114,7 +114,7 @@ class SparseAdam:
                   t: int) -> None:
         """Apply the zero-gradient steps ``last+1 .. t`` to the rows ``p, m, v`` (in place)."""
         b1, b2 = ADAM_BETAS
-        last = self.last if rows is None else self.last.index_select(0, rows)  # type: ignore[union-attr]
+        last = self.last if rows is None else self.last.index_select(0, rows)
         d = (t - last).to(p.dtype).unsqueeze(1)
         # idle step j: p <- a p - step q^j a^j m / sqrt(v), a = 1 - lr wd, q a = b1 / sqrt(b2); so
         # after d steps: p a^d - step m / sqrt(v) a^d sum_j q^j

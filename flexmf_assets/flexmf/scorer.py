@@ -111,6 +111,12 @@ class FlexMFScorer:
     higher_is_better: bool
     #: the strategies a saved model may name as its ``engine``
     engines: tuple[str, ...] = ("native", "torch")
+    #: set by ``fit`` or ``load``
+    users: IdIndex
+    items: IdIndex
+    seen: SeenItems
+    user_table: torch.Tensor
+    item_table: torch.Tensor
 
     def __init__(self, config: Any = None, *, device: Device = None, **overrides: Any):
         cls = self.config_class
@@ -129,11 +135,6 @@ class FlexMFScorer:
         self.updates_per_second = 0.0
         self.engine = "torch"
         self.n_users = self.n_items = 0
-        self.users: IdIndex | None = None
-        self.items: IdIndex | None = None
-        self.seen: SeenItems | None = None
-        self.user_table: torch.Tensor | None = None
-        self.item_table: torch.Tensor | None = None
         self.score_offset = 0.0
 
     # ------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ class FlexMFScorer:
                     torch.cuda.synchronize(dev)
                 record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, self.metric: None,
                                           "seconds": time.perf_counter() - e0}
-                guard.check(epoch, loss, self.user_table, self.item_table)  # type: ignore[arg-type]
+                guard.check(epoch, loss, self.user_table, self.item_table)
                 self.epochs_run = epoch
                 if val is None:
                     self.best_epoch = epoch
@@ -244,7 +245,7 @@ class FlexMFScorer:
                     record[self.metric] = metric = self._validation_metric(val)
                     if self._better(metric, best):
                         best, self.best_epoch, stale = metric, epoch, 0
-                        best_state = (self.user_table.clone(), self.item_table.clone())  # type: ignore[union-attr]
+                        best_state = (self.user_table.clone(), self.item_table.clone())
                     else:
                         stale += 1
                 self.history.append(record)
@@ -269,7 +270,7 @@ class FlexMFScorer:
     # ------------------------------------------------------------------------------------------
 
     def _require_fit(self) -> None:
-        if self.user_table is None:
+        if not hasattr(self, "user_table"):
             raise DataValidationError(f"{type(self).__name__}: call fit() (or load()) before scoring")
 
     def _rows(self, index: IdIndex, values: Any, unknown: int) -> np.ndarray:
@@ -280,10 +281,10 @@ class FlexMFScorer:
     @torch.no_grad()
     def _predict_rows(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         P, Q = self.user_table, self.item_table
-        out = torch.empty(len(u), device=P.device)  # type: ignore[union-attr]
+        out = torch.empty(len(u), device=P.device)
         for s in range(0, len(u), _PREDICT_CHUNK):
-            pu = P.index_select(0, u[s : s + _PREDICT_CHUNK])  # type: ignore[union-attr]
-            qi = Q.index_select(0, i[s : s + _PREDICT_CHUNK])  # type: ignore[union-attr]
+            pu = P.index_select(0, u[s : s + _PREDICT_CHUNK])
+            qi = Q.index_select(0, i[s : s + _PREDICT_CHUNK])
             out[s : s + _PREDICT_CHUNK] = (pu * qi).sum(1) + self.score_offset
         clamp = self._clamp()
         if clamp is not None:
@@ -297,11 +298,11 @@ class FlexMFScorer:
         (both unknown: ``score_offset``).
         """
         self._require_fit()
-        u = self._rows(self.users, users, self.n_users)  # type: ignore[arg-type]
-        i = self._rows(self.items, items, self.n_items)  # type: ignore[arg-type]
+        u = self._rows(self.users, users, self.n_users)
+        i = self._rows(self.items, items, self.n_items)
         if len(u) != len(i):
             raise DataValidationError(f"predict: {len(u)} users but {len(i)} items")
-        dev = self.user_table.device  # type: ignore[union-attr]
+        dev = self.user_table.device
         return self._predict_rows(torch.from_numpy(u).to(dev), torch.from_numpy(i).to(dev)).cpu().numpy()
 
     def predict_frame(self, df: pl.DataFrame) -> pl.DataFrame:
@@ -320,7 +321,7 @@ class FlexMFScorer:
         """
         self._require_fit()
         if users is None:
-            raw = self.users.ids  # type: ignore[union-attr]
+            raw = self.users.ids
         elif isinstance(users, pl.Series):
             raw = users.to_numpy()
         else:
@@ -328,11 +329,11 @@ class FlexMFScorer:
             if raw.ndim == 0 and raw.dtype == object:  # a set, a generator, ...
                 raw = np.asarray(list(users))
             raw = raw.reshape(-1)
-        rows = torch.from_numpy(self.users.lookup(raw)).to(self.user_table.device)  # type: ignore[union-attr]
+        rows = torch.from_numpy(self.users.lookup(raw)).to(self.user_table.device)
         pos, item_rows, scores, ranks = self._recommend_rows(rows, n, exclude_seen, batch_size)
         return pl.DataFrame({
             "user_id": pl.Series(raw[pos]) if len(pos) else pl.Series(raw[:0]),
-            "item_id": pl.Series(self.items.ids[item_rows]) if len(item_rows) else pl.Series(self.items.ids[:0]),  # type: ignore[union-attr]
+            "item_id": pl.Series(self.items.ids[item_rows]) if len(item_rows) else pl.Series(self.items.ids[:0]),
             "score": pl.Series(scores, dtype=pl.Float32),
             "rank": pl.Series(ranks, dtype=pl.Int32),
         })
@@ -341,11 +342,11 @@ class FlexMFScorer:
                         batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(position in rows, item row, score, rank)`` of the top ``n`` of each user row (-1: unknown)."""
         P = self.user_table
-        QT = self.item_table[: self.n_items].T.contiguous()  # type: ignore[index]
+        QT = self.item_table[: self.n_items].T.contiguous()
 
         def score(batch: torch.Tensor) -> torch.Tensor:
             safe = torch.where(batch >= 0, batch, torch.full_like(batch, self.n_users))
-            return (P.index_select(0, safe) @ QT).add_(self.score_offset)  # type: ignore[union-attr]
+            return (P.index_select(0, safe) @ QT).add_(self.score_offset)
 
         return recommend_in_batches(score, rows, n, self.n_items, self.seen if exclude_seen else None, batch_size)
 
@@ -356,14 +357,14 @@ class FlexMFScorer:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model to directory ``path`` atomically (safetensors + JSON, no pickle)."""
         self._require_fit()
-        tensors = {**self.parameters(), "seen_indptr": self.seen.indptr, "seen_indices": self.seen.indices}  # type: ignore[union-attr]
+        tensors = {**self.parameters(), "seen_indptr": self.seen.indptr, "seen_indices": self.seen.indices}
         meta: dict[str, Any] = {"kind": self.kind, "n_users": self.n_users, "n_items": self.n_items,
                                 **self._save_fields(), "history": self.history, "epochs_run": self.epochs_run,
                                 "best_epoch": self.best_epoch, "train_seconds": self.train_seconds,
                                 "updates_per_second": self.updates_per_second, "engine": self.engine,
                                 "device": str(self.device)}
         for name, index in (("user", self.users), ("item", self.items)):
-            t, m = index.to_state(name)  # type: ignore[union-attr]
+            t, m = index.to_state(name)
             tensors.update(t)
             meta.update(m)
         return save_model_dir(path, tensors, self.config.to_dict(), meta)

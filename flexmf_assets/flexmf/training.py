@@ -75,8 +75,8 @@ class MinibatchStrategy:
     def use_adam(self, lr: float, weight_decay: float, catch_up: bool) -> None:
         """Train with :class:`.optim.SparseAdam`: the core's tables become views of its state."""
         core, layout = self.core, self.layout
-        self.adam = (SparseAdam(core.user_table, lr, weight_decay, layout.user_const, catch_up),  # type: ignore[arg-type]
-                     SparseAdam(core.item_table, lr, weight_decay, layout.item_const, catch_up))  # type: ignore[arg-type]
+        self.adam = (SparseAdam(core.user_table, lr, weight_decay, layout.user_const, catch_up),
+                     SparseAdam(core.item_table, lr, weight_decay, layout.item_const, catch_up))
         core.user_table, core.item_table = self.adam[0].table, self.adam[1].table
 
     def permutation(self) -> torch.Tensor:
@@ -85,7 +85,7 @@ class MinibatchStrategy:
 
     def finish(self) -> None:
         core = self.core
-        core.user_table, core.item_table = core.user_table.contiguous(), core.item_table.contiguous()  # type: ignore[union-attr]
+        core.user_table, core.item_table = core.user_table.contiguous(), core.item_table.contiguous()
         self.adam = None
 
 
