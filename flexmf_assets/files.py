@@ -1,4 +1,4 @@
-"""Small helpers on files and JSON values shared by the library and the Dagster layer."""
+"""Small file helpers the whole package shares: content hashes, atomic text writes, JSON-safe values."""
 
 from __future__ import annotations
 
@@ -11,25 +11,27 @@ from typing import Any
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in 4 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(4 * 2**20):
+        while chunk := fh.read(4 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling, synced, then renamed over it: a reader
-    sees the old or the new file, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``: a
+    reader sees the old content or the new, never a part (``fsync`` also survives a power cut)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
