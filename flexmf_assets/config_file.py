@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import suggest
+from flexmf_assets.flexmf.config_base import suggest
 
 MAX_YAML_NODES = 100_000  # YAML values after alias expansion (an alias bomb is refused)
 MAX_YAML_DEPTH = 100  # nesting levels of the YAML document

@@ -1,11 +1,13 @@
-"""Small file helpers the whole package shares: content hashes and atomic text writes."""
+"""Small file helpers the whole package shares: content hashes, atomic text writes, JSON-safe values."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -33,3 +35,28 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values: numpy scalars unwrapped, tuples as lists, keys as strings, NaN/inf as the
+    strings 'NaN', 'inf', '-inf' (strict JSON has no such numbers), anything else as its str."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if hasattr(value, "item") and not isinstance(value, (list, dict, tuple)):
+        value = value.item()
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return str(value)
+
+
+__all__ = ["atomic_write_text", "jsonable", "sha256_file"]

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from flexmf_assets.config_file import _TOP_KEYS, SCHEMA, _check_fields, _check_keys, _mapping, _read_yaml, _section
 from flexmf_assets.datasets.catalog import DatasetSpec, builtin_catalog, user_dataset
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import KEY_SEPARATOR, check_key_syntax, format_literal, suggest
+from flexmf_assets.flexmf.config_base import KEY_SEPARATOR, check_key_syntax, format_literal, suggest
 from flexmf_assets.tracks import TRACK_NAMES as TRACKS
 from flexmf_assets.tracks import track as get_track
 

@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - no flock (Windows): killed writes are 
 
 from flexmf_assets.errors import ConfigError
 from flexmf_assets.files import atomic_write_text
-from flexmf_assets.flexmf._common import parse_json
+from flexmf_assets.flexmf.model_files import parse_json
 
 POINTER = "CURRENT"
 #: the newest table of a partition, at a stable path (see VersionedStore._publish_latest)

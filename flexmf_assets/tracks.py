@@ -73,9 +73,9 @@ def _explicit_scorer():
 
 
 def _explicit_sets():
-    from flexmf_assets.flexmf import EXPLICIT_PRESETS
+    from flexmf_assets.flexmf import EXPLICIT_HPARAM_SETS
 
-    return EXPLICIT_PRESETS
+    return EXPLICIT_HPARAM_SETS
 
 
 def _explicit_report(model, train, test):
@@ -97,9 +97,9 @@ def _implicit_scorer():
 
 
 def _implicit_sets():
-    from flexmf_assets.flexmf import IMPLICIT_PRESETS
+    from flexmf_assets.flexmf import IMPLICIT_HPARAM_SETS
 
-    return IMPLICIT_PRESETS
+    return IMPLICIT_HPARAM_SETS
 
 
 def _implicit_report(model, train, test):

@@ -16,7 +16,7 @@ import pytest
 
 from flexmf_assets.datasets.split import SplitConfig, split_ratings
 from flexmf_assets.errors import ConfigError, DataValidationError, TrainingError
-from flexmf_assets.flexmf._common import sha256_file
+from flexmf_assets.files import sha256_file
 from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
 from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer
 

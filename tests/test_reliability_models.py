@@ -30,7 +30,8 @@ from flexmf_assets.datasets.synthetic import SyntheticConfig, generate
 from flexmf_assets.storage import POINTER, VersionedStore, current_version
 from flexmf_assets.errors import ConfigError, TrainingError
 from flexmf_assets.flexmf import _native
-from flexmf_assets.flexmf._common import DIVERGENCE_FACTOR, DivergenceGuard, sha256_file
+from flexmf_assets.files import sha256_file
+from flexmf_assets.flexmf.training import DIVERGENCE_FACTOR, DivergenceGuard
 from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
 from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer
 

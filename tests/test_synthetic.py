@@ -15,7 +15,7 @@ from flexmf_assets.datasets.catalog import builtin_catalog
 from flexmf_assets.datasets.parsing import ITEMS_SCHEMA, RATINGS_SCHEMA, load_dataset
 from flexmf_assets.datasets.synthetic import (
     GENRES,
-    PRESETS,
+    SYNTHETIC_DATASETS,
     SyntheticConfig,
     generate,
     planted_truth,
@@ -95,7 +95,7 @@ def test_preset_sizes_match_promise():
     expect = {"synthetic-100k": (100_000, 610, 9_742), "synthetic-1m": (1_000_000, 6_040, 3_706),
               "synthetic-10m": (10_000_000, 69_878, 10_677), "synthetic-25m": (25_000_000, 162_541, 59_047)}
     for name, (n, users, items) in expect.items():
-        cfg = PRESETS[name]
+        cfg = SYNTHETIC_DATASETS[name]
         assert (cfg.n_ratings, cfg.n_users, cfg.n_items) == (n, users, items)
         assert cfg.n_users * cfg.min_user_ratings <= cfg.n_ratings <= cfg.n_users * cfg.user_cap
 

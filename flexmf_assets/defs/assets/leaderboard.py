@@ -10,8 +10,9 @@ from flexmf_assets.defs.assets.models import lineage_metadata
 from flexmf_assets.defs.automation import follow_any_partition, follow_upstream
 from flexmf_assets.defs.records import latest_materialization, model_partition_key
 from flexmf_assets.defs.failures import user_errors
-from flexmf_assets.defs.metadata import jsonable, rounded, table
+from flexmf_assets.defs.metadata import rounded, table
 from flexmf_assets.defs.partitions import BY_DATASET, HPARAMS_PARTITIONS
+from flexmf_assets.files import jsonable
 from flexmf_assets.errors import DataValidationError
 from flexmf_assets.evaluation.charts import bar_chart
 from flexmf_assets.tracks import TRACKS, Track

@@ -17,9 +17,10 @@ import polars as pl
 from flexmf_assets.defs.automation import follow_upstream, retrain_on_new_split
 from flexmf_assets.defs.records import DATA_VERSION_TAG, SPLIT_VERSION_KEY, latest_materialization, model_partition_key
 from flexmf_assets.defs.failures import user_errors
-from flexmf_assets.defs.metadata import jsonable, rounded, table
+from flexmf_assets.defs.metadata import rounded, table
 from flexmf_assets.defs.partitions import BY_DATASET, model_partitions, split_key
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
+from flexmf_assets.files import jsonable
 from flexmf_assets.errors import ConfigError
 from flexmf_assets.project import ProjectConfig, config_fingerprint
 from flexmf_assets.tracks import track as get_track
