@@ -76,13 +76,18 @@ def _ensure_home(project: ProjectConfig) -> str:
     return home
 
 
-def ensure_pools(instance) -> None:
+def ensure_pools(instance, say=None) -> None:
     """Give the ``gpu`` pool one slot unless the operator already set a limit: two trainings never
-    share one GPU. Give back the slots of runs that are over or whose process is gone (killed)."""
+    share one GPU. Give back the slots of runs that are over or whose process is gone (killed), and
+    say so (``say``: a command session's note; by default the terminal)."""
     from flexmf_assets.defs.slots import free_dead_run_slots
 
     for run_id in free_dead_run_slots(instance):
-        print(f"flexmf: gave back the pool slots of run {run_id} (finished, or its process is gone)")
+        text = f"gave back the pool slots of run {run_id} (finished, or its process is gone)"
+        if say is None:
+            print(f"flexmf: {text}")
+        else:
+            say(text)
     storage = instance.event_log_storage
     configured = storage.get_concurrency_keys()
     for pool, limit in POOL_LIMITS.items():
@@ -127,6 +132,7 @@ def materialize(project: ProjectConfig, dataset: str, sets: dict[str, list[str]]
 
     instance = instance or dg.DagsterInstance.get()
     project.dataset(dataset)
+    ensure_pools(instance, session.note)
     for track, names in sets.items():
         for name in names:
             project.resolve_hparams(track, name)
@@ -167,7 +173,7 @@ def sweep(project: ProjectConfig, session: Session, *, instance=None) -> bool:
     from flexmf_assets.defs.partitions import HPARAMS_DIM
 
     instance = instance or dg.DagsterInstance.get()
-    ensure_pools(instance)
+    ensure_pools(instance, session.note)
     defs = build_definitions(project)
     datasets = list(project.swept_datasets)
     tried: set[str] = set()

@@ -49,10 +49,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _int(minimum: int | None = None, *, nullable: bool = False) -> Rule:
+def _int(minimum: int | None = None, *, nullable: bool = False, unit: str = "") -> Rule:
     words = {None: "an integer", 0: "an integer >= 0", 1: "a positive integer"}.get(
         minimum, f"an integer >= {minimum}")
-    return Rule(words + (" or null" if nullable else ""),
+    return Rule(words + (f" ({unit})" if unit else "") + (" or null" if nullable else ""),
                 lambda v: _is_int(v) and (minimum is None or v >= minimum), nullable)
 
 
@@ -168,7 +168,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "timeout": _number(0, low_open=True),
         "retries": _int(0),
         "allowed_file_roots": _string_list("a list of paths"),
-        "max_bytes": _int(1),
+        "max_bytes": _int(1, nullable=True, unit="bytes"),  # null: the default cap
     },
     "device": {
         "device": _string("a device name (a string: auto, cpu, cuda, cuda:N or mps)"),
