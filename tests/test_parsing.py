@@ -253,9 +253,9 @@ def test_load_plain_and_synthetic(tmp_path):
 
 @pytest.mark.parametrize(("layout", "sep"), [("ml-latest-small", ","), ("ml-10m", "::")])
 def test_error_pass_in_small_blocks_keeps_line_numbers(tmp_path, monkeypatch, layout, sep):
-    import flexmf_assets.datasets.parsing as parsing
+    import flexmf_assets.datasets.line_errors as line_errors
 
-    monkeypatch.setattr(parsing, "_CHUNK", 1000)  # many blocks, lines cut at block edges
+    monkeypatch.setattr(line_errors, "BLOCK_BYTES", 1000)  # many blocks, lines cut at block edges
     header = ["userId,movieId,rating,timestamp"] if sep == "," else []
     lines = header + [sep.join([str(u), str(u % 97), "3.5", str(u)]) for u in range(1, 5_001)]
     bad_index = 4_321
@@ -354,9 +354,9 @@ def test_every_parse_error_names_its_line_and_is_printable(tmp_path, case):
 
 @pytest.mark.parametrize("sep", [",", "::"])
 def test_blank_line_at_a_block_edge_is_named(tmp_path, monkeypatch, sep):
-    import flexmf_assets.datasets.parsing as parsing
+    import flexmf_assets.datasets.line_errors as line_errors
 
-    monkeypatch.setattr(parsing, "_CHUNK", 1000)  # blocks cut between the blank line and the next row
+    monkeypatch.setattr(line_errors, "BLOCK_BYTES", 1000)  # blocks cut between the blank line and the next row
     lines = [sep.join(["u", "i", "r", "t"])] + [sep.join([str(k), "1", "3.5", "1"]) for k in range(1, 400)]
     lines.insert(200, "")
     path = _write(tmp_path / "r.csv", "\n".join(lines) + "\n")

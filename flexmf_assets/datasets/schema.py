@@ -1,0 +1,21 @@
+"""The canonical frames every dataset ends in, whatever its source.
+
+* ratings: ``user_id: Int64, item_id: Int64, rating: Float32, timestamp: Int64`` (seconds since
+  the epoch; null when the source has none);
+* items: ``item_id: Int64, title: String, genres: String`` (pipe-separated genres).
+
+Parsing produces them, the synthetic generator writes them, validation checks them.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from flexmf_assets.datasets.catalog import CANONICAL_COLUMNS
+
+RATINGS_SCHEMA: dict[str, pl.DataType] = dict(
+    zip(CANONICAL_COLUMNS, (pl.Int64(), pl.Int64(), pl.Float32(), pl.Int64()), strict=True)
+)
+ITEMS_SCHEMA: dict[str, pl.DataType] = {"item_id": pl.Int64(), "title": pl.String(), "genres": pl.String()}
+
+__all__ = ["RATINGS_SCHEMA", "ITEMS_SCHEMA"]
