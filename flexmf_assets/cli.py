@@ -76,13 +76,18 @@ def _ensure_home(project: ProjectConfig) -> str:
     return home
 
 
-def ensure_pools(instance) -> None:
+def ensure_pools(instance, say=None) -> None:
     """Give the ``gpu`` pool one slot unless the operator already set a limit: two trainings never
-    share one GPU. Give back the slots of runs that are over or whose process is gone (killed)."""
+    share one GPU. Give back the slots of runs that are over or whose process is gone (killed), and
+    say so (``say``: a command session's note; by default the terminal)."""
     from flexmf_assets.defs.slots import free_dead_run_slots
 
     for run_id in free_dead_run_slots(instance):
-        print(f"flexmf: gave back the pool slots of run {run_id} (finished, or its process is gone)")
+        text = f"gave back the pool slots of run {run_id} (finished, or its process is gone)"
+        if say is None:
+            print(f"flexmf: {text}")
+        else:
+            say(text)
     storage = instance.event_log_storage
     configured = storage.get_concurrency_keys()
     for pool, limit in POOL_LIMITS.items():
@@ -127,6 +132,7 @@ def materialize(project: ProjectConfig, dataset: str, sets: dict[str, list[str]]
 
     instance = instance or dg.DagsterInstance.get()
     project.dataset(dataset)
+    ensure_pools(instance, session.note)
     for track, names in sets.items():
         for name in names:
             project.resolve_hparams(track, name)
@@ -161,12 +167,13 @@ def sweep(project: ProjectConfig, session: Session, *, instance=None) -> bool:
     refreshed. True when every run succeeded."""
     import dagster as dg
 
-    from flexmf_assets.defs.automation import latest_materialization, sweep_plan
+    from flexmf_assets.defs.automation import sweep_plan
+    from flexmf_assets.defs.records import latest_materialization
     from flexmf_assets.defs.definitions import build_definitions
     from flexmf_assets.defs.partitions import HPARAMS_DIM
 
     instance = instance or dg.DagsterInstance.get()
-    ensure_pools(instance)
+    ensure_pools(instance, session.note)
     defs = build_definitions(project)
     datasets = list(project.swept_datasets)
     tried: set[str] = set()
@@ -217,7 +224,7 @@ def print_leaderboards(project: ProjectConfig, dataset: str) -> bool:
     import polars as pl
     from upath import UPath
 
-    from flexmf_assets.defs.io_managers import VersionedStore
+    from flexmf_assets.storage import VersionedStore
 
     found = False
     for track in TRACKS:
@@ -268,10 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mat = sub.add_parser("materialize", parents=[verbose],
                          help="materialize data and model partitions in the instance")
     mat.add_argument("--dataset", help="dataset partition (default: flexmf.yaml default_dataset)")
-    mat.add_argument("--explicit", nargs="*", default=None, metavar="SET",
-                     help="explicit hparams sets (default: default; none to skip)")
-    mat.add_argument("--implicit", nargs="*", default=None, metavar="SET",
-                     help="implicit hparams sets (default: default; none to skip)")
+    for name in TRACKS:
+        mat.add_argument(f"--{name}", nargs="*", default=None, metavar="SET",
+                         help=f"{name} hparams sets (default: default; none to skip)")
     mat.add_argument("--data-only", action="store_true", help="only the data assets")
     sub.add_parser("sweep", parents=[verbose],
                    help="train every registered/declared set on the swept datasets, then "
@@ -305,8 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ok = sweep(project, session)
                 else:
                     dataset = args.dataset or project.default_dataset
-                    sets = {"explicit": ["default"] if args.explicit is None else args.explicit,
-                            "implicit": ["default"] if args.implicit is None else args.implicit}
+                    chosen = {name: getattr(args, name) for name in TRACKS}
+                    sets = {name: ["default"] if names is None else names for name, names in chosen.items()}
                     if args.data_only:
                         sets = {}
                     session.echo(f"flexmf: materialize {dataset}; Dagster's events go to {show(session.log_path)}")

@@ -31,14 +31,15 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from flexmf_assets.tracks import TRACKS
+
 LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
 #: the newest table of an asset partition, written beside its version folders
 LATEST = "latest.parquet"
 UI_URL = "http://127.0.0.1:3000"
-TRACK_JOBS = {"explicit_job": "explicit", "implicit_job": "implicit"}
+TRACK_JOBS = {f"{name}_job": name for name in TRACKS}
 #: the test metric of each track's evaluation and its baseline (evaluation metadata keys)
-TEST_METRIC = {"explicit": ("RMSE", "rmse", "baseline_rmse"),
-               "implicit": ("NDCG@10", "ndcg@10", "baseline_ndcg@10")}
+TEST_METRIC = {name: (t.headline.upper(), t.headline, f"baseline_{t.headline}") for name, t in TRACKS.items()}
 _EPOCH = re.compile(r"epoch (\d+):")
 #: what the open run line says while a step runs (by the end of its step key)
 STEP_WORDS = {"archive": "fetching the archive", "ratings_and_items": "parsing and validating",
@@ -339,8 +340,7 @@ def show(path) -> str:
 def summary_rows(session: Session, instance) -> list[list[str]]:
     """One row per trained set (failed ones marked), the champions marked; a champion trained by an
     earlier command gets its own row, read from the instance."""
-    from flexmf_assets.defs.assets.leaderboard import BOARDS
-    from flexmf_assets.defs.automation import latest_materialization
+    from flexmf_assets.defs.records import latest_materialization
 
     champions: dict[tuple[str, str], str] = {}
     for outcome in session.outcomes:
@@ -353,7 +353,7 @@ def summary_rows(session: Session, instance) -> list[list[str]]:
     def row(track: str, dataset: str, hparams: str, meta: dict[str, Any], train: str) -> list[str]:
         name, key, base = TEST_METRIC[track]
         mark = "* champion" if champions.get((track, dataset)) == hparams else ""
-        return [track, f"{dataset}|{hparams}", name, _fmt(meta.get(BOARDS[track].validation_key)),
+        return [track, f"{dataset}|{hparams}", name, _fmt(meta.get(TRACKS[track].validation_metric)),
                 _fmt(meta.get(key)), _fmt(meta.get(base)), train, mark]
 
     rows: list[list[str]] = []
@@ -399,7 +399,7 @@ def render_table(rows: list[list[str]], width: int) -> list[str]:
 def table_path(io_manager, asset: str, *partition: str) -> str:
     """The newest table of an asset partition: ``latest.parquet`` when it exists, else the current
     version's ``data.parquet``, else the partition folder."""
-    from flexmf_assets.defs.io_managers import current_version
+    from flexmf_assets.storage import current_version
 
     folder = io_manager._base_path / asset
     for part in partition:
@@ -434,7 +434,7 @@ def _tables(session: Session, io_manager) -> list[tuple[str, str]]:
                 glob = all(p.endswith(f"/{LATEST}") for p in paths)
                 tables.append((asset, f"{folder}/*/{LATEST}" if glob else f"{folder}/"))
         if dataset in boards:
-            for asset in ("champion_recommendations", "explicit_leaderboard", "implicit_leaderboard"):
+            for asset in ("champion_recommendations", *(f"{t}_leaderboard" for t in TRACKS)):
                 tables.append((asset, table_path(io_manager, asset, dataset)))
     return tables
 
@@ -462,6 +462,6 @@ def print_report(session: Session, instance, io_manager) -> None:
         if pick:
             session.echo(f"  read one: duckdb -c \"FROM '{pick}' LIMIT 10\" (polars: pl.read_parquet(path))")
     target = next((o for o in done if o.track), done[0])
-    asset = {"data_job": "split", "leaderboard_job": "explicit_leaderboard"}.get(
+    asset = {"data_job": "split", "leaderboard_job": f"{next(iter(TRACKS))}_leaderboard"}.get(
         target.job, f"{target.track}_evaluation")
     session.echo(f"UI: run `flexmf dev`, then open {UI_URL}/assets/{asset}?partition={quote(target.key, safe='')}")

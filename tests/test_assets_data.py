@@ -81,7 +81,7 @@ datasets:
     assert abs(split["test_rows"].value - 0.2 * archive.ratings) <= 1
 
     # the stored split is real Parquet, readable without Dagster
-    from flexmf_assets.defs.io_managers import VersionedStore
+    from flexmf_assets.storage import VersionedStore
     from upath import UPath
 
     frames = VersionedStore().read(UPath(project.storage_dir) / "split" / "small")
@@ -122,7 +122,7 @@ datasets:
     assert wrong in text.splitlines()[0] and sha in text.splitlines()[0]
     # nothing downstream ran, the previous materialization is intact and readable
     assert latest_record(instance, "split", "small").storage_id == before.storage_id
-    from flexmf_assets.defs.io_managers import VersionedStore
+    from flexmf_assets.storage import VersionedStore
     from upath import UPath
 
     frames = VersionedStore().read(UPath(project.storage_dir) / "split" / "small")

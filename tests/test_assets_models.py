@@ -11,7 +11,7 @@ import pytest
 from upath import UPath
 
 from flexmf_assets.defs.definitions import build_definitions
-from flexmf_assets.defs.io_managers import VersionedStore
+from flexmf_assets.storage import VersionedStore
 from flexmf_assets.project import load_project
 
 from conftest import REPO, failure_text

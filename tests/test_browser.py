@@ -444,7 +444,8 @@ def test_fresh_flexmf_dev_trains_nothing_until_the_sweep_sensor_is_turned_on(fre
              explain=lambda: f"registered {registered()}, expected {expected}\n{fresh.log_tail()}")
     assert all_runs(fresh) == [], describe_runs(fresh)
     sensors, schedules = automation_states(fresh)
-    assert sensors == {"register_sets": "RUNNING", "sweep": "STOPPED", "automation": "RUNNING"}
+    assert sensors == {"register_sets": "RUNNING", "sweep": "STOPPED", "automation": "RUNNING",
+                       "free_dead_run_slots": "RUNNING"}
     assert schedules == {"retrain_schedule": "RUNNING"}
 
     # the opt-in: one toggle on the Automation page

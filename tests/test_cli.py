@@ -277,7 +277,8 @@ def test_table_paths_name_latest_parquet_when_the_store_writes_it(tmp_path, monk
     from upath import UPath
 
     from flexmf_assets.cli_report import table_path
-    from flexmf_assets.defs.io_managers import FlexMFIOManager, VersionedStore
+    from flexmf_assets.defs.io_managers import FlexMFIOManager
+    from flexmf_assets.storage import VersionedStore
 
     monkeypatch.chdir(tmp_path)
     io = FlexMFIOManager(base_dir=str(tmp_path / "storage")).create_io_manager(None)

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from flexmf_assets.flexmf import FlexMFExplicitConfig, FlexMFImplicitConfig
-from flexmf_assets.project import _TOP_KEYS, load_project, validate_project
+from flexmf_assets.config_file import _TOP_KEYS
+from flexmf_assets.project import load_project, validate_project
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]

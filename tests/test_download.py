@@ -15,7 +15,8 @@ import pytest
 
 from conftest import LoopbackServer
 from flexmf_assets.datasets.archive import find_member, safe_extract
-from flexmf_assets.datasets.download import fetch, redact_url, sha256_file
+from flexmf_assets.datasets.download import fetch, redact_url
+from flexmf_assets.files import sha256_file
 from flexmf_assets.errors import ChecksumError, DownloadError
 
 FAST = {"backoff": 0.01, "timeout": 5.0}
@@ -419,8 +420,9 @@ def test_max_bytes_must_be_a_positive_integer(tmp_path, bad):
 
 
 @pytest.mark.parametrize(("value", "error"), [
-    ("1048576", None), ("null", None), ("0", "got 0"), ("-5", "got -5"), ("'4GB'", "got '4GB'"),
-    ("true", "got True"), ("1.5e+9", "got 1500000000.0"),
+    ("1048576", None), ("null", None), ("0", "got the integer 0"), ("-5", "got the integer -5"),
+    ("'4GB'", "got the string '4GB'"), ("true", "got the boolean true"),
+    ("1.5e+9", "got the number 1500000000.0"),
 ])
 def test_project_download_max_bytes(tmp_path, value, error):
     from flexmf_assets.errors import ConfigError
@@ -433,4 +435,4 @@ def test_project_download_max_bytes(tmp_path, value, error):
         return
     with pytest.raises(ConfigError) as err:
         load_project(cfg, env={})
-    assert str(err.value) == f"flexmf.yaml download.max_bytes: expected a positive integer (bytes), {error}"
+    assert str(err.value) == f"flexmf.yaml download.max_bytes: expected a positive integer (bytes) or null, {error}"

@@ -11,7 +11,8 @@ import pytest
 
 from flexmf_assets.datasets.download import fetch
 from flexmf_assets.errors import ConfigError, DownloadError
-from flexmf_assets.project import MAX_GRID_SETS, SCHEMA, expand_grid, load_project, valid_cron
+from flexmf_assets.config_file import SCHEMA, valid_cron
+from flexmf_assets.project import MAX_GRID_SETS, expand_grid, load_project
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from upath import UPath
 
 from conftest import LoopbackServer, failure_text
 from flexmf_assets.defs.definitions import build_definitions
-from flexmf_assets.defs.io_managers import VersionedStore, current_version
+from flexmf_assets.storage import VersionedStore, current_version
 from flexmf_assets.project import load_project
 
 HEADER = "userId,movieId,rating,timestamp"

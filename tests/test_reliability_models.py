@@ -27,10 +27,11 @@ from safetensors.torch import load_file, save_file
 from upath import UPath
 
 from flexmf_assets.datasets.synthetic import SyntheticConfig, generate
-from flexmf_assets.defs.io_managers import POINTER, VersionedStore, current_version
+from flexmf_assets.storage import POINTER, VersionedStore, current_version
 from flexmf_assets.errors import ConfigError, TrainingError
 from flexmf_assets.flexmf import _native
-from flexmf_assets.flexmf._common import DIVERGENCE_FACTOR, DivergenceGuard, sha256_file
+from flexmf_assets.files import sha256_file
+from flexmf_assets.flexmf.training import DIVERGENCE_FACTOR, DivergenceGuard
 from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
 from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer
 

@@ -187,7 +187,7 @@ def test_a_failed_run_s_slot_is_freed_and_a_live_run_keeps_its_slot(dagster_inst
 @pytest.mark.slow
 def test_killed_run_worker_gives_its_slot_back_and_a_rerun_completes(tmp_path):
     proj = Project(tmp_path)
-    dep = Deployment(root=tmp_path, port=free_port(), env=proj.env)
+    dep = Deployment(root=tmp_path, port=free_port(), env=proj.env, archive=None)
     key, dims = "mine|long", {"dataset": "mine", "hparams": "long"}
     try:
         dep.start()  # `flexmf register` (the project's dagster.yaml), then dagster-webserver + dagster-daemon

@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 
 from flexmf_assets.datasets.synthetic import SyntheticConfig, generate
-from flexmf_assets.defs.automation import _report_once, latest_materialization, model_partition_key, sweep_plan
+from flexmf_assets.defs.automation import _report_once, sweep_plan
+from flexmf_assets.defs.records import latest_materialization, model_partition_key
 from flexmf_assets.defs.definitions import build_definitions
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.project import load_project
@@ -244,7 +245,7 @@ def test_leaderboard_champion_by_validation_and_lineage(env):
     store_dir = env.project.storage_dir / "champion_recommendations" / "mine"
     from upath import UPath
 
-    from flexmf_assets.defs.io_managers import VersionedStore
+    from flexmf_assets.storage import VersionedStore
 
     table = VersionedStore().read(UPath(store_dir))
     explicit_rows = table.filter(pl.col("track") == "explicit")

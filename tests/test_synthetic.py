@@ -15,7 +15,7 @@ from flexmf_assets.datasets.catalog import builtin_catalog
 from flexmf_assets.datasets.parsing import ITEMS_SCHEMA, RATINGS_SCHEMA, load_dataset
 from flexmf_assets.datasets.synthetic import (
     GENRES,
-    PRESETS,
+    SYNTHETIC_DATASETS,
     SyntheticConfig,
     generate,
     planted_truth,
@@ -96,7 +96,7 @@ def test_preset_sizes_match_promise():
     expect = {"synthetic-100k": (100_000, 610, 9_742), "synthetic-1m": (1_000_000, 6_040, 3_706),
               "synthetic-10m": (10_000_000, 69_878, 10_677), "synthetic-25m": (25_000_000, 162_541, 59_047)}
     for name, (n, users, items) in expect.items():
-        cfg = PRESETS[name]
+        cfg = SYNTHETIC_DATASETS[name]
         assert (cfg.n_ratings, cfg.n_users, cfg.n_items) == (n, users, items)
         assert cfg.n_users * cfg.min_user_ratings <= cfg.n_ratings <= cfg.n_users * cfg.user_cap
 
@@ -197,7 +197,7 @@ def test_preset_archive_is_what_tests_conftest_serves(tmp_path):
 
 def test_synthetic_fingerprint_is_stable():
     """The archive asset's data version of a synthetic dataset: unchanged since it moved out of defs/."""
-    assert {preset: synthetic_fingerprint(preset) for preset in PRESETS} == {
+    assert {preset: synthetic_fingerprint(preset) for preset in SYNTHETIC_DATASETS} == {
         "synthetic-100k": "81482009e19e77505ec37121c4113bc2c33f68070e793297490514e33425812d",
         "synthetic-1m": "d891b7d876daf689b597812d6a815b9e3bc771c6f6c0a80b2eb137378cd1ee5d",
         "synthetic-10m": "60a7271718a479187b144ed8ac5ba09c0d93ef1046e38be092e6400758a6388b",

@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Collection
 
-from flexmf_assets.datasets.local_files import read_json_object, sha256_file
+from flexmf_assets.files import read_json_object, sha256_file
 from flexmf_assets.errors import ArchiveError
 
 MARKER = ".flexmf-extracted.json"

@@ -28,7 +28,7 @@ from urllib.request import url2pathname
 
 import requests
 
-from flexmf_assets.datasets.local_files import atomic_write_text, read_json_object, sha256_file
+from flexmf_assets.files import atomic_write_text, read_json_object, sha256_file
 from flexmf_assets.errors import ChecksumError, DownloadError
 
 ALLOWED_SCHEMES = ("http", "https", "file")
@@ -466,4 +466,4 @@ def fetch(url: str, cache_dir: Path, *, name: str, sha256: str | None = None, si
             sess.close()  # type: ignore[union-attr]
 
 
-__all__ = ["ArchiveInfo", "fetch", "redact_url", "sha256_file", "ALLOWED_SCHEMES", "DEFAULT_MAX_BYTES"]
+__all__ = ["ArchiveInfo", "fetch", "redact_url", "ALLOWED_SCHEMES", "DEFAULT_MAX_BYTES"]

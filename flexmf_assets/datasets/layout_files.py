@@ -17,7 +17,7 @@ import polars as pl
 
 from flexmf_assets.datasets.catalog import ArchiveLayout
 from flexmf_assets.datasets.line_errors import find_bad_row
-from flexmf_assets.datasets.schema import ITEMS_SCHEMA, RATINGS_SCHEMA
+from flexmf_assets.datasets.frames import ITEMS_SCHEMA, RATINGS_SCHEMA
 from flexmf_assets.datasets.strict_read import is_utf8, read_file, to_dtype
 from flexmf_assets.errors import ParseError
 

@@ -1,6 +1,6 @@
 """Turn a fetched dataset source into the canonical frames: the entry point of parsing.
 
-Every source ends in the frames of :mod:`~flexmf_assets.datasets.schema` (ratings, and items when
+Every source ends in the frames of :mod:`~flexmf_assets.datasets.frames` (ratings, and items when
 the source has an item file). The work is done by:
 
 * :mod:`~flexmf_assets.datasets.layout_files`: the ratings and item files of a MovieLens archive
@@ -14,24 +14,15 @@ the source has an item file). The work is done by:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import polars as pl
 
 from flexmf_assets.datasets.catalog import DatasetSpec
 from flexmf_assets.datasets.layout_files import ML100K_GENRES, parse_items_file, parse_ratings_file
 from flexmf_assets.datasets.plain_files import parse_plain
-from flexmf_assets.datasets.schema import ITEMS_SCHEMA, RATINGS_SCHEMA
+from flexmf_assets.datasets.frames import ITEMS_SCHEMA, RATINGS_SCHEMA, ParsedDataset
+from flexmf_assets.datasets.synthetic import generate
 from flexmf_assets.errors import ArchiveError, ParseError
-
-
-@dataclass
-class ParsedDataset:
-    """The canonical frames of one dataset; ``items`` is None when the source has no item file."""
-
-    ratings: pl.DataFrame
-    items: pl.DataFrame | None = None
 
 
 def load_dataset(spec: DatasetSpec, source: Path | None, workdir: Path) -> ParsedDataset:
@@ -41,8 +32,6 @@ def load_dataset(spec: DatasetSpec, source: Path | None, workdir: Path) -> Parse
     member is found by base name; synthetic specs ignore ``source`` and generate their preset.
     """
     if spec.is_synthetic:
-        from flexmf_assets.datasets.synthetic import generate
-
         return generate(spec.preset or spec.name)
     if source is None:
         raise ParseError(f"dataset {spec.name!r}: no source file to parse")

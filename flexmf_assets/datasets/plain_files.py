@@ -15,7 +15,7 @@ import polars as pl
 
 from flexmf_assets.datasets.catalog import PLAIN_FORMATS, DatasetSpec
 from flexmf_assets.datasets.line_errors import field_values, find_bad_row, locate_bad_row
-from flexmf_assets.datasets.schema import RATINGS_SCHEMA
+from flexmf_assets.datasets.frames import RATINGS_SCHEMA
 from flexmf_assets.datasets.strict_read import polars_cause, printable, read_file, to_dtype
 from flexmf_assets.errors import ParseError
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from flexmf_assets.datasets.parsing import ITEMS_SCHEMA, ParsedDataset
+from flexmf_assets.datasets.frames import ITEMS_SCHEMA, ParsedDataset
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import ConfigBase, suggest
+from flexmf_assets.flexmf.config_base import ConfigBase, suggest
 
 _EPOCH_2000 = 946_684_800  # 2000-01-01T00:00:00Z
 _EPOCH_2021 = 1_609_459_200  # 2021-01-01T00:00:00Z
@@ -94,7 +94,8 @@ class SyntheticConfig(ConfigBase):
         return max(1, int(self.max_user_fraction * self.n_items))
 
 
-PRESETS: dict[str, SyntheticConfig] = {
+#: the named synthetic datasets (``generate("synthetic-1m")``), shaped like the MovieLens releases
+SYNTHETIC_DATASETS: dict[str, SyntheticConfig] = {
     # like ml-latest-small: 100,836 ratings, 610 users, 9,724 rated of 9,742 movies
     "synthetic-100k": SyntheticConfig(n_users=610, n_items=9_742, n_ratings=100_000),
     # like ml-1m: 1,000,209 ratings, 6,040 users, 3,706 movies
@@ -109,10 +110,11 @@ PRESETS: dict[str, SyntheticConfig] = {
 def resolve_config(config_or_preset: SyntheticConfig | str, seed: int | None = None) -> SyntheticConfig:
     """A config from a preset name (or the config itself), with ``seed`` applied when given."""
     if isinstance(config_or_preset, str):
-        if config_or_preset not in PRESETS:
-            raise ConfigError(f"synthetic preset {config_or_preset!r} is unknown"
-                              f"{suggest(config_or_preset, list(PRESETS))}; presets: {', '.join(PRESETS)}")
-        config = PRESETS[config_or_preset]
+        names = list(SYNTHETIC_DATASETS)
+        if config_or_preset not in names:
+            raise ConfigError(f"synthetic preset {config_or_preset!r} is unknown{suggest(config_or_preset, names)}; "
+                              f"presets: {', '.join(names)}")
+        config = SYNTHETIC_DATASETS[config_or_preset]
     else:
         config = config_or_preset
     return config if seed is None else replace(config, seed=seed)
@@ -471,5 +473,5 @@ def write_movielens_archive(path: str | os.PathLike[str], config_or_preset: Synt
     return path
 
 
-__all__ = ["SyntheticConfig", "SyntheticTruth", "PRESETS", "GENRES", "generate", "planted_truth", "resolve_config",
+__all__ = ["SyntheticConfig", "SyntheticTruth", "SYNTHETIC_DATASETS", "GENRES", "generate", "planted_truth", "resolve_config",
            "synthetic_fingerprint", "write_movielens_archive"]

@@ -8,37 +8,16 @@ row of a duplicated pair, as GX counts), offending columns for ``schema`` and th
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import polars as pl
 
 from flexmf_assets.datasets.validation_report import ExpectationOutcome
 from flexmf_assets.datasets.validation_suite import CANONICAL_SCHEMA
+from flexmf_assets.files import jsonable
 
 #: the most offending rows an outcome lists (and GX is asked for)
 MAX_EXAMPLES = 10
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values: numpy scalars unwrapped; NaN/inf as the strings 'NaN', 'inf', '-inf'."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if hasattr(value, "item") and not isinstance(value, (list, dict, tuple)):
-        value = value.item()
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return str(value)
 
 
 def _row_examples(ratings: pl.DataFrame, rows: Iterable[int], columns: list[str]) -> list[dict]:
@@ -53,7 +32,7 @@ def _row_examples(ratings: pl.DataFrame, rows: Iterable[int], columns: list[str]
         if picked.schema[c] == pl.Float32
     )
     return [
-        {"row": i, **{c: _jsonable(picked[j, c]) for c in columns}} for j, i in enumerate(rows)
+        {"row": i, **{c: jsonable(picked[j, c]) for c in columns}} for j, i in enumerate(rows)
     ]
 
 
@@ -100,7 +79,7 @@ def column_outcome(
         **extra,
         "element_count": int(res.get("element_count") or 0),
         "missing_count": int(res.get("missing_count") or 0),
-        "unexpected_percent": _jsonable(res.get("unexpected_percent")),
+        "unexpected_percent": jsonable(res.get("unexpected_percent")),
     }
     return _map_outcome(check, description, result, ratings, [column], details, list_rows=True)
 
@@ -170,7 +149,7 @@ def unique_outcome(description: str, ratings: pl.DataFrame, result) -> Expectati
     res = result.result or {}
     details: dict[str, Any] = {
         "element_count": int(res.get("element_count") or 0),
-        "unexpected_percent": _jsonable(res.get("unexpected_percent")),
+        "unexpected_percent": jsonable(res.get("unexpected_percent")),
     }
     return _map_outcome("unique_user_item", description, result, ratings, ["user_id", "item_id"], details)
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from flexmf_assets.datasets.schema import RATINGS_SCHEMA
+from flexmf_assets.datasets.frames import RATINGS_SCHEMA
 from flexmf_assets.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only

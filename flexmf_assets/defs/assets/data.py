@@ -12,8 +12,9 @@ import polars as pl
 
 from flexmf_assets.datasets.synthetic import synthetic_fingerprint
 from flexmf_assets.datasets.validation import DEFAULT_MIN_ROWS
-from flexmf_assets.defs.metadata import column_schema, frame_stats, jsonable, md_table, rating_histogram
-from flexmf_assets.defs.automation import DATA_VERSION_TAG, latest_materialization
+from flexmf_assets.defs.metadata import column_schema, frame_stats, md_table, rating_histogram
+from flexmf_assets.defs.records import DATA_VERSION_TAG, latest_materialization
+from flexmf_assets.files import jsonable
 from flexmf_assets.defs.failures import user_errors
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.project import ProjectConfig

@@ -9,6 +9,8 @@ Parsing produces them, the synthetic generator writes them, validation checks th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import polars as pl
 
 from flexmf_assets.datasets.catalog import CANONICAL_COLUMNS
@@ -18,4 +20,13 @@ RATINGS_SCHEMA: dict[str, pl.DataType] = dict(
 )
 ITEMS_SCHEMA: dict[str, pl.DataType] = {"item_id": pl.Int64(), "title": pl.String(), "genres": pl.String()}
 
-__all__ = ["RATINGS_SCHEMA", "ITEMS_SCHEMA"]
+
+@dataclass
+class ParsedDataset:
+    """The canonical frames of one dataset; ``items`` is None when the source has no item file."""
+
+    ratings: pl.DataFrame
+    items: pl.DataFrame | None = None
+
+
+__all__ = ["RATINGS_SCHEMA", "ITEMS_SCHEMA", "ParsedDataset"]
