@@ -15,7 +15,8 @@ import pytest
 
 from conftest import LoopbackServer
 from flexmf_assets.datasets.archive import find_member, safe_extract
-from flexmf_assets.datasets.download import fetch, redact_url, sha256_file
+from flexmf_assets.datasets.download import fetch, redact_url
+from flexmf_assets.files import sha256_file
 from flexmf_assets.errors import ChecksumError, DownloadError
 
 FAST = {"backoff": 0.01, "timeout": 5.0}

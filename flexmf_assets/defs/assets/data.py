@@ -1,7 +1,6 @@
 """Data stage: ``archive`` -> ``ratings`` + ``items`` (with GX checks) -> ``split``, per dataset."""
 
 
-import dataclasses
 import hashlib
 import json
 import tempfile
@@ -11,24 +10,16 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from flexmf_assets.datasets.synthetic import synthetic_fingerprint
+from flexmf_assets.datasets.validation import DEFAULT_MIN_ROWS
 from flexmf_assets.defs.metadata import column_schema, frame_stats, md_table, rating_histogram
-from flexmf_assets.files import jsonable
 from flexmf_assets.defs.records import DATA_VERSION_TAG, latest_materialization
+from flexmf_assets.files import jsonable
 from flexmf_assets.defs.failures import user_errors
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.project import ProjectConfig
 
 CODE_VERSIONS = {"archive": "1", "ratings": "1", "split": "1"}
-DEFAULT_MIN_ROWS = 1000  # flexmf.yaml validation.min_rows overrides
-
-
-def synthetic_fingerprint(preset: str) -> str:
-    """A stable sha256 for a synthetic preset: its generator parameters (no download involved)."""
-    from flexmf_assets.datasets import synthetic
-
-    params = dataclasses.asdict(synthetic.SYNTHETIC_DATASETS[preset])
-    blob = json.dumps({"preset": preset, "params": params}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def build_data_assets(dataset_partitions: dg.PartitionsDefinition):
