@@ -319,7 +319,7 @@ def test_credentials_never_appear(scripted, tmp_path):
     assert info.url == f"http://***@127.0.0.1:{server.port}/data.zip"
     assert handler.log[0]["authorization"].startswith("Basic ")  # the credentials were used
     assert "s3cretpw" not in (info.path.parent / "data.zip.json").read_text()
-    for bad in (url.replace("data.zip", "missing.zip"), f"ftp://bob:s3cretpw@127.0.0.1/x.zip",
+    for bad in (url.replace("data.zip", "missing.zip"), "ftp://bob:s3cretpw@127.0.0.1/x.zip",
                 f"http://bob:s3cretpw@127.0.0.1:{_closed_port()}/x.zip"):
         with pytest.raises(DownloadError) as err:
             fetch(bad, tmp_path, name="other", retries=1, backoff=0.01, timeout=2)

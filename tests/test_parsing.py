@@ -205,18 +205,6 @@ def test_plain_parquet(tmp_path):
 # --------------------------------------------------------------------------- whole datasets
 
 
-def _archive_module_ready() -> bool:
-    try:
-        from flexmf_assets.datasets.archive import find_member, safe_extract  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_archive = pytest.mark.skipif(not _archive_module_ready(), reason="datasets.archive not available")
-
-
-@needs_archive
 def test_load_real_movielens_zip(movielens_archive, tmp_path):
     archive = movielens_archive  # ml-latest-small: 100,836 ratings, 610 users, 9,724 of 9,742 movies rated
     spec = builtin_catalog(env={})["ml-latest-small"]
@@ -232,7 +220,6 @@ def test_load_real_movielens_zip(movielens_archive, tmp_path):
     assert data.items.filter(pl.col("item_id") == 1)["title"][0] == archive.title_1  # "Toy Story (1995)"
 
 
-@needs_archive
 def test_load_ml1m_style_archive_names_member_in_errors(tmp_path):
     archive = tmp_path / "ml-1m.zip"
     with zipfile.ZipFile(archive, "w") as zf:
@@ -377,7 +364,6 @@ def test_incomplete_column_mapping_names_every_missing_column(tmp_path):
         assert str(info.value) == f"r.csv: the column mapping (columns:) of dataset 'mine' lacks {missing}"
 
 
-@needs_archive
 def test_load_writes_only_the_layout_members(tmp_path):
     archive = tmp_path / "ml-demo.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -64,10 +64,10 @@ def test_one_invalid_row_is_named_by_its_line(tmp_path, rows, data):
     fields = lines[at].split(",")
     if kind == "too few":
         fields = fields[:3]
-        expected = f"expected 4 fields separated by ',', found 3"
+        expected = "expected 4 fields separated by ',', found 3"
     elif kind == "too many":
         fields = [*fields, "9"]
-        expected = f"expected 4 fields separated by ',', found 5"
+        expected = "expected 4 fields separated by ',', found 5"
     else:
         col, value, expected = BAD_VALUES[kind]
         fields[col] = value

@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass, replace
 from typing import Mapping
 
+from flexmf_assets.datasets.frames import CANONICAL_COLUMNS
+from flexmf_assets.datasets.synthetic import SYNTHETIC_DATASETS
 from flexmf_assets.errors import ConfigError
 
 GROUPLENS_BASE_URL = "https://files.grouplens.org/datasets/movielens/"
 MIRROR_ENV = "FLEXMF_MIRROR_URL"
 MIRROR_SUMS_ENV = "FLEXMF_MIRROR_SHA256SUMS"
-
-CANONICAL_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ _BUILTIN_MOVIELENS = (
     _ml("ml-32m", desc="MovieLens 32M (2024): 32,000,204 ratings"),
 )
 
-#: synthetic presets: name -> approximate rating count (see datasets.synthetic)
-SYNTHETIC_PRESETS = ("synthetic-100k", "synthetic-1m", "synthetic-10m", "synthetic-25m")
+#: the built-in generated datasets: every named preset of datasets.synthetic
+SYNTHETIC_PRESETS = tuple(SYNTHETIC_DATASETS)
 
 
 def _synthetic(name: str) -> DatasetSpec:

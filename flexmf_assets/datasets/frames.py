@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from flexmf_assets.datasets.catalog import CANONICAL_COLUMNS
-
+#: the ratings columns every source is mapped to (a plain file's ``columns:`` maps onto these)
+CANONICAL_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 RATINGS_SCHEMA: dict[str, pl.DataType] = dict(
     zip(CANONICAL_COLUMNS, (pl.Int64(), pl.Int64(), pl.Float32(), pl.Int64()), strict=True)
 )
@@ -29,4 +29,4 @@ class ParsedDataset:
     items: pl.DataFrame | None = None
 
 
-__all__ = ["RATINGS_SCHEMA", "ITEMS_SCHEMA", "ParsedDataset"]
+__all__ = ["CANONICAL_COLUMNS", "RATINGS_SCHEMA", "ITEMS_SCHEMA", "ParsedDataset"]

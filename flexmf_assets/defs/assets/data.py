@@ -1,6 +1,7 @@
 """Data stage: ``archive`` -> ``ratings`` + ``items`` (with GX checks) -> ``split``, per dataset."""
 
 
+import functools
 import hashlib
 import json
 import tempfile
@@ -23,11 +24,10 @@ CODE_VERSIONS = {"archive": "1", "ratings": "1", "split": "1"}
 
 
 def build_data_assets(dataset_partitions: dg.PartitionsDefinition):
-    @dg.asset(
-        partitions_def=dataset_partitions,
-        group_name="data",
-        kinds={"http", "zip"},
-        code_version=CODE_VERSIONS["archive"],
+    data_asset = functools.partial(dg.asset, partitions_def=dataset_partitions, group_name="data")
+
+    @data_asset(
+        kinds={"http", "zip"}, code_version=CODE_VERSIONS["archive"],
         description="The dataset's source archive, downloaded (streaming, retried, sha256-verified) into "
         "the cache; an unchanged archive keeps its data version so nothing downstream goes stale.",
     )
@@ -128,11 +128,8 @@ def build_data_assets(dataset_partitions: dg.PartitionsDefinition):
             "preview": md_table(items, 5) if items.height else "no item metadata in this format",
         })
 
-    @dg.asset(
-        partitions_def=dataset_partitions,
-        group_name="data",
-        kinds={"polars", "parquet"},
-        code_version=CODE_VERSIONS["split"],
+    @data_asset(
+        kinds={"polars", "parquet"}, code_version=CODE_VERSIONS["split"],
         description="Train / validation / test frames by the split protocol in flexmf.yaml (seeded). "
         "Validation is carved from train for early stopping.",
     )
