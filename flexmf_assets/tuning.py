@@ -18,6 +18,7 @@ same study) is left alone and counts toward the total.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -168,8 +169,9 @@ def parse_tune(where: str, raw: Any, config_classes: Mapping[str, type],
         def check(at: str, value: Any, name: str = "") -> None:
             try:
                 cls.from_dict({**start, name: value})
-            except ConfigError as exc:
-                raise ConfigError(f"{at}: {value!r} does not build: {exc}") from None
+            except ConfigError as exc:  # a rule tying fields together is checked on the combinations
+                if f"{cls.__name__}.{name}:" in str(exc):
+                    raise ConfigError(f"{at}: {value!r} does not build: {exc}") from None
 
         space_raw = _mapping(f"{here}.space", data.get("space"))
         if not space_raw:
@@ -184,6 +186,7 @@ def parse_tune(where: str, raw: Any, config_classes: Mapping[str, type],
             if name in base:
                 raise ConfigError(f"{at}: {name!r} is both searched and fixed in base; keep one")
             params.append(_parse_param(at, str(name), spec, cls, lambda a, v, n=name: check(a, v, n)))
+        _check_combinations(here, cls, start, params)
         pruning = data.get("pruning", True)
         if isinstance(pruning, bool):
             prune = {}
@@ -204,6 +207,22 @@ def parse_tune(where: str, raw: Any, config_classes: Mapping[str, type],
                               f"{MAX_KEY_LENGTH}); search fewer fields or fix fewer in base")
         out[str(track)] = spec
     return out
+
+
+def _check_combinations(where: str, cls: type, start: Mapping[str, Any], params: list[Param]) -> None:
+    """Every combination of the choices (ranges at both ends) builds: a rule between fields (``loss:
+    warp`` needs ``negative_strategy: misranked``) fails here, not in the middle of a study."""
+    axes = [[(p.name, c) for c in p.choices] if p.choices else [(p.name, p.low), (p.name, p.high)]
+            for p in params]
+    if math.prod(len(a) for a in axes) > 4096:
+        return
+    for combo in itertools.product(*axes):
+        values = {name: int(v) if p.is_int else v for p, (name, v) in zip(params, combo)}
+        try:
+            cls.from_dict({**start, **values})
+        except ConfigError as exc:
+            shown = ";".join(f"{k}={format_literal(v)}" for k, v in values.items())
+            raise ConfigError(f"{where}.space: the combination {shown} does not build: {exc}") from None
 
 
 def _longest(param: Param) -> Any:

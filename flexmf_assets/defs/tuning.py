@@ -127,7 +127,7 @@ def build_tune_job() -> dg.JobDefinition:
            "hparams partition (its key is the trial's parameters); the study lives beside the instance, so a "
            "second launch resumes it. Then refreshes the leaderboards and the tuning report.")
     @user_errors
-    def tune(context: dg.OpExecutionContext, config: TuneConfig, project_config: ProjectResource):
+    def tune(context: dg.OpExecutionContext, config: TuneConfig, project_config: ProjectResource) -> None:
         from flexmf_assets.defs.definitions import build_definitions
 
         project = project_config.load()
@@ -155,7 +155,6 @@ def build_tune_job() -> dg.JobDefinition:
             result = defs.resolve_job_def(job).execute_in_process(
                 instance=instance, partition_key=dataset, asset_selection=selection, raise_on_error=False)
             context.log.info(f"{job} {dataset}: {'done' if result.success else 'FAILED'} (run {result.run_id})")
-        return outcome.done
 
     @dg.job(name="tune_job", description="Tune a track on a dataset with Optuna (config: track, dataset, "
             "trials); every trial is an hparams partition trained by its own run.", tags={"flexmf/kind": "tune"})
