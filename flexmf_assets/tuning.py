@@ -264,8 +264,19 @@ def _storage(url: str):
         with engine.begin() as conn:
             conn.execute(sqlalchemy.text("CREATE SCHEMA IF NOT EXISTS optuna"))
         engine.dispose()
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}
-                                      if url.startswith("sqlite") else {})
+    import sqlalchemy.exc
+
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+            # processes opening a new database at once all create its schema: the losers' CREATE
+            # TABLE ("already exists") or version row (UNIQUE constraint) fails; it is there now
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def open_study(spec: TuneSpec, dataset: str, url: str, *, lower_is_better: bool, create: bool = True):

@@ -264,3 +264,25 @@ def test_tune_job_launched_with_config_runs_trials_and_the_report(tmp_path, dags
     assert study_storage(dagster_instance) == f"sqlite:///{dagster_instance.root_directory}/optuna.db"
     board = latest_materialization(dagster_instance, "explicit_leaderboard", "mine").asset_materialization
     assert board.metadata["entries"].value == 2
+
+
+def _open_storage(url: str) -> None:
+    from flexmf_assets.tuning import _storage
+
+    _storage(url)
+
+
+def test_processes_opening_a_new_study_database_at_once_all_succeed(tmp_path):
+    """`flexmf tune` and a tune_job (or a second tune) starting together both create the schema of a new
+    database; the losers of that race open it once it is there instead of failing."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / f'optuna-{attempt}.db'}"
+        procs = [ctx.Process(target=_open_storage, args=(url,)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
