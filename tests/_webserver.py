@@ -41,6 +41,9 @@ explicit_hparams:
 implicit_hparams:
   default: {{epochs: 2, embedding_size: 16}}
 recommendations: {{n: 10}}
+tune:                   # tiny: the tune job launched from the UI (test_browser)
+  explicit: {{trials: 3, seed: 1, pruning: false, base: {{epochs: 2}},
+             space: {{embedding_size: {{low: 4, high: 16}}, learning_rate: {{low: 0.005, high: 0.05, log: true}}}}}}
 """
 
 #: steps fork from a server that has already imported the code location and torch (the default,

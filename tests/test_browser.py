@@ -4,6 +4,7 @@
 - A new user's path end to end: the "Add a partition" dialog refuses a ``,`` key and takes a multi-field
   ``;`` key, the run launched from the dialog trains with those values, and the leaderboard lists the new
   set without anyone launching it (declarative automation in the daemon).
+- A tune launched from the tune job's Launchpad: its report draws both figures and lists every trial.
 - A fresh ``flexmf dev`` trains nothing by itself; turning the ``sweep`` sensor on in the UI does.
 
 Screenshots go to ``tmp_path``; with ``FLEXMF_UPDATE_SCREENSHOTS=1`` they replace ``docs/screenshots/*.png``.
@@ -341,6 +342,61 @@ def test_a_key_typed_in_the_dialog_trains_and_reaches_the_leaderboard(dep, page,
     page.mouse.wheel(0, -60)
     page.wait_for_timeout(500)
     save(page, "leaderboard.png", tmp_path)
+
+
+#: the tune job's config as a user types it in the Launchpad (one flow-style line: no auto-indent)
+TUNE_CONFIG = f"ops: {{tune: {{config: {{track: explicit, dataset: {DATASET}, trials: 3}}}}}}"
+
+
+def test_a_tune_launched_from_the_launchpad_reports_its_trials(dep, page, tmp_path):
+    """The test deployment's tune.explicit (3 trials, 2 epochs): launched from the tune job's Launchpad,
+    its report draws both figures in place and lists every trial; the leaderboard has a state column."""
+    import importlib.util
+
+    from playwright.sync_api import expect
+
+    page.goto(f"{dep.url}/locations/flexmf_assets/jobs/tune_job", wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Launchpad").click()
+    editor = page.locator(".CodeMirror").first
+    editor.wait_for(state="visible", timeout=UI_TIMEOUT)
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text(TUNE_CONFIG)
+    expect(editor).to_contain_text(TUNE_CONFIG)
+    launch = page.get_by_role("button", name="Launch Run")
+    expect(launch).to_be_enabled(timeout=UI_TIMEOUT)
+    launch.click()
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=UI_TIMEOUT)
+    run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
+    assert run_info(dep, run_id)["jobName"] == "tune_job"
+    status = dep.wait_run(run_id)
+    assert status == "SUCCESS", f"{status}\n{dep.run_failure(run_id)}"
+
+    # the report: 3 trained trials, each an hparams partition of the study's keys
+    [report] = materializations(dep, "explicit_tuning_report", DATASET)[:1]
+    rows = report["metadata"]["table"]
+    keys = [r["key"] for r in rows]
+    assert len(rows) == 3 and {r["state"] for r in rows} == {"trained"}, rows
+    assert all(k.startswith("embedding_size=") and "epochs=2" in k.split(";") for k in keys), keys
+    assert report["metadata"]["best_key"] in keys
+
+    open_partition(page, dep, "explicit_tuning_report", DATASET, "history")
+    assert page.get_by_text("[Show Markdown]").count() == 0  # drawn in place, not behind a link
+    history = drawn_figure(page, "optimisation history (val_rmse)")
+    evaluator = "fANOVA" if importlib.util.find_spec("sklearn") else "PED-ANOVA"
+    drawn_figure(page, f"parameter importances ({evaluator})")
+    for key in keys:
+        expect(page.get_by_text(key, exact=True).first).to_be_visible()
+    page.mouse.wheel(0, history["y"] - 250)
+    page.wait_for_timeout(500)
+    save(page, "tuning-report.png", tmp_path)
+
+    # the trials are ranked on the leaderboard (refreshed by the tune job) with their state
+    [board] = materializations(dep, "explicit_leaderboard", DATASET)[:1]
+    states = {r["hparams"]: r["state"] for r in board["metadata"]["table"]}
+    assert all(states.get(k) == "trained" for k in keys), states
+    open_partition(page, dep, "explicit_leaderboard", DATASET, "table")
+    expect(page.get_by_role("columnheader", name="state").first).to_be_visible()
 
 
 def test_asset_graph_renders(dep, page, tmp_path):
