@@ -20,9 +20,9 @@ epoch (no early stopping), as the named sets are trained, before it is scored on
 Trials run in this process through the library's study code (:mod:`flexmf_assets.tuning`: the
 shipped ``flexmf.yaml``'s ``tune:`` entries (space, base, pruning) parsed as the project parses them, the trial keys, the median pruner fed by the epoch callback), with
 the study in a throwaway SQLite file, so the figures measure the search, not Dagster's run overhead.
-A ``solver`` choice joins a space only where the config class has that field (the ALS integration).
 
     python benchmarks/tune_movielens.py [--part explicit|implicit|planted|all] [--trials 40] [--timeout 900]
+        [--config flexmf.yaml]   # whose tune: entries (default: the shipped one)
 """
 
 from __future__ import annotations
@@ -51,26 +51,15 @@ from flexmf_assets.tuning import TrialReporter, open_study, parse_tune, trial_ke
 SHIPPED = Path(__file__).resolve().parents[1] / "flexmf.yaml"
 
 
-def shipped_tune(track: str) -> dict[str, Any]:
-    """``tune.<track>`` of the shipped flexmf.yaml, less what the command line sets (trials, timeout)."""
-    entry = yaml.safe_load(SHIPPED.read_text())["tune"][track]
+def shipped_tune(track: str, config: Path = SHIPPED) -> dict[str, Any]:
+    """``tune.<track>`` of ``config`` (the shipped flexmf.yaml), less what the command line sets."""
+    entry = yaml.safe_load(config.read_text())["tune"][track]
     return {k: v for k, v in entry.items() if k not in ("trials", "timeout", "seed")}
-
-
-def with_solver(entry: dict[str, Any], cls: type) -> dict[str, Any]:
-    """The space plus a ``solver`` choice when the config class has that field (ALS integration)."""
-    if "solver" not in cls.field_names():
-        return entry
-    import typing
-
-    hint = typing.get_type_hints(cls)["solver"]
-    choices = [a for a in typing.get_args(hint) if isinstance(a, str)]
-    return {**entry, "space": {**entry["space"], "solver": choices}} if choices else entry
 
 
 def study(track: str, entry: dict[str, Any], cls: type, defaults: dict, trials: int, timeout: float,
           lower: bool, db: Path):
-    entry = {**with_solver(entry, cls), "trials": trials, "timeout": timeout, "seed": 42}
+    entry = {**entry, "trials": trials, "timeout": timeout, "seed": 42}
     spec = parse_tune("tune_movielens", {track: entry}, {track: cls}, {track: defaults})[track]
     return spec, open_study(spec, "bench", f"sqlite:///{db}", lower_is_better=lower)
 
@@ -127,7 +116,7 @@ def refit(cls: type, key: str, epochs: int) -> Any:
 def explicit_rows(args, device, db, train_all, train, val, test) -> list[tuple[str, float]]:
     """The explicit study on (train, val), its champion refit on ``train_all``; test RMSE of the bias
     baseline, the named sets (trained on ``train_all``, every epoch) and the champion."""
-    spec, st = study("explicit", shipped_tune("explicit"), FlexMFExplicitConfig, EXPLICIT_HPARAM_SETS["default"],
+    spec, st = study("explicit", shipped_tune("explicit", args.config), FlexMFExplicitConfig, EXPLICIT_HPARAM_SETS["default"],
                      args.trials, args.timeout, True, db)
     key, model = run(spec, st, FlexMFExplicitConfig, explicit_fit(train, val, device), "val_rmse")
     rows = [("bias baseline", rmse(BiasBaseline().fit(train_all), test))]
@@ -152,7 +141,7 @@ def explicit_part(args, device, db) -> None:
 def implicit_part(args, device, db) -> None:
     folds = list(crossfold_users(load_movielens(args.zip)))
     inner_train, inner_val = next(crossfold_users(folds[0][0]))
-    spec, st = study("implicit", shipped_tune("implicit"), FlexMFImplicitConfig, IMPLICIT_HPARAM_SETS["default"],
+    spec, st = study("implicit", shipped_tune("implicit", args.config), FlexMFImplicitConfig, IMPLICIT_HPARAM_SETS["default"],
                      args.trials, args.timeout, False, db)
 
     def fit(config, reporter):
@@ -202,6 +191,7 @@ def planted_part(args, device, db) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zip", type=Path, default=SHARED_ZIP)
+    ap.add_argument("--config", type=Path, default=SHIPPED, help="the flexmf.yaml whose tune: entries to run")
     ap.add_argument("--part", default="all", choices=["explicit", "implicit", "planted", "all"])
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per study")
