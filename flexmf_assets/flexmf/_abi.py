@@ -17,7 +17,7 @@ _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 #: enum flexmf_status
 OK, UNKNOWN_LOSS, UNKNOWN_OPTIMIZER, BAD_NEGATIVES, BAD_SIZE = 0, 1, 2, 3, 4
 STATUS = {
-    BAD_SIZE: "k, width or n_items below 1, or unknown_row outside the user table",
+    BAD_SIZE: "k or width below 1, n_items outside 1..2^32-1, or unknown_row outside the user table",
     UNKNOWN_LOSS: "unknown loss kind",
     UNKNOWN_OPTIMIZER: "unknown optimizer",
     BAD_NEGATIVES: "negatives per positive outside 1..MAX_NEGATIVES (WARP: not 1)",

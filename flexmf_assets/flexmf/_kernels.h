@@ -25,7 +25,7 @@ enum flexmf_status {
     FLEXMF_UNKNOWN_LOSS = 1,
     FLEXMF_UNKNOWN_OPTIMIZER = 2,
     FLEXMF_BAD_NEGATIVES = 3, /* negatives outside 1..FLEXMF_MAX_NEGATIVES, or not 1 for WARP */
-    FLEXMF_BAD_SIZE = 4,      /* top-N: k, width or n_items below 1, or unknown_row outside the table */
+    FLEXMF_BAD_SIZE = 4,      /* top-N: k or width below 1, n_items outside 1..2^32-1, or a bad unknown_row */
 };
 
 /* the implicit losses (losses.py LOSSES: each entry names its kind) */

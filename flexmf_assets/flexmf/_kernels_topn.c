@@ -8,11 +8,11 @@
  * [width][6] per micro-block of 6, and walks item tiles of TILE_PANELS panels (the tile stays in
  * L2 while every micro-block of the user block passes over it). The micro-kernel scores 6 users x
  * 16 items in 12 vector accumulators (an inner loop over the width, one broadcast and two loads per
- * step, fused multiply-adds), then compares the 6 x 16 scores with each user's current k-th best:
- * almost every score fails that one vector compare and is dropped in registers. A survivor is
- * checked against the user's sorted seen items (a pointer that only moves forward, since a user's
- * items are visited in ascending order) and pushed into the user's bounded heap, which lives in the
- * output rows.
+ * step, fused multiply-adds), then compares each user's 16 scores with its current k-th best in one
+ * vector compare (a 16-bit mask): almost every score fails it and is dropped in registers. A
+ * survivor is checked against the user's sorted seen items (a pointer that only moves forward, since
+ * a user's items are visited in ascending order) and pushed into the user's bounded heap of 64-bit
+ * keys (score and item in one integer, so one compare orders them), which lives in the output rows.
  *
  * Order and ties: a better item has the higher score, or the same score and the lower item index
  * (the torch path's tie rule, topn.py). Items reach a user in ascending index order, so a new item
@@ -36,58 +36,78 @@ static inline int omp_get_thread_num(void) { return 0; }
 #define TILE_PANELS 32       /* 512 items per tile */
 
 typedef float v8 __attribute__((vector_size(32)));
-typedef int64_t v4l __attribute__((vector_size(32)));
 
-/* a is worse than b: lower score, or the same score and a higher item index */
-static inline int worse(float as, int64_t ai, float bs, int64_t bi) { return as < bs || (as == bs && ai > bi); }
+/* A candidate as one key that orders like the tie rule: the score's bits made order-preserving in
+ * the high half, the complement of the item index in the low half (so an equal score with a lower
+ * index is the larger key). -0 counts as +0, as it compares equal. */
+static inline uint64_t key_of(float s, int64_t item) {
+    uint32_t bits;
+    s += 0.0f;
+    memcpy(&bits, &s, sizeof bits);
+    bits = bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+    return (uint64_t)bits << 32 | (uint32_t)~(uint32_t)item;
+}
 
-/* The bounded min-heap of one user (worst at the root): its k slots are the user's output rows. */
+static inline float score_of(uint64_t key) {
+    uint32_t bits = (uint32_t)(key >> 32);
+    bits = bits & 0x80000000u ? bits & 0x7fffffffu : ~bits;
+    float s;
+    memcpy(&s, &bits, sizeof s);
+    return s;
+}
+
+static inline int64_t item_of(uint64_t key) { return (int64_t)(uint32_t)~(uint32_t)key; }
+
+/* The bounded min-heap of one user's keys (the worst at the root), kept in its output row of items. */
 typedef struct {
-    float *s;
-    int64_t *i;
+    uint64_t *key;
     int64_t n, k;
 } Heap;
 
-static void sift_down(Heap *h, int64_t at, int64_t n) {
-    float s = h->s[at];
-    int64_t it = h->i[at];
-    for (;;) {
-        int64_t c = 2 * at + 1;
-        if (c >= n) break;
-        if (c + 1 < n && worse(h->s[c + 1], h->i[c + 1], h->s[c], h->i[c])) c++;
-        if (!worse(h->s[c], h->i[c], s, it)) break;
-        h->s[at] = h->s[c], h->i[at] = h->i[c];
+/* Restore the heap after its root changed (Floyd's: the root's hole walks down to a leaf by the
+ * smaller child, a choice without a branch, then the root's key climbs back the little it must). */
+static void sift_down(uint64_t *h, int64_t n) {
+    uint64_t x = h[0];
+    int64_t at = 0, c;
+    while ((c = 2 * at + 1) + 1 < n) {
+        c += h[c + 1] < h[c];
+        h[at] = h[c];
         at = c;
     }
-    h->s[at] = s, h->i[at] = it;
+    if (c < n) {
+        h[at] = h[c];
+        at = c;
+    }
+    for (; at > 0 && h[(at - 1) / 2] > x; at = (at - 1) / 2) h[at] = h[(at - 1) / 2];
+    h[at] = x;
 }
 
-/* Offer item `it` scored `s` (better than the threshold); returns the new threshold. */
+/* Offer item `it` scored `s` (above the threshold); returns the new threshold. */
 static float heap_push(Heap *h, float s, int64_t it) {
+    uint64_t x = key_of(s, it), *k = h->key;
     if (h->n < h->k) {
         int64_t at = h->n++;
-        while (at > 0) { /* sift up */
-            int64_t p = (at - 1) / 2;
-            if (!worse(s, it, h->s[p], h->i[p])) break;
-            h->s[at] = h->s[p], h->i[at] = h->i[p];
-            at = p;
-        }
-        h->s[at] = s, h->i[at] = it;
-        return h->n < h->k ? -__builtin_inff() : h->s[0];
+        for (; at > 0 && k[(at - 1) / 2] > x; at = (at - 1) / 2) k[at] = k[(at - 1) / 2];
+        k[at] = x;
+        return h->n < h->k ? -__builtin_inff() : score_of(k[0]);
     }
-    h->s[0] = s, h->i[0] = it;
-    sift_down(h, 0, h->n);
-    return h->s[0];
+    if (x <= k[0]) return score_of(k[0]); /* equal score, higher index */
+    k[0] = x;
+    sift_down(k, h->n);
+    return score_of(k[0]);
 }
 
-/* Heapsort in place: best first. */
-static void heap_sort(Heap *h) {
+/* Heapsort (best first), then each key becomes its item and score. */
+static void heap_finish(Heap *h, float *scores) {
     for (int64_t n = h->n; n > 1; n--) {
-        float s = h->s[0];
-        int64_t it = h->i[0];
-        h->s[0] = h->s[n - 1], h->i[0] = h->i[n - 1];
-        h->s[n - 1] = s, h->i[n - 1] = it;
-        sift_down(h, 0, n - 1);
+        uint64_t top = h->key[0];
+        h->key[0] = h->key[n - 1];
+        h->key[n - 1] = top;
+        sift_down(h->key, n - 1);
+    }
+    for (int64_t j = 0; j < h->n; j++) {
+        scores[j] = score_of(h->key[j]);
+        h->key[j] = (uint64_t)item_of(h->key[j]);
     }
 }
 
@@ -117,23 +137,32 @@ typedef struct {
     const int64_t *seen[MU], *seen_end[MU];
 } Block;
 
-/* The survivors of a 6 x 16 score block (items from `item0`) of micro-block users `u0`... */
-static void take_survivors(const flexmf_topn_args *a, Block *b, int64_t u0, int64_t item0, const v8 *acc) {
-    float s[MR * NR];
-    memcpy(s, acc, sizeof s);
-    int64_t lanes = a->n_items - item0 < NR ? a->n_items - item0 : NR;
-    for (int r = 0; r < MR; r++) {
-        int64_t u = u0 + r;
-        for (int64_t l = 0; l < lanes; l++) {
-            float x = s[r * NR + l];
-            if (!(x > b->thr[u])) continue;
-            int64_t it = item0 + l;
-            const int64_t *p = b->seen[u];
-            while (p < b->seen_end[u] && *p < it) p++;
-            b->seen[u] = p;
-            if (p < b->seen_end[u] && *p == it) continue;
-            b->thr[u] = heap_push(&b->h[u], x, it);
-        }
+/* Bit l set: lane l of the 16 scores (x, y) is above t. */
+static inline unsigned above(v8 x, v8 y, float t) {
+    v8 tv = (v8){0} + t;
+#ifdef __AVX__
+    return (unsigned)__builtin_ia32_movmskps256((v8)(x > tv)) | (unsigned)__builtin_ia32_movmskps256((v8)(y > tv)) << 8;
+#else
+    unsigned m = 0;
+    for (int l = 0; l < 8; l++) m |= (unsigned)(x[l] > t) << l | (unsigned)(y[l] > t) << (l + 8);
+    return m;
+#endif
+}
+
+/* User u's survivors (bits of `mask`) among the 16 scores (x, y) of the items from `item0`. */
+static void take_survivors(Block *b, int64_t u, int64_t item0, v8 x, v8 y, unsigned mask) {
+    float s[NR];
+    memcpy(s, &x, sizeof x);
+    memcpy(s + 8, &y, sizeof y);
+    for (; mask; mask &= mask - 1) {
+        int l = __builtin_ctz(mask);
+        if (!(s[l] > b->thr[u])) continue; /* the threshold rose since the compare */
+        int64_t it = item0 + l;
+        const int64_t *p = b->seen[u];
+        while (p < b->seen_end[u] && *p < it) p++;
+        b->seen[u] = p;
+        if (p < b->seen_end[u] && *p == it) continue;
+        b->thr[u] = heap_push(&b->h[u], s[l], it);
     }
 }
 
@@ -165,13 +194,14 @@ static void score_block(const flexmf_topn_args *a, int64_t j0, float *restrict u
         int64_t j = j0 + u, r = u < n ? a->rows[j] : -1;
         const float *src = u < n ? a->users + user_row(a, j) * w : 0;
         for (int64_t c = 0; c < w; c++) up[(u / MR) * w * MR + c * MR + u % MR] = src ? src[c] : 0.0f;
-        b.h[u] = (Heap){a->out_scores + (u < n ? j : 0) * k, a->out_items + (u < n ? j : 0) * k, 0, k};
+        b.h[u] = (Heap){(uint64_t *)a->out_items + (u < n ? j : 0) * k, 0, k};
         b.thr[u] = u < n ? -__builtin_inff() : __builtin_inff(); /* padding users take nothing */
         int has_seen = a->seen_indptr && r >= 0 && r < a->n_seen_users;
         b.seen[u] = has_seen ? a->seen_indices + a->seen_indptr[r] : 0;
         b.seen_end[u] = has_seen ? a->seen_indices + a->seen_indptr[r + 1] : 0;
     }
-    int64_t micro_blocks = (n + MR - 1) / MR;
+    int64_t micro_blocks = (n + MR - 1) / MR, tail = a->n_items - (panels - 1) * NR;
+    const unsigned last_lanes = tail == NR ? 0xffffu : (1u << tail) - 1u;
     for (int64_t t0 = 0; t0 < panels; t0 += TILE_PANELS) {
         int64_t t1 = t0 + TILE_PANELS < panels ? t0 + TILE_PANELS : panels;
         for (int64_t mb = 0; mb < micro_blocks; mb++) {
@@ -179,25 +209,24 @@ static void score_block(const flexmf_topn_args *a, int64_t j0, float *restrict u
             for (int64_t p = t0; p < t1; p++) {
                 v8 acc[2 * MR];
                 micro(ump, a->packed + p * w * NR, w, acc);
-                v8 any = {0};
+                unsigned lanes = p == panels - 1 ? last_lanes : 0xffffu;
                 for (int r = 0; r < MR; r++) {
-                    v8 t = (v8){0} + b.thr[mb * MR + r];
-                    acc[2 * r] += off, acc[2 * r + 1] += off;
-                    any = (v8)((v4l)any | (v4l)(acc[2 * r] > t) | (v4l)(acc[2 * r + 1] > t));
+                    v8 x = acc[2 * r] + off, y = acc[2 * r + 1] + off;
+                    unsigned mask = above(x, y, b.thr[mb * MR + r]) & lanes;
+                    if (mask) take_survivors(&b, mb * MR + r, p * NR, x, y, mask);
                 }
-                v4l hit = (v4l)any;
-                if (hit[0] | hit[1] | hit[2] | hit[3]) take_survivors(a, &b, mb * MR, p * NR, acc);
             }
         }
     }
     for (int64_t u = 0; u < n; u++) {
-        heap_sort(&b.h[u]);
+        heap_finish(&b.h[u], a->out_scores + (j0 + u) * k);
         a->out_count[j0 + u] = b.h[u].n;
     }
 }
 
 int64_t flexmf_topn(const flexmf_topn_args *a) {
-    if (a->k < 1 || a->width < 1 || a->n_items < 1 || a->unknown_row < 0 || a->unknown_row >= a->n_user_rows)
+    if (a->k < 1 || a->width < 1 || a->n_items < 1 || a->n_items > UINT32_MAX || a->unknown_row < 0 ||
+        a->unknown_row >= a->n_user_rows)
         return FLEXMF_BAD_SIZE;
     const int nt = a->threads < 1 ? 1 : (int)a->threads;
     pack_items(a, nt);
