@@ -283,10 +283,13 @@ int64_t flexmf_implicit_batches(flexmf_implicit_args *A) {
     if (c < 1 || c > FLEXMF_MAX_NEGATIVES || (kind == FLEXMF_LOSS_WARP && c != 1)) return FLEXMF_BAD_NEGATIVES;
     const int nt = threads_of(tr->threads);
     const int64_t w = tr->width, n = A->n, batch = A->batch;
-    double total = 0.0;
+    double total = 0.0, idle[4 * IDLE_CACHE];
+    Adam first = adam_at(tr->lr, tr->decay, tr->step + 1);
+    idle_table(idle, &first);
     for (int64_t start = 0; start < n; start += batch) {
         int64_t end = start + batch < n ? start + batch : n;
         Adam opt = adam_at(tr->lr, tr->decay, ++tr->step);
+        opt.idle = idle;
         int64_t tnow = tr->step;
         if (nt == 1) {
             total += implicit_batch(A, w, start, end, &opt, tnow, 0, 1);
