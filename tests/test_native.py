@@ -269,3 +269,20 @@ def test_an_unknown_loss_is_an_error_in_every_engine(ratings, monkeypatch, nativ
     object.__setattr__(config, "loss", "hinge")
     with pytest.raises(ConfigError, match=r"^loss: 'hinge' is not one of 'logistic', 'pairwise', 'warp'$"):
         FlexMFImplicitScorer(config, device="cpu").fit(ratings)
+
+
+@pytest.mark.parametrize("preset", [None, "active"])
+def test_importing_the_package_makes_openmp_wait_passively(preset):
+    """OpenMP threads that spin while waiting starve the working thread on a busy machine (two kernel
+    threads were 3-5x slower than one); the package sets OMP_WAIT_POLICY=passive before torch loads
+    OpenMP, unless the user chose a policy."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import flexmf_assets.flexmf, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == (preset or "passive")
