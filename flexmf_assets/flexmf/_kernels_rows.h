@@ -29,10 +29,26 @@ static inline void axpyf(float *restrict y, float a, const float *restrict x, in
     for (int64_t c = 0; c < w; c++) y[c] += a * x[c];
 }
 
-/* sigmoid(x) and log(1 + e^x), stable, sharing one exp */
-static inline float sigmoid_softplus(float x, double *softplus) {
+/* A sum of softplus terms, log(1 + e^x) = max(x, 0) + log(1 + e^-|x|): the linear parts added, the
+ * log parts of unit weight as the log of their product (each factor is in (1, 2]: one log per 64
+ * terms instead of one per term). */
+typedef struct {
+    double lin, prod, logs;
+    int n;
+} SoftplusSum;
+
+static inline double softplus_total(const SoftplusSum *a) { return a->lin + a->logs + log(a->prod); }
+
+/* sigmoid(x), stable; adds weight * log(1 + e^x) to `acc` (sharing the one exp) */
+static inline float sigmoid_softplus(float x, double weight, SoftplusSum *acc) {
     float e = expf(-fabsf(x));
-    if (softplus) *softplus = (double)fmaxf(x, 0.0f) + (double)logf(1.0f + e);
+    if (weight == 1.0) {
+        acc->lin += (double)fmaxf(x, 0.0f);
+        acc->prod *= 1.0 + (double)e;
+        if (++acc->n == 64) acc->logs += log(acc->prod), acc->prod = 1.0, acc->n = 0;
+    } else {
+        acc->lin += weight * ((double)fmaxf(x, 0.0f) + log1p((double)e));
+    }
     return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
 }
 
