@@ -29,7 +29,7 @@ MAX_NEGATIVES = 64
 #: most threads the kernels use (bounds the scratch's per-thread padding)
 MAX_THREADS = 64
 #: FLEXMF_TOPN_PANEL, FLEXMF_TOPN_USERS: the top-N kernel's item panel and user block
-TOPN_PANEL, TOPN_USERS = 16, 48
+TOPN_PANEL, TOPN_USERS = 16, 192
 
 
 class Table(ctypes.Structure):

@@ -106,7 +106,7 @@ typedef struct {
 /* Top-N scoring (_kernels_topn.c): the best k items of each user row by user_row . item_row + offset,
  * seen items excluded; ties go to the lower item index. Output rows are best first. */
 #define FLEXMF_TOPN_PANEL 16 /* items per packed panel */
-#define FLEXMF_TOPN_USERS 48 /* users per thread block */
+#define FLEXMF_TOPN_USERS 192 /* users per thread block (a multiple of 6) */
 typedef struct {
     const float *users;           /* [n_user_rows, width] */
     int64_t n_user_rows;

@@ -4,7 +4,7 @@
  * score block to memory.
  *
  * Blocking (BLAS-like): the item table is packed once per call into panels of FLEXMF_TOPN_PANEL (16)
- * items, each [width][16] contiguous; a thread takes FLEXMF_TOPN_USERS (48) users at a time, packed
+ * items, each [width][16] contiguous; a thread takes FLEXMF_TOPN_USERS (192) users at a time, packed
  * [width][6] per micro-block of 6, and walks item tiles of TILE_PANELS panels (the tile stays in
  * L2 while every micro-block of the user block passes over it). The micro-kernel scores 6 users x
  * 16 items in 12 vector accumulators (an inner loop over the width, one broadcast and two loads per
