@@ -180,7 +180,8 @@ class Runner:
                "output": f"{stem}.parquet", "result": f"{stem}.json"}
         common.write_json(job, Path(f"{stem}.job.json"))
         script = self.scripts[lib if lib in ("ours", "lenskit") else "baselines"]
-        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(threads),
+        # the same OpenMP wait policy for every library (ours sets passive on import; see docs/benchmarks.md)
+        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "passive",
                "PYTHONWARNINGS": "ignore"}
         res = common.run_child([str(py), *script, f"{stem}.job.json"], Path(job["result"]), self.timeout, env)
         res["output"] = job["output"]

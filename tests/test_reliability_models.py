@@ -293,6 +293,9 @@ FORGERIES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "negative seen item": ("explicit", set_tensor("seen_indices", lambda t: with_value(t, 3, -7)),
                            r"tensors\.safetensors: tensor 'seen_indices' holds item rows outside 0\.\.\d+ "
                            r"\(min -7, max \d+\)"),
+    "seen items out of order": ("explicit", set_tensor("seen_indices", lambda t: t.flip(0)),
+                                r"tensors\.safetensors: tensor 'seen_indices' is not ascending within a user "
+                                r"\(at position \d+\)"),
     "seen_indptr not rising": ("explicit", set_tensor("seen_indptr", lambda t: with_value(t, 5, 0)),
                                r"tensors\.safetensors: tensor 'seen_indptr' is not a CSR index over \d+ seen "
                                r"items \(must rise from 0 to \d+\)"),

@@ -15,8 +15,9 @@ import torch
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 
 #: enum flexmf_status
-OK, UNKNOWN_LOSS, UNKNOWN_OPTIMIZER, BAD_NEGATIVES = 0, 1, 2, 3
+OK, UNKNOWN_LOSS, UNKNOWN_OPTIMIZER, BAD_NEGATIVES, BAD_SIZE = 0, 1, 2, 3, 4
 STATUS = {
+    BAD_SIZE: "k or width below 1, n_items outside 1..2^32-1, or unknown_row outside the user table",
     UNKNOWN_LOSS: "unknown loss kind",
     UNKNOWN_OPTIMIZER: "unknown optimizer",
     BAD_NEGATIVES: "negatives per positive outside 1..MAX_NEGATIVES (WARP: not 1)",
@@ -27,6 +28,8 @@ SGD, ADAM = 0, 1
 MAX_NEGATIVES = 64
 #: most threads the kernels use (bounds the scratch's per-thread padding)
 MAX_THREADS = 64
+#: FLEXMF_TOPN_PANEL, FLEXMF_TOPN_USERS: the top-N kernel's item panel and user block
+TOPN_PANEL, TOPN_USERS = 16, 192
 
 
 class Table(ctypes.Structure):
@@ -60,13 +63,22 @@ class ContainsArgs(ctypes.Structure):
                 ("items", _P), ("n", _I), ("c", _I), ("out", _P)]
 
 
-STRUCTS = (Table, Train, ExplicitArgs, ImplicitArgs, ContainsArgs)
+class TopNArgs(ctypes.Structure):
+    C_NAME = "flexmf_topn_args"
+    _fields_ = [("users", _P), ("n_user_rows", _I), ("unknown_row", _I), ("items", _P), ("n_items", _I),
+                ("width", _I), ("rows", _P), ("m", _I), ("seen_indptr", _P), ("seen_indices", _P),
+                ("n_seen_users", _I), ("offset", _D), ("k", _I), ("threads", _I), ("packed", _P), ("upack", _P),
+                ("out_scores", _P), ("out_items", _P), ("out_count", _P)]
+
+
+STRUCTS = (Table, Train, ExplicitArgs, ImplicitArgs, ContainsArgs, TopNArgs)
 #: every entry point: name -> its argument struct (each kernel returns an enum flexmf_status)
 KERNELS: dict[str, type[ctypes.Structure]] = {
     "flexmf_explicit_epoch": ExplicitArgs,
     "flexmf_implicit_batches": ImplicitArgs,
     "flexmf_contains": ContainsArgs,
     "flexmf_adam_flush": Train,
+    "flexmf_topn": TopNArgs,
 }
 
 
@@ -112,5 +124,5 @@ def table(rows: torch.Tensor, scratch: Scratch, const_col: int | None, last: tor
                  slot=ptr(scratch.slot))
 
 
-__all__ = ["ContainsArgs", "ExplicitArgs", "ImplicitArgs", "KERNELS", "Scratch", "Table", "Train", "call", "declare",
+__all__ = ["ContainsArgs", "TopNArgs", "ExplicitArgs", "ImplicitArgs", "KERNELS", "Scratch", "Table", "Train", "call", "declare",
            "ptr", "table"]

@@ -25,6 +25,7 @@ enum flexmf_status {
     FLEXMF_UNKNOWN_LOSS = 1,
     FLEXMF_UNKNOWN_OPTIMIZER = 2,
     FLEXMF_BAD_NEGATIVES = 3, /* negatives outside 1..FLEXMF_MAX_NEGATIVES, or not 1 for WARP */
+    FLEXMF_BAD_SIZE = 4,      /* top-N: k or width below 1, n_items outside 1..2^32-1, or a bad unknown_row */
 };
 
 /* the implicit losses (losses.py LOSSES: each entry names its kind) */
@@ -102,10 +103,36 @@ typedef struct {
     uint8_t *out;         /* [n, c] */
 } flexmf_contains_args;
 
+/* Top-N scoring (_kernels_topn.c): the best k items of each user row by user_row . item_row + offset,
+ * seen items excluded; ties go to the lower item index. Output rows are best first. */
+#define FLEXMF_TOPN_PANEL 16 /* items per packed panel */
+#define FLEXMF_TOPN_USERS 192 /* users per thread block (a multiple of 6) */
+typedef struct {
+    const float *users;           /* [n_user_rows, width] */
+    int64_t n_user_rows;
+    int64_t unknown_row;          /* the row a user outside 0..n_user_rows-1 (e.g. -1) scores as */
+    const float *items;           /* [n_items, width] (row-major, rows `width` apart) */
+    int64_t n_items, width;
+    const int64_t *rows;          /* [m] the user rows to score */
+    int64_t m;
+    const int64_t *seen_indptr;   /* [n_seen_users + 1] CSR of each row's items, ascending; NULL: none */
+    const int64_t *seen_indices;
+    int64_t n_seen_users;
+    double offset;
+    int64_t k;
+    int64_t threads;
+    float *packed;                /* scratch [ceil(n_items / PANEL) * PANEL * width] */
+    float *upack;                 /* scratch [threads * FLEXMF_TOPN_USERS * width] */
+    float *out_scores;            /* [m, k] best first */
+    int64_t *out_items;           /* [m, k] */
+    int64_t *out_count;           /* [m] the filled slots of each row (k, or fewer when seen items leave fewer) */
+} flexmf_topn_args;
+
 int64_t flexmf_explicit_epoch(flexmf_explicit_args *a);
 int64_t flexmf_implicit_batches(flexmf_implicit_args *a);
 /* catch every row of both tables up to a->step (what dense AdamW's parameters would be now) */
 int64_t flexmf_adam_flush(flexmf_train *a);
 int64_t flexmf_contains(const flexmf_contains_args *a);
+int64_t flexmf_topn(const flexmf_topn_args *a);
 
 #endif

@@ -145,11 +145,13 @@ class DivergenceGuard:
         """Raise when epoch ``epoch`` (mean loss ``loss``, parameter tables ``user``/``item``) diverged."""
         if not math.isfinite(loss):
             self._fail(epoch, f"loss is {'nan' if math.isnan(loss) else 'inf'}")
+        largest = []
         for side, table in (("user", user), ("item", item)):
             m = max_abs(table)
             if not math.isfinite(m):
                 self._fail(epoch, f"the {side} parameters are {'nan' if math.isnan(m) else 'inf'}")
-        bound = score_bound(user, item)
+            largest.append(m)
+        bound = user.shape[-1] * largest[0] * largest[1]  # score_bound's value, without a second pass
         if bound > F32_MAX:
             self._fail(epoch, f"parameters grew so large that scores overflow float32 (bound {bound:.3g})")
         if loss > self.limit:
