@@ -512,3 +512,293 @@ void flexmf_contains(const uint8_t *bits, int64_t cells, const int64_t *keys, in
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Alternating least squares (als.py): one call solves every row of one side given the other side,
+ * in place. Each kernel takes one argument struct (mirrored by ctypes.Structure in als.py). A row
+ * is solved by one thread from start to end in a fixed order, and the sums over rows are taken in
+ * row order after the parallel loop, so the factors and the objective do not depend on the thread
+ * count. Rows are row-major float32 with a row stride (`ld*`), so the caller may pass column views
+ * of its tables; bias vectors have their own stride.
+ * ------------------------------------------------------------------------------------------------ */
+
+/* Cholesky factorisation in place: the upper triangle of the m x m row-major A becomes U with
+ * A = U^T U (right-looking, contiguous inner loops). Returns 0, or 1 when A is not positive
+ * definite (a pivot <= 0 or not finite). */
+static int als_cholesky(double *restrict A, int64_t m) {
+    for (int64_t j = 0; j < m; j++) {
+        double d = A[j * m + j];
+        if (!(d > 0.0) || !isfinite(d)) return 1;
+        d = sqrt(d);
+        double inv = 1.0 / d, *restrict rj = A + j * m;
+        rj[j] = d;
+        for (int64_t c = j + 1; c < m; c++) rj[c] *= inv;
+        for (int64_t a = j + 1; a < m; a++) {
+            double f = rj[a], *restrict ra = A + a * m;
+#pragma omp simd
+            for (int64_t c = a; c < m; c++) ra[c] -= f * rj[c];
+        }
+    }
+    return 0;
+}
+
+/* Solve U^T U x = b for the factor of als_cholesky; b becomes x. */
+static void als_cholesky_solve(const double *restrict U, double *restrict b, int64_t m) {
+    for (int64_t j = 0; j < m; j++) { /* U^T z = b */
+        double z = b[j] / U[j * m + j];
+        b[j] = z;
+        for (int64_t c = j + 1; c < m; c++) b[c] -= U[j * m + c] * z;
+    }
+    for (int64_t j = m - 1; j >= 0; j--) { /* U x = z */
+        double s = b[j];
+        for (int64_t c = j + 1; c < m; c++) s -= U[j * m + c] * b[c];
+        b[j] = s / U[j * m + j];
+    }
+}
+
+static inline int als_threads(int64_t nthreads) { return nthreads < 1 ? 1 : (int)nthreads; }
+
+#define ALS_CHUNKS 32 /* the Gram matrix is summed over this many fixed row ranges, in order */
+
+typedef struct {
+    const float *Y; /* [n, ld] rows, the first k columns used */
+    int64_t n, k, ld, nthreads;
+    double *partial; /* scratch [ALS_CHUNKS, k, k] */
+    float *gram;     /* out [k, k]: Y^T Y */
+} ALSGramArgs;
+
+void flexmf_als_gram(const ALSGramArgs *a) {
+    const int64_t k = a->k, n = a->n;
+#pragma omp parallel for num_threads(als_threads(a->nthreads)) schedule(static)
+    for (int64_t ch = 0; ch < ALS_CHUNKS; ch++) {
+        double *restrict G = a->partial + ch * k * k, yd[k];
+        for (int64_t x = 0; x < k * k; x++) G[x] = 0.0;
+        for (int64_t r = n * ch / ALS_CHUNKS; r < n * (ch + 1) / ALS_CHUNKS; r++) {
+            const float *y = a->Y + r * a->ld;
+            for (int64_t c = 0; c < k; c++) yd[c] = y[c];
+            for (int64_t i = 0; i < k; i++) {
+                double f = yd[i], *restrict gi = G + i * k;
+#pragma omp simd
+                for (int64_t c = i; c < k; c++) gi[c] += f * yd[c];
+            }
+        }
+    }
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t c = i; c < k; c++) {
+            double s = 0.0;
+            for (int64_t ch = 0; ch < ALS_CHUNKS; ch++) s += a->partial[ch * k * k + i * k + c];
+            a->gram[i * k + c] = a->gram[c * k + i] = (float)s;
+        }
+}
+
+/* Explicit (biased) ALS, one side. Row r's entries are indptr[r] .. indptr[r+1]: the other side's
+ * row indices[j] and the target values[j] (rating - global mean), from which the other side's
+ * bias is taken, and this side's bias too when it is held fixed (damped means). Each row solves
+ *     (sum f f^T + reg n_r I) x = sum (target) f,   f = y (k) or [y, 1] (learn_bias: x = [p, b])
+ * by Cholesky. Row losses: the squared errors of its entries after the solve, and its penalty
+ * reg n_r |x|^2. An empty row becomes zero. A row whose system is not positive definite is left
+ * as it was and counted in `failed` (its loss is NaN). */
+typedef struct {
+    float *X;
+    int64_t ldx;
+    float *xb; /* this side's biases (NULL: none) */
+    int64_t sxb;
+    const float *Y;
+    int64_t ldy;
+    const float *yb; /* the other side's biases (NULL: none) */
+    int64_t syb;
+    const int64_t *indptr, *indices;
+    const float *values;
+    int64_t n_rows, k, learn_bias, nthreads;
+    double reg;
+    double *work;     /* [nthreads, (k + 1) * (k + 4)] */
+    double *row_loss; /* [n_rows, 2] */
+    double data, penalty; /* out */
+    int64_t failed;       /* out */
+} ALSExplicitArgs;
+
+void flexmf_als_explicit_half(ALSExplicitArgs *a) {
+    const int64_t k = a->k, m = k + (a->learn_bias ? 1 : 0), W = (k + 1) * (k + 4);
+#pragma omp parallel num_threads(als_threads(a->nthreads))
+    {
+        double *A = a->work + (int64_t)omp_get_thread_num() * W, *b = A + m * m, *f = b + m;
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t r = 0; r < a->n_rows; r++) {
+            const int64_t lo = a->indptr[r], hi = a->indptr[r + 1];
+            float *x = a->X + r * a->ldx;
+            double *loss = a->row_loss + 2 * r;
+            if (hi == lo) {
+                for (int64_t c = 0; c < k; c++) x[c] = 0.0f;
+                if (a->learn_bias) a->xb[r * a->sxb] = 0.0f;
+                loss[0] = loss[1] = 0.0;
+                continue;
+            }
+            const double fixed = (!a->learn_bias && a->xb) ? a->xb[r * a->sxb] : 0.0;
+            for (int64_t c = 0; c < m * m + m; c++) A[c] = 0.0;
+            f[k] = 1.0;
+            for (int64_t j = lo; j < hi; j++) {
+                const int64_t o = a->indices[j];
+                const float *y = a->Y + o * a->ldy;
+                double t = (double)a->values[j] - fixed - (a->yb ? (double)a->yb[o * a->syb] : 0.0);
+                for (int64_t c = 0; c < k; c++) f[c] = y[c];
+                for (int64_t i = 0; i < m; i++) {
+                    double fi = f[i], *restrict ai = A + i * m;
+#pragma omp simd
+                    for (int64_t c = i; c < m; c++) ai[c] += fi * f[c];
+                    b[i] += t * fi;
+                }
+            }
+            const double ridge = a->reg * (double)(hi - lo);
+            for (int64_t i = 0; i < m; i++) A[i * m + i] += ridge;
+            if (als_cholesky(A, m)) {
+                loss[0] = loss[1] = NAN;
+                continue;
+            }
+            als_cholesky_solve(A, b, m);
+            double sq = 0.0;
+            for (int64_t c = 0; c < k; c++) {
+                x[c] = (float)b[c];
+                sq += (double)x[c] * (double)x[c];
+            }
+            double own = 0.0;
+            if (a->learn_bias) {
+                a->xb[r * a->sxb] = (float)b[k];
+                own = (double)a->xb[r * a->sxb];
+                sq += own * own;
+            }
+            double err = 0.0;
+            for (int64_t j = lo; j < hi; j++) {
+                const int64_t o = a->indices[j];
+                double t = (double)a->values[j] - fixed - own - (a->yb ? (double)a->yb[o * a->syb] : 0.0);
+                double e = t - (double)dotf(x, a->Y + o * a->ldy, k);
+                err += e * e;
+            }
+            loss[0] = err;
+            loss[1] = ridge * sq;
+        }
+    }
+    double data = 0.0, penalty = 0.0;
+    int64_t failed = 0;
+    for (int64_t r = 0; r < a->n_rows; r++) {
+        failed += isnan(a->row_loss[2 * r]);
+        data += a->row_loss[2 * r];
+        penalty += a->row_loss[2 * r + 1];
+    }
+    a->data = data, a->penalty = penalty, a->failed = failed;
+}
+
+/* Implicit (weighted) ALS, one side (Hu, Koren and Volinsky): row r minimises
+ *     sum over ALL other rows y of c (p - x.y)^2 + reg |x|^2,   p = 1, c = conf[j] on its entries,
+ *                                                               p = 0, c = 1 elsewhere
+ * whose normal equations are (G + reg I + sum_j (c_j - 1) y_j y_j^T) x = sum_j c_j y_j with
+ * G = Y^T Y (`gram`): the unobserved rows enter only through G. cg_steps > 0: that many conjugate-
+ * gradient steps from the current x (Takacs et al.), stopping early when the residual vanishes;
+ * 0: exact Cholesky solve. Row losses: x^T G x + sum_j [c_j (1 - s_j)^2 - s_j^2] (s_j = x.y_j),
+ * the row's weighted squared error over all other rows, and reg |x|^2. */
+typedef struct {
+    float *X;
+    int64_t ldx;
+    const float *Y;
+    int64_t ldy;
+    const int64_t *indptr, *indices;
+    const float *conf;
+    const float *gram; /* [k, k] */
+    int64_t n_rows, k, cg_steps, nthreads;
+    double reg;
+    double *work;     /* [nthreads, (k + 1) * (k + 4)] */
+    double *row_loss; /* [n_rows, 2] */
+    double data, penalty; /* out */
+    int64_t failed;       /* out */
+} ALSImplicitArgs;
+
+static inline void als_gram_times(const float *restrict G, const float *restrict v, float *restrict out, int64_t k) {
+    for (int64_t i = 0; i < k; i++) out[i] = dotf(G + i * k, v, k);
+}
+
+void flexmf_als_implicit_half(ALSImplicitArgs *a) {
+    const int64_t k = a->k, W = (k + 1) * (k + 4);
+    const float reg = (float)a->reg;
+#pragma omp parallel num_threads(als_threads(a->nthreads))
+    {
+        double *A = a->work + (int64_t)omp_get_thread_num() * W, *b = A + k * k;
+        float *r_ = (float *)(b + k), *p = r_ + k, *Ap = p + k; /* CG vectors (floats in the same scratch) */
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t row = 0; row < a->n_rows; row++) {
+            const int64_t lo = a->indptr[row], hi = a->indptr[row + 1];
+            float *x = a->X + row * a->ldx;
+            double *loss = a->row_loss + 2 * row;
+            if (hi == lo) {
+                for (int64_t c = 0; c < k; c++) x[c] = 0.0f;
+                loss[0] = loss[1] = 0.0;
+                continue;
+            }
+            if (a->cg_steps <= 0) {
+                for (int64_t i = 0; i < k; i++)
+                    for (int64_t c = i; c < k; c++) A[i * k + c] = a->gram[i * k + c];
+                for (int64_t i = 0; i < k; i++) A[i * k + i] += a->reg, b[i] = 0.0;
+                for (int64_t j = lo; j < hi; j++) {
+                    const float *y = a->Y + a->indices[j] * a->ldy;
+                    const double c1 = (double)a->conf[j] - 1.0, cj = a->conf[j];
+                    for (int64_t i = 0; i < k; i++) {
+                        double fi = c1 * (double)y[i], *restrict ai = A + i * k;
+#pragma omp simd
+                        for (int64_t c = i; c < k; c++) ai[c] += fi * (double)y[c];
+                        b[i] += cj * (double)y[i];
+                    }
+                }
+                if (als_cholesky(A, k)) {
+                    loss[0] = loss[1] = NAN;
+                    continue;
+                }
+                als_cholesky_solve(A, b, k);
+                for (int64_t c = 0; c < k; c++) x[c] = (float)b[c];
+            } else {
+                /* r = b - A x = -(G + reg I) x + sum_j [c_j - (c_j - 1) y_j.x] y_j */
+                als_gram_times(a->gram, x, r_, k);
+                for (int64_t c = 0; c < k; c++) r_[c] = -r_[c] - reg * x[c];
+                for (int64_t j = lo; j < hi; j++) {
+                    const float *y = a->Y + a->indices[j] * a->ldy;
+                    const float cj = a->conf[j];
+                    axpyf(r_, cj - (cj - 1.0f) * dotf(y, x, k), y, k);
+                }
+                for (int64_t c = 0; c < k; c++) p[c] = r_[c];
+                float rs = dotf(r_, r_, k);
+                for (int64_t it = 0; it < a->cg_steps && rs >= 1e-20f; it++) {
+                    /* Ap = (G + reg I) p + sum_j (c_j - 1) (y_j.p) y_j */
+                    als_gram_times(a->gram, p, Ap, k);
+                    for (int64_t c = 0; c < k; c++) Ap[c] += reg * p[c];
+                    for (int64_t j = lo; j < hi; j++) {
+                        const float *y = a->Y + a->indices[j] * a->ldy;
+                        axpyf(Ap, (a->conf[j] - 1.0f) * dotf(y, p, k), y, k);
+                    }
+                    const float alpha = rs / dotf(p, Ap, k);
+                    axpyf(x, alpha, p, k);
+                    axpyf(r_, -alpha, Ap, k);
+                    const float rs_new = dotf(r_, r_, k);
+                    if (rs_new < 1e-20f) break;
+                    const float beta = rs_new / rs;
+                    for (int64_t c = 0; c < k; c++) p[c] = r_[c] + beta * p[c];
+                    rs = rs_new;
+                }
+            }
+            /* the row's loss at its new x */
+            als_gram_times(a->gram, x, Ap, k);
+            double err = (double)dotf(x, Ap, k), sq = 0.0;
+            for (int64_t c = 0; c < k; c++) sq += (double)x[c] * (double)x[c];
+            for (int64_t j = lo; j < hi; j++) {
+                const double s = dotf(x, a->Y + a->indices[j] * a->ldy, k), cj = a->conf[j];
+                err += cj * (1.0 - s) * (1.0 - s) - s * s;
+            }
+            loss[0] = err;
+            loss[1] = a->reg * sq;
+        }
+    }
+    double data = 0.0, penalty = 0.0;
+    int64_t failed = 0;
+    for (int64_t r = 0; r < a->n_rows; r++) {
+        failed += isnan(a->row_loss[2 * r]);
+        data += a->row_loss[2 * r];
+        penalty += a->row_loss[2 * r + 1];
+    }
+    a->data = data, a->penalty = penalty, a->failed = failed;
+}

@@ -1,0 +1,522 @@
+"""Alternating least squares for FlexMF: biased explicit ALS and weighted implicit ALS.
+
+These are training strategies, not scorers: the scorer core owns the factor tensors, calls
+``setup(...)`` once and then ``epoch()`` once per epoch (or ``user_step()`` / ``item_step()``).
+Every half-step solves all rows of one side given the other, IN PLACE on the tensors given (which
+may be column views of wider tables: a row stride is fine, the last dimension must be dense).
+
+Explicit (LensKit's ``BiasedMFScorer``): prediction ``mu + b_u + b_i + p_u . q_i``, minimising
+
+    sum (r - mu - b_u - b_i - p_u . q_i)^2 + regularization * (sum_u n_u |p_u|^2 + sum_i n_i |q_i|^2)
+
+(the penalty of a row scaled by its count ``n``, as LensKit does). ``bias="damped"``: LensKit's
+damped means, computed once, ``b_i = sum(r - mu) / (n_i + damping)`` and
+``b_u = sum(r - mu - b_i) / (n_u + damping)``; ``bias="learned"``: the biases are solved with the
+factors (``[p_u, b_u]`` against ``[q_i, 1]``), start from the damped means and are penalised like
+the factors (``+ regularization * (sum_u n_u b_u^2 + sum_i n_i b_i^2)``).
+
+Implicit (Hu, Koren and Volinsky; LensKit's ``ImplicitMFScorer``, ``implicit``'s ALS): minimising
+
+    sum over ALL (u, i) of c_ui (p_ui - x_u . y_i)^2 + regularization * (|X|^2 + |Y|^2)
+
+with ``p = 1`` and ``c = 1 + weight * r`` on observed pairs (``confidence="log"``:
+``1 + weight * log(1 + r / epsilon)``), ``p = 0`` and ``c = 1`` everywhere else. The unobserved pairs
+enter only through ``Y^T Y`` (never materialised): a row's system is
+``(Y^T Y + reg I + Y_u^T (C_u - I) Y_u) x = Y_u^T C_u p_u``, solved by ``cg_steps`` conjugate-gradient
+steps warm-started from the current row (Takacs et al.), or exactly by Cholesky (``exact``).
+``implicit`` (0.7) scales its input by ``alpha`` instead (confidence ``alpha * r``): on binary data
+its ``alpha = a`` is our ``weight = a - 1``.
+
+Engines: the fused C kernels (``_kernels.c``, rows split across OpenMP threads, each row solved by
+one thread in a fixed order, so the factors are bit-identical for any thread count) on CPU when
+they load; else the torch engine, the reference (float64 on CPU) and the GPU path (float32):
+batched Cholesky / CG over rows grouped by their count.
+
+Each step returns the objective after it (data term plus both penalties) divided by the number of
+training entries; a non-finite one raises :class:`TrainingError` naming the setting to change.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from flexmf_assets.errors import ConfigError, DataValidationError, TrainingError
+from flexmf_assets.flexmf import _native
+from flexmf_assets.flexmf._common import make_generator
+
+BIAS_MODES = ("damped", "learned")
+CONFIDENCES = ("linear", "log")
+ENGINES = ("auto", "native", "torch")
+#: torch engine: padded entries (rows x longest count x width) and Gram elements per batch
+_BATCH_ENTRIES = 1 << 22
+_BATCH_GRAMS = 1 << 24
+#: CG stops on a row once its squared residual norm falls below this (as ``implicit`` does)
+_CG_TOL = 1e-20
+_GRAM_CHUNKS = 32  # ALS_CHUNKS in _kernels.c
+
+
+@dataclass(frozen=True)
+class ALSSettings:
+    """Settings of the ALS solvers (LensKit's names; defaults are LensKit's).
+
+    embedding_size: factors per row. epochs: iterations (one user and one item half-step each).
+    regularization: ridge penalty (explicit: times the row's count, as LensKit).
+    bias (explicit): ``damped`` means computed once with ``damping``, or ``learned`` with the factors.
+    weight, confidence, epsilon (implicit): confidence ``1 + weight * r`` (``linear``) or
+    ``1 + weight * log(1 + r / epsilon)`` (``log``) of an observed pair.
+    cg_steps (implicit): conjugate-gradient steps per row and half-step, warm-started.
+    exact (implicit): solve each row by Cholesky instead (cost k^3 per row: for small k).
+    seed, init_scale: initial factors ~ N(0, init_scale^2).
+    """
+
+    embedding_size: int = 50
+    epochs: int = 10
+    regularization: float = 0.1
+    bias: str = "damped"
+    damping: float = 5.0
+    weight: float = 40.0
+    confidence: str = "linear"
+    epsilon: float = 1.0
+    cg_steps: int = 3
+    exact: bool = False
+    seed: int = 42
+    init_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, field: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"ALSSettings.{field}: {why}, got {getattr(self, field)!r}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for f in ("embedding_size", "epochs", "cg_steps"):
+            check(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "must be an integer >= 1")
+        check(is_int(self.seed), "seed", "must be an integer")
+        for f in ("regularization", "damping", "weight", "init_scale"):
+            v = getattr(self, f)
+            check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf, f,
+                  "must be a finite number >= 0")
+        check(isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < math.inf, "epsilon",
+              "must be a finite number > 0")
+        check(self.bias in BIAS_MODES, "bias", f"must be one of {', '.join(BIAS_MODES)}")
+        check(self.confidence in CONFIDENCES, "confidence", f"must be one of {', '.join(CONFIDENCES)}")
+        check(isinstance(self.exact, bool), "exact", "must be true or false")
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> "ALSSettings":
+        """The settings named like attributes of ``config`` (a scorer configuration), then ``overrides``."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{**{n: getattr(config, n) for n in names if hasattr(config, n)}, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# data layout
+# ----------------------------------------------------------------------------------------------
+
+
+class _Side:
+    """One side's rows in CSR: row r's entries ``indptr[r]:indptr[r+1]`` name rows of the other side
+    (``indices``) and carry ``values``."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int):
+        order = torch.argsort(rows, stable=True)
+        self.indices = cols[order].contiguous()
+        self.values = values[order].contiguous()
+        self.counts = torch.bincount(rows, minlength=n_rows)
+        self.indptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+        torch.cumsum(self.counts, 0, out=self.indptr[1:])
+        self.n_rows = n_rows
+        self.empty = torch.nonzero(self.counts == 0).flatten()
+        self._plan: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    def plan(self, width: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Torch engine batches ``(rows, positions [B, m], mask [B, m])``: non-empty rows grouped by
+        count (within a power of two, so padding at most doubles the work), split to fit the budget."""
+        if self._plan is None:
+            counts = self.counts.cpu()
+            rows = torch.nonzero(counts > 0).flatten()
+            rows = rows[torch.argsort(counts[rows], stable=True)]
+            bucket = torch.ceil(torch.log2(counts[rows].double())).long()
+            self._plan = []
+            start = 0
+            for size in torch.unique_consecutive(bucket, return_counts=True)[1].tolist():
+                group = rows[start : start + size]
+                start += size
+                longest = int(counts[group[-1]])
+                per = max(1, min(_BATCH_ENTRIES // (longest * width), _BATCH_GRAMS // (width * width)))
+                for b in range(0, len(group), per):
+                    r = group[b : b + per].to(self.indptr.device)
+                    ar = torch.arange(longest, device=r.device)
+                    mask = ar[None, :] < self.counts[r][:, None]
+                    pos = torch.where(mask, self.indptr[r][:, None] + ar[None, :], 0)
+                    self._plan.append((r, pos, mask))
+        return self._plan
+
+
+def _as(values: Any, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
+    if t.ndim != 1:
+        raise ValueError(f"ALS setup: {name} must be one-dimensional, got shape {tuple(t.shape)}")
+    return t.to(device=device, dtype=dtype)
+
+
+def _check_rows(rows: torch.Tensor, n: int, name: str) -> None:
+    if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise ValueError(f"ALS setup: {name} must lie in [0, {n}), got [{int(rows.min())}, {int(rows.max())}]")
+
+
+def _check_table(t: torch.Tensor, shape: tuple[int, ...], device: torch.device, name: str) -> None:
+    if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device != device or t.stride(-1) != 1 and len(shape) > 1:
+        raise ValueError(f"ALS setup: {name} must be a float32 tensor of shape {shape} on {device} with dense "
+                         f"rows, got {t.dtype} {tuple(t.shape)} on {t.device} (strides {t.stride()})")
+
+
+def _addr(t: torch.Tensor | None) -> int | None:
+    """Address of a CPU tensor's first element (rows may be strided; the kernels take the strides)."""
+    if t is None:
+        return None
+    if t.device.type != "cpu" or (t.ndim > 1 and t.stride(-1) != 1):
+        raise ValueError("ALS kernels need CPU tensors with dense rows")
+    return t.data_ptr()
+
+
+def _sum_sq(t: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """sum_r w_r |t_r|^2 in float64 numpy (the same bits for any thread count)."""
+    a = t.detach().cpu().double().numpy()
+    sq = (a * a).sum(axis=1) if a.ndim > 1 else a * a
+    return float(np.sum(sq if weights is None else sq * weights.cpu().double().numpy()))
+
+
+def _damped_means(users: np.ndarray, items: np.ndarray, resid: np.ndarray, n_users: int, n_items: int,
+                  damping: float) -> tuple[np.ndarray, np.ndarray]:
+    """LensKit's damped item then user means of ``resid`` (ratings less the global mean)."""
+    bi = np.bincount(items, resid, n_items) / (np.bincount(items, minlength=n_items) + damping)
+    bu = np.bincount(users, resid - bi[items], n_users) / (np.bincount(users, minlength=n_users) + damping)
+    return bu, bi
+
+
+# ----------------------------------------------------------------------------------------------
+# the C kernels' argument structs (mirror the typedefs at the end of _kernels.c)
+# ----------------------------------------------------------------------------------------------
+
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+
+
+class _GramArgs(ctypes.Structure):
+    _fields_ = [("Y", _P), ("n", _I), ("k", _I), ("ld", _I), ("nthreads", _I), ("partial", _P), ("gram", _P)]
+
+
+class _ExplicitArgs(ctypes.Structure):
+    _fields_ = [("X", _P), ("ldx", _I), ("xb", _P), ("sxb", _I), ("Y", _P), ("ldy", _I), ("yb", _P), ("syb", _I),
+                ("indptr", _P), ("indices", _P), ("values", _P), ("n_rows", _I), ("k", _I), ("learn_bias", _I),
+                ("nthreads", _I), ("reg", _D), ("work", _P), ("row_loss", _P), ("data", _D), ("penalty", _D),
+                ("failed", _I)]
+
+
+class _ImplicitArgs(ctypes.Structure):
+    _fields_ = [("X", _P), ("ldx", _I), ("Y", _P), ("ldy", _I), ("indptr", _P), ("indices", _P), ("conf", _P),
+                ("gram", _P), ("n_rows", _I), ("k", _I), ("cg_steps", _I), ("nthreads", _I), ("reg", _D),
+                ("work", _P), ("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the solvers
+# ----------------------------------------------------------------------------------------------
+
+
+class _ALS:
+    """What both solvers share: engine choice, scratch, the objective and its guard."""
+
+    track = ""
+
+    def __init__(self, settings: ALSSettings | None = None, device: torch.device | str = "cpu",
+                 threads: int | None = None, engine: str = "auto"):
+        self.settings = settings or ALSSettings()
+        self.device = torch.device(device)
+        if engine not in ENGINES:
+            raise ConfigError(f"ALS engine: {engine!r} is not one of {', '.join(ENGINES)}")
+        usable = engine != "torch" and _native.usable(self.device)
+        if engine == "native" and not usable:
+            raise ConfigError(f"ALS engine 'native' needs the CPU and the compiled kernels "
+                              f"(device {self.device}, kernels {_native.status()})")
+        self.engine = "native" if usable else "torch"
+        if threads is not None and threads < 1:
+            raise ConfigError(f"ALS threads: must be >= 1, got {threads}")
+        self.threads = threads or _native.threads()
+        # the torch reference works in float64 on CPU; GPUs solve in float32
+        self.dtype = torch.float64 if self.device.type == "cpu" else torch.float32
+        self.epochs_run = 0
+        self.objective = math.nan
+        self.n = 0
+        self._penalty: dict[str, float] = {}
+
+    def _scratch(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.settings.embedding_size
+        work = torch.empty(self.threads * (k + 1) * (k + 4), dtype=torch.float64)
+        return work, torch.empty(2 * n_rows, dtype=torch.float64)
+
+    def _init_factors(self, gen: torch.Generator, *tables: torch.Tensor) -> None:
+        for t in tables:  # drawn contiguous (torch's vectorised normal_), then placed
+            t.copy_(torch.empty(t.shape, device=self.device).normal_(0.0, self.settings.init_scale, generator=gen))
+
+    def _finish(self, side: str, data: float, failed: int) -> float:
+        objective = (data + self._penalty["user"] + self._penalty["item"]) / self.n
+        if not math.isfinite(objective):
+            s = self.settings
+            what = "nan" if math.isnan(objective) else "inf"
+            why = f"; the systems of {failed} {side} rows are not positive definite" if failed else ""
+            fix = f"raise regularization (now {s.regularization:g})"
+            if self.track == "implicit":
+                fix += f" or lower weight (now {s.weight:g})"
+            raise TrainingError(f"ALS diverged at epoch {self.epochs_run} ({side} half-step): objective is "
+                                f"{what}{why}; {fix}")
+        self.objective = objective
+        return objective
+
+    def user_step(self) -> float:
+        """Solve every user row given the items; the objective after it."""
+        return self._step("user")
+
+    def item_step(self) -> float:
+        """Solve every item row given the users; the objective after it."""
+        return self._step("item")
+
+    def epoch(self) -> float:
+        """One iteration (the user then the item half-step); the objective after it."""
+        self.epochs_run += 1
+        self.user_step()
+        return self.item_step()
+
+    def _step(self, side: str) -> float:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class ExplicitALS(_ALS):
+    """Biased ALS on ratings (LensKit's ``BiasedMFScorer``); see the module docstring.
+
+    ``setup`` takes the user and item row of each rating (0-based), the ratings, the table sizes,
+    the factor tables ``P [n_users, k]``, ``Q [n_items, k]`` and bias vectors ``bu``, ``bi`` (float32,
+    on the solver's device, trained in place) and the global mean ``mu`` (held fixed). With ``init``
+    the factors are drawn and the biases set to the damped means; without, the values given are
+    the start.
+    """
+
+    track = "explicit"
+
+    def setup(self, user_rows: Any, item_rows: Any, ratings: Any, n_users: int, n_items: int,
+              P: torch.Tensor, Q: torch.Tensor, bu: torch.Tensor, bi: torch.Tensor, mu: float,
+              *, init: bool = True) -> "ExplicitALS":
+        s, dev, k = self.settings, self.device, self.settings.embedding_size
+        u = _as(user_rows, torch.int64, dev, "user_rows")
+        i = _as(item_rows, torch.int64, dev, "item_rows")
+        r = _as(ratings, torch.float64, dev, "ratings")
+        if not len(u) == len(i) == len(r) or len(r) == 0:
+            raise ValueError(f"ALS setup: need as many user rows, item rows and ratings (>= 1), got "
+                             f"{len(u)}, {len(i)}, {len(r)}")
+        _check_rows(u, n_users, "user_rows")
+        _check_rows(i, n_items, "item_rows")
+        if not bool(torch.isfinite(r).all()) or not math.isfinite(mu):
+            raise DataValidationError("ratings: ALS needs finite ratings and a finite global mean")
+        for t, shape, name in ((P, (n_users, k), "P"), (Q, (n_items, k), "Q"), (bu, (n_users,), "bu"),
+                               (bi, (n_items,), "bi")):
+            _check_table(t, shape, dev, name)
+        self.P, self.Q, self.bu, self.bi, self.mu = P, Q, bu, bi, float(mu)
+        resid = r - self.mu
+        if init:
+            self._init_factors(make_generator(s.seed, dev), P, Q)
+            b_u, b_i = _damped_means(u.cpu().numpy(), i.cpu().numpy(), resid.cpu().numpy(), n_users, n_items,
+                                     s.damping)
+            bu.copy_(torch.from_numpy(b_u)), bi.copy_(torch.from_numpy(b_i))
+        resid = resid.float()
+        self.n = len(r)
+        self.sides = {"user": _Side(u, i, resid, n_users), "item": _Side(i, u, resid, n_items)}
+        self.learn = s.bias == "learned"
+        for side, X, xb in (("user", P, bu), ("item", Q, bi)):
+            counts = self.sides[side].counts
+            self._penalty[side] = s.regularization * (_sum_sq(X, counts) + (_sum_sq(xb, counts) if self.learn else 0))
+        if self.engine == "native":
+            self._work, self._row_loss = self._scratch(max(n_users, n_items))
+        return self
+
+    def _tables(self, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.P, self.bu, self.Q, self.bi) if side == "user" else (self.Q, self.bi, self.P, self.bu)
+
+    def _step(self, side: str) -> float:
+        run = self._half_native if self.engine == "native" else self._half_torch
+        data, penalty, failed = run(self.sides[side], *self._tables(side))
+        self._penalty[side] = penalty
+        return self._finish(side, data, failed)
+
+    def _half_native(self, this: _Side, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor,
+                     yb: torch.Tensor) -> tuple[float, float, int]:
+        a = _ExplicitArgs(
+            X=_addr(X), ldx=X.stride(0), xb=_addr(xb), sxb=xb.stride(0), Y=_addr(Y), ldy=Y.stride(0), yb=_addr(yb),
+            syb=yb.stride(0), indptr=_addr(this.indptr), indices=_addr(this.indices), values=_addr(this.values),
+            n_rows=this.n_rows, k=X.shape[1], learn_bias=int(self.learn), nthreads=self.threads,
+            reg=self.settings.regularization, work=_addr(self._work), row_loss=_addr(self._row_loss))
+        _native.kernels().flexmf_als_explicit_half(ctypes.addressof(a))
+        return a.data, a.penalty, a.failed
+
+    def _half_torch(self, this: _Side, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor,
+                    yb: torch.Tensor) -> tuple[float, float, int]:
+        dt, k, reg = self.dtype, X.shape[1], self.settings.regularization
+        Yd, ybd = Y.to(dt), yb.to(dt)
+        data = torch.zeros((), dtype=torch.float64, device=X.device)
+        penalty, failed = data.clone(), 0
+        for rows, pos, mask in this.plan(k + 1):
+            cols, m = this.indices[pos], mask.to(dt)
+            t = (this.values[pos].to(dt) - ybd[cols]) * m
+            if not self.learn:
+                t -= xb[rows].to(dt)[:, None] * m
+            F = Yd[cols]
+            if self.learn:
+                F = torch.cat([F, torch.ones_like(F[..., :1])], -1)
+            F *= m[..., None]
+            ridge = reg * this.counts[rows].to(dt)
+            A = F.transpose(1, 2) @ F
+            A.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+            L, info = torch.linalg.cholesky_ex(A)
+            sol = torch.cholesky_solve((F.transpose(1, 2) @ t[..., None]), L)[..., 0]
+            ok = info == 0
+            failed += int((~ok).sum())
+            X[rows[ok]] = sol[ok, :k].to(X.dtype)
+            if self.learn:
+                xb[rows[ok]] = sol[ok, k].to(xb.dtype)
+            e = t - (F @ sol[..., None])[..., 0]
+            data += torch.where(ok, (e * e).sum(1), math.nan).sum()
+            penalty += (ridge * (sol * sol).sum(1)).sum()
+        X[this.empty] = 0.0
+        if self.learn:
+            xb[this.empty] = 0.0
+        return float(data), float(penalty), failed
+
+
+class ImplicitALS(_ALS):
+    """Weighted ALS on implicit feedback (Hu, Koren and Volinsky); see the module docstring.
+
+    ``setup`` takes the user and item row of each interaction (0-based; repeated pairs are summed),
+    its value ``r >= 0`` (1 for plain interactions), the table sizes and the factor tables
+    ``X [n_users, k]``, ``Y [n_items, k]`` (float32, on the solver's device, trained in place).
+    """
+
+    track = "implicit"
+
+    def setup(self, user_rows: Any, item_rows: Any, values: Any, n_users: int, n_items: int,
+              X: torch.Tensor, Y: torch.Tensor, *, init: bool = True) -> "ImplicitALS":
+        s, dev, k = self.settings, self.device, self.settings.embedding_size
+        u = _as(user_rows, torch.int64, dev, "user_rows")
+        i = _as(item_rows, torch.int64, dev, "item_rows")
+        r = _as(values, torch.float64, dev, "values")
+        if not len(u) == len(i) == len(r) or len(r) == 0:
+            raise ValueError(f"ALS setup: need as many user rows, item rows and values (>= 1), got "
+                             f"{len(u)}, {len(i)}, {len(r)}")
+        _check_rows(u, n_users, "user_rows")
+        _check_rows(i, n_items, "item_rows")
+        if not bool((torch.isfinite(r) & (r >= 0)).all()):
+            raise DataValidationError("values: implicit ALS needs finite interaction values >= 0")
+        _check_table(X, (n_users, k), dev, "X")
+        _check_table(Y, (n_items, k), dev, "Y")
+        keys, inverse = torch.unique(u * n_items + i, return_inverse=True)
+        r = torch.zeros(len(keys), dtype=torch.float64, device=dev).index_add_(0, inverse, r)
+        u, i = keys // n_items, keys % n_items
+        if s.confidence == "linear":
+            conf = 1.0 + s.weight * r
+        else:
+            conf = 1.0 + s.weight * torch.log1p(r / s.epsilon)
+        self.X, self.Y, self.n = X, Y, len(keys)
+        if init:
+            self._init_factors(make_generator(s.seed, dev), X, Y)
+        conf = conf.float()
+        self.sides = {"user": _Side(u, i, conf, n_users), "item": _Side(i, u, conf, n_items)}
+        self._penalty = {"user": s.regularization * _sum_sq(X), "item": s.regularization * _sum_sq(Y)}
+        if self.engine == "native":
+            self._work, self._row_loss = self._scratch(max(n_users, n_items))
+            self._partial = torch.empty(_GRAM_CHUNKS * k * k, dtype=torch.float64)
+            self._gram = torch.empty(k, k)
+        return self
+
+    def _step(self, side: str) -> float:
+        X, Y = (self.X, self.Y) if side == "user" else (self.Y, self.X)
+        run = self._half_native if self.engine == "native" else self._half_torch
+        data, penalty, failed = run(self.sides[side], X, Y)
+        self._penalty[side] = penalty
+        return self._finish(side, data, failed)
+
+    def gram(self, Y: torch.Tensor) -> torch.Tensor:
+        """``Y^T Y`` (float32 [k, k] from the kernels; the engine's dtype from torch)."""
+        if self.engine == "native":
+            lib, k = _native.kernels(), Y.shape[1]
+            g = _GramArgs(Y=_addr(Y), n=Y.shape[0], k=k, ld=Y.stride(0), nthreads=self.threads,
+                          partial=_addr(self._partial), gram=_addr(self._gram))
+            lib.flexmf_als_gram(ctypes.addressof(g))
+            return self._gram
+        Yd = Y.to(self.dtype)
+        return Yd.T @ Yd
+
+    def _half_native(self, this: _Side, X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float, int]:
+        s = self.settings
+        gram = self.gram(Y)
+        a = _ImplicitArgs(
+            X=_addr(X), ldx=X.stride(0), Y=_addr(Y), ldy=Y.stride(0), indptr=_addr(this.indptr),
+            indices=_addr(this.indices), conf=_addr(this.values), gram=_addr(gram), n_rows=this.n_rows,
+            k=X.shape[1], cg_steps=0 if s.exact else s.cg_steps, nthreads=self.threads, reg=s.regularization,
+            work=_addr(self._work), row_loss=_addr(self._row_loss))
+        _native.kernels().flexmf_als_implicit_half(ctypes.addressof(a))
+        return a.data, a.penalty, a.failed
+
+    def _half_torch(self, this: _Side, X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float, int]:
+        s, dt, k = self.settings, self.dtype, X.shape[1]
+        reg = s.regularization
+        Yd = Y.to(dt)
+        G = Yd.T @ Yd
+        data = torch.zeros((), dtype=torch.float64, device=X.device)
+        penalty, failed = data.clone(), 0
+        eye = torch.eye(k, dtype=dt, device=X.device)
+        for rows, pos, mask in this.plan(k):
+            m = mask.to(dt)
+            F = Yd[this.indices[pos]] * m[..., None]  # [B, m, k], padding rows zero
+            c = this.values[pos].to(dt) * m  # confidence, 0 on padding
+            c1 = (c - 1.0) * m
+            b = torch.einsum("bmk,bm->bk", F, c)
+            ok = torch.ones(len(rows), dtype=torch.bool, device=X.device)
+            if s.exact:
+                A = G + reg * eye + torch.einsum("bmk,bm,bml->bkl", F, c1, F)
+                L, info = torch.linalg.cholesky_ex(A)
+                x = torch.cholesky_solve(b[..., None], L)[..., 0]
+                ok = info == 0
+                failed += int((~ok).sum())
+            else:
+                def times_a(v: torch.Tensor) -> torch.Tensor:
+                    return v @ G + reg * v + torch.einsum("bmk,bm->bk", F, c1 * torch.einsum("bmk,bk->bm", F, v))
+
+                x = X[rows].to(dt)
+                res = b - times_a(x)
+                p, rs = res.clone(), (res * res).sum(1)
+                live = rs >= _CG_TOL
+                for _ in range(s.cg_steps):
+                    Ap = times_a(p)
+                    alpha = torch.where(live, rs / (p * Ap).sum(1), 0.0)
+                    x += alpha[:, None] * p
+                    res -= alpha[:, None] * Ap
+                    rs_new = (res * res).sum(1)
+                    live &= rs_new >= _CG_TOL
+                    p = res + torch.where(live, rs_new / rs, 0.0)[:, None] * p
+                    rs = torch.where(live, rs_new, rs)
+            X[rows[ok]] = x[ok].to(X.dtype)
+            sc = torch.einsum("bmk,bk->bm", F, x)
+            err = ((x @ G) * x).sum(1) + ((c * (1.0 - sc) ** 2 - sc * sc) * m).sum(1)
+            data += torch.where(ok, err, math.nan).sum()
+            penalty += reg * (x * x).sum()
+        X[this.empty] = 0.0
+        return float(data), float(penalty), failed
+
+
+__all__ = ["ALSSettings", "ExplicitALS", "ImplicitALS"]
