@@ -174,7 +174,9 @@ def _check_rows(rows: torch.Tensor, n: int, name: str) -> None:
 
 
 def _check_table(t: torch.Tensor, shape: tuple[int, ...], device: torch.device, name: str) -> None:
-    if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device != device or t.stride(-1) != 1 and len(shape) > 1:
+    dense_rows = len(shape) == 1 or t.stride(-1) == 1
+    on_device = t.device.type == device.type and device.index in (None, t.device.index)
+    if tuple(t.shape) != shape or t.dtype != torch.float32 or not on_device or not dense_rows:
         raise ValueError(f"ALS setup: {name} must be a float32 tensor of shape {shape} on {device} with dense "
                          f"rows, got {t.dtype} {tuple(t.shape)} on {t.device} (strides {t.stride()})")
 
@@ -323,8 +325,9 @@ class ExplicitALS(_ALS):
                              f"{len(u)}, {len(i)}, {len(r)}")
         _check_rows(u, n_users, "user_rows")
         _check_rows(i, n_items, "item_rows")
-        if not bool(torch.isfinite(r).all()) or not math.isfinite(mu):
-            raise DataValidationError("ratings: ALS needs finite ratings and a finite global mean")
+        if not bool(torch.isfinite((r - mu).float()).all()):
+            raise DataValidationError(f"ratings: ALS needs finite ratings (float32) and global mean, got mu={mu!r} "
+                                      f"and ratings in [{float(r.min())}, {float(r.max())}]")
         for t, shape, name in ((P, (n_users, k), "P"), (Q, (n_items, k), "Q"), (bu, (n_users,), "bu"),
                                (bi, (n_items,), "bi")):
             _check_table(t, shape, dev, name)
