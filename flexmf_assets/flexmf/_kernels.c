@@ -595,9 +595,10 @@ void flexmf_als_gram(const ALSGramArgs *a) {
  * row indices[j] and the target values[j] (rating - global mean), from which the other side's
  * bias is taken, and this side's bias too when it is held fixed (damped means). Each row solves
  *     (sum f f^T + reg n_r I) x = sum (target) f,   f = y (k) or [y, 1] (learn_bias: x = [p, b])
- * by Cholesky. Row losses: the squared errors of its entries after the solve, and its penalty
- * reg n_r |x|^2. An empty row becomes zero. A row whose system is not positive definite is left
- * as it was and counted in `failed` (its loss is NaN). */
+ * by Cholesky (LensKit's ridge reg n_r; reg n_r^reg_exponent in general). Row losses: the squared
+ * errors of its entries after the solve, and its penalty (ridge |x|^2). An empty row becomes zero.
+ * A row whose system is not positive definite is left as it was and counted in `failed` (its loss
+ * is NaN). */
 typedef struct {
     float *X;
     int64_t ldx;
@@ -610,7 +611,7 @@ typedef struct {
     const int64_t *indptr, *indices;
     const float *values;
     int64_t n_rows, k, learn_bias, nthreads;
-    double reg;
+    double reg, reg_exponent; /* a row's ridge: reg * n_r^reg_exponent */
     double *work;     /* [nthreads, (k + 1) * (k + 4)] */
     double *row_loss; /* [n_rows, 2] */
     double data, penalty; /* out */
@@ -648,7 +649,7 @@ void flexmf_als_explicit_half(ALSExplicitArgs *a) {
                     b[i] += t * fi;
                 }
             }
-            const double ridge = a->reg * (double)(hi - lo);
+            const double n = (double)(hi - lo), ridge = a->reg * (a->reg_exponent == 1.0 ? n : pow(n, a->reg_exponent));
             for (int64_t i = 0; i < m; i++) A[i * m + i] += ridge;
             if (als_cholesky(A, m)) {
                 loss[0] = loss[1] = NAN;

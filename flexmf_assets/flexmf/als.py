@@ -9,7 +9,8 @@ Explicit (LensKit's ``BiasedMFScorer``): prediction ``mu + b_u + b_i + p_u . q_i
 
     sum (r - mu - b_u - b_i - p_u . q_i)^2 + regularization * (sum_u n_u |p_u|^2 + sum_i n_i |q_i|^2)
 
-(the penalty of a row scaled by its count ``n``, as LensKit does). ``bias="damped"``: LensKit's
+(the penalty of a row scaled by its count ``n``, as LensKit does; ``reg_exponent`` e scales it by
+``n ** e`` instead). ``bias="damped"``: LensKit's
 damped means, computed once, ``b_i = sum(r - mu) / (n_i + damping)`` and
 ``b_u = sum(r - mu - b_i) / (n_u + damping)``; ``bias="learned"``: the biases are solved with the
 factors (``[p_u, b_u]`` against ``[q_i, 1]``), start from the damped means and are penalised like
@@ -67,7 +68,8 @@ class ALSSettings:
     """Settings of the ALS solvers (LensKit's names; defaults are LensKit's).
 
     embedding_size: factors per row. epochs: iterations (one user and one item half-step each).
-    regularization: ridge penalty (explicit: times the row's count, as LensKit).
+    regularization: ridge penalty (explicit: times the row's count ``n``, as LensKit; more exactly
+    times ``n ** reg_exponent``, 1 by default; implicit: not scaled).
     bias (explicit): ``damped`` means computed once with ``damping``, or ``learned`` with the factors.
     weight, confidence, epsilon (implicit): confidence ``1 + weight * r`` (``linear``) or
     ``1 + weight * log(1 + r / epsilon)`` (``log``) of an observed pair.
@@ -79,6 +81,7 @@ class ALSSettings:
     embedding_size: int = 50
     epochs: int = 10
     regularization: float = 0.1
+    reg_exponent: float = 1.0
     bias: str = "damped"
     damping: float = 5.0
     weight: float = 40.0
@@ -100,7 +103,7 @@ class ALSSettings:
         for f in ("embedding_size", "epochs", "cg_steps"):
             check(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "must be an integer >= 1")
         check(is_int(self.seed), "seed", "must be an integer")
-        for f in ("regularization", "damping", "weight", "init_scale"):
+        for f in ("regularization", "reg_exponent", "damping", "weight", "init_scale"):
             v = getattr(self, f)
             check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf, f,
                   "must be a finite number >= 0")
@@ -219,8 +222,8 @@ class _GramArgs(ctypes.Structure):
 class _ExplicitArgs(ctypes.Structure):
     _fields_ = [("X", _P), ("ldx", _I), ("xb", _P), ("sxb", _I), ("Y", _P), ("ldy", _I), ("yb", _P), ("syb", _I),
                 ("indptr", _P), ("indices", _P), ("values", _P), ("n_rows", _I), ("k", _I), ("learn_bias", _I),
-                ("nthreads", _I), ("reg", _D), ("work", _P), ("row_loss", _P), ("data", _D), ("penalty", _D),
-                ("failed", _I)]
+                ("nthreads", _I), ("reg", _D), ("reg_exponent", _D), ("work", _P), ("row_loss", _P), ("data", _D),
+                ("penalty", _D), ("failed", _I)]
 
 
 class _ImplicitArgs(ctypes.Structure):
@@ -344,7 +347,8 @@ class ExplicitALS(_ALS):
         self.learn = s.bias == "learned"
         for side, X, xb in (("user", P, bu), ("item", Q, bi)):
             counts = self.sides[side].counts
-            self._penalty[side] = s.regularization * (_sum_sq(X, counts) + (_sum_sq(xb, counts) if self.learn else 0))
+            scale = counts.double() ** s.reg_exponent
+            self._penalty[side] = s.regularization * (_sum_sq(X, scale) + (_sum_sq(xb, scale) if self.learn else 0))
         if self.engine == "native":
             self._work, self._row_loss = self._scratch(max(n_users, n_items))
         return self
@@ -364,7 +368,8 @@ class ExplicitALS(_ALS):
             X=_addr(X), ldx=X.stride(0), xb=_addr(xb), sxb=xb.stride(0), Y=_addr(Y), ldy=Y.stride(0), yb=_addr(yb),
             syb=yb.stride(0), indptr=_addr(this.indptr), indices=_addr(this.indices), values=_addr(this.values),
             n_rows=this.n_rows, k=X.shape[1], learn_bias=int(self.learn), nthreads=self.threads,
-            reg=self.settings.regularization, work=_addr(self._work), row_loss=_addr(self._row_loss))
+            reg=self.settings.regularization, reg_exponent=self.settings.reg_exponent, work=_addr(self._work),
+            row_loss=_addr(self._row_loss))
         _native.kernels().flexmf_als_explicit_half(ctypes.addressof(a))
         return a.data, a.penalty, a.failed
 
@@ -383,7 +388,7 @@ class ExplicitALS(_ALS):
             if self.learn:
                 F = torch.cat([F, torch.ones_like(F[..., :1])], -1)
             F *= m[..., None]
-            ridge = reg * this.counts[rows].to(dt)
+            ridge = reg * this.counts[rows].to(dt) ** self.settings.reg_exponent
             A = F.transpose(1, 2) @ F
             A.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
             L, info = torch.linalg.cholesky_ex(A)

@@ -1,0 +1,255 @@
+"""Quality and speed probe of the ALS solvers (flexmf/als.py) on ml-latest-small; prints figures.
+
+    python benchmarks/als_probe.py explicit [--set NAME:k=v,k=v ...] [--threads N] [--engine auto|torch]
+    python benchmarks/als_probe.py implicit [--set NAME:k=v,...] [--folds 5] [--implicit NAME:k=v,...]
+
+Protocols (state them beside every figure):
+  * explicit: ml-latest-small, random 80/20 split seed 42 (``common.random_split``); test RMSE over
+    every test rating: ``mu + b_u + b_i + p_u . q_i``, bias-only for users or items unseen in
+    training, clamped to the training rating range (as our scorer predicts) and unclamped;
+  * implicit: ``common.crossfold_users(5 folds, 5 held-out ratings per test user, seed 42)``, unique
+    (user, item) pairs with value 1; top 10 of all items unseen in training; NDCG@10 with the
+    1/log2(rank+1) discount (``topn_metrics``), macro-averaged over test users, mean over folds;
+  * ``--implicit`` runs ``implicit`` 0.7.3's ``AlternatingLeastSquares`` (venv
+    ``benchmarks/.venvs/als-implicit``, made by ``common.ensure_venv`` when missing) in a fresh child
+    process on the same fold files through ``_baselines_runner.py``; its fit time is model construction
+    plus ``fit`` (CSR built untimed), ours is ``setup`` (CSR built) plus the epochs, both steady-state
+    (second fit in the process) at ``--threads``. At equal hyperparameters: ``implicit``'s confidence
+    is ``alpha * r``, ours ``1 + weight * r``: on binary data ``alpha = a`` is ``weight = a - 1``
+    (``--implicit`` entries name ``implicit``'s parameters; ``--equal`` adds our run at the same ones).
+
+A ``--set`` value is ``NAME:field=value,...`` of :class:`ALSSettings` fields (``--set als`` alone is
+the settings recommended for the named set ``als``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from flexmf_assets.evaluation.topn import topn_metrics  # noqa: E402
+from flexmf_assets.flexmf._common import IdIndex  # noqa: E402
+from flexmf_assets.flexmf.als import ALSSettings, ExplicitALS, ImplicitALS  # noqa: E402
+
+#: the settings recommended for the named sets ``als`` (what ``--set als`` runs)
+RECOMMENDED = {
+    "explicit": {"embedding_size": 50, "epochs": 10, "regularization": 0.1, "bias": "damped", "damping": 5.0},
+    "implicit": {"embedding_size": 64, "epochs": 15, "regularization": 1.0, "weight": 1.0},
+}
+IMPLICIT_PKGS = ["implicit==0.7.3", "pandas", "pyarrow"]
+
+
+def parse_spec(spec: str, types: dict[str, type]) -> tuple[str, dict[str, Any]]:
+    """``NAME:field=value,...`` -> (name, {field: typed value})."""
+    name, _, body = spec.partition(":")
+    out: dict[str, Any] = {}
+    for part in filter(None, body.split(",")):
+        key, _, raw = part.partition("=")
+        kind = types.get(key)
+        if kind is None:
+            raise SystemExit(f"{spec!r}: unknown field {key!r}; fields: {', '.join(types)}")
+        out[key] = raw if kind is str else (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+    return name, out
+
+
+SETTING_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+                 for f in dataclasses.fields(ALSSettings)}
+IMPLICIT_TYPES = {"factors": int, "regularization": float, "alpha": float, "iterations": int}
+
+
+def settings_of(spec: str, track: str) -> tuple[str, ALSSettings]:
+    name, values = parse_spec(spec, SETTING_TYPES)
+    base = RECOMMENDED[track] if name == "als" else {}
+    return name, ALSSettings(**{**base, **values})
+
+
+# ----------------------------------------------------------------------------------------------
+# explicit
+# ----------------------------------------------------------------------------------------------
+
+
+def run_explicit(args: argparse.Namespace) -> None:
+    train, test = common.random_split(common.load_movielens(args.zip))
+    print(f"explicit: ml-latest-small random 80/20 seed 42: {train.height} train, {test.height} test ratings; "
+          f"threads {args.threads}; load {_load()}", flush=True)
+    for spec in args.set or ["als"]:
+        name, s = settings_of(spec, "explicit")
+        users, u = IdIndex.fit(train["user_id"])
+        items, i = IdIndex.fit(train["item_id"])
+        r = train["rating"].to_numpy().astype(np.float32)
+        k, nu, ni = s.embedding_size, len(users), len(items)
+        best = None
+        for _ in range(args.repeat):
+            P, Q, bu, bi = torch.empty(nu, k), torch.empty(ni, k), torch.empty(nu), torch.empty(ni)
+            t0 = time.perf_counter()
+            als = ExplicitALS(s, engine=args.engine, threads=args.threads).setup(u, i, r, nu, ni, P, Q, bu, bi,
+                                                                                float(r.mean()))
+            history = [als.epoch() for _ in range(s.epochs)]
+            seconds = time.perf_counter() - t0
+            best = seconds if best is None else min(best, seconds)
+        tu, ti = users.lookup(test["user_id"]), items.lookup(test["item_id"])
+        pred = np.full(test.height, als.mu)
+        pred[tu >= 0] += bu.double().numpy()[tu[tu >= 0]]
+        pred[ti >= 0] += bi.double().numpy()[ti[ti >= 0]]
+        both = (tu >= 0) & (ti >= 0)
+        pred[both] += (P[tu[both]] * Q[ti[both]]).sum(1).double().numpy()
+        truth = test["rating"].to_numpy().astype(np.float64)
+        raw = float(np.sqrt(np.mean((pred - truth) ** 2)))
+        clamped = float(np.sqrt(np.mean((np.clip(pred, r.min(), r.max()) - truth) ** 2)))
+        known = float(np.sqrt(np.mean((np.clip(pred, r.min(), r.max()) - truth)[both] ** 2)))
+        print(f"{name:>14}  RMSE {clamped:.4f} (unclamped {raw:.4f}; known pairs {known:.4f})  fit {best:.2f} s ({als.engine}, best of "
+              f"{args.repeat})  objective {history[0]:.4f} -> {history[-1]:.4f}  {_settings_text(s, 'explicit')}",
+              flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# implicit
+# ----------------------------------------------------------------------------------------------
+
+
+def _folds(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The fold files (written once per run under benchmarks/out/splits-als)."""
+    ratings = common.load_movielens(args.zip)
+    out = common.OUT / "splits-als"
+    folds = []
+    for n, (train, test) in enumerate(common.crossfold_users(ratings)):
+        if n >= args.folds:
+            break
+        paths = {"train": str(out / f"implicit-fold{n}-train.parquet"), "test": str(out / f"implicit-fold{n}-test.parquet")}
+        common.write_parquet(train.select("user_id", "item_id", "rating"), Path(paths["train"]))
+        common.write_parquet(test, Path(paths["test"]))
+        folds.append(paths)
+    return folds
+
+
+def _ours_implicit(s: ALSSettings, fold: dict[str, str], args: argparse.Namespace) -> tuple[float, float]:
+    """(NDCG@10, steady fit seconds) of our ImplicitALS on one fold."""
+    train = pl.read_parquet(fold["train"]).select("user_id", "item_id").unique()
+    test = pl.read_parquet(fold["test"])
+    times = []
+    for _ in range(2):  # the first fit warms up (kernel load, allocator); the second is timed
+        t0 = time.perf_counter()
+        users, u = IdIndex.fit(train["user_id"])
+        items, i = IdIndex.fit(train["item_id"])
+        X, Y = torch.empty(len(users), s.embedding_size), torch.empty(len(items), s.embedding_size)
+        als = ImplicitALS(s, engine=args.engine, threads=args.threads).setup(
+            u, i, np.ones(len(u), np.float32), len(users), len(items), X, Y)
+        for _ in range(s.epochs):
+            als.epoch()
+        times.append(time.perf_counter() - t0)
+    test_users = np.unique(test["user_id"].to_numpy())
+    rows = users.lookup(test_users)
+    test_users, rows = test_users[rows >= 0], rows[rows >= 0]
+    scores = X[torch.from_numpy(rows)] @ Y.T
+    position = np.full(len(users), -1)
+    position[rows] = np.arange(len(rows))
+    seen = position[u] >= 0  # training pairs of the test users: never recommended
+    scores[torch.from_numpy(position[u[seen]]), torch.from_numpy(i[seen])] = -torch.inf
+    top = torch.topk(scores, 10, dim=1).indices.numpy()
+    item_ids = np.asarray(items.ids)
+    recs = pl.DataFrame({"user_id": np.repeat(test_users, 10), "item_id": item_ids[top.ravel()],
+                         "rank": np.tile(np.arange(1, 11), len(test_users))})
+    ndcg = topn_metrics(recs, test.select("user_id", "item_id"), ks=(10,), discount="log2").means["ndcg@10"]
+    return float(ndcg), times[-1]
+
+
+def _theirs_implicit(py: Path, config: dict[str, Any], fold: dict[str, str], args: argparse.Namespace,
+                     tag: str) -> tuple[float, float]:
+    """(NDCG@10, steady fit seconds) of ``implicit``'s ALS on one fold, in a fresh child process."""
+    stem = common.OUT / "als-probe" / tag
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    job = {"model": "implicit-als", "train": fold["train"], "test": fold["test"], "config": config, "fits": 2,
+           "threads": args.threads, "n": 10, "output": f"{stem}.parquet", "result": f"{stem}.json"}
+    common.write_json(job, Path(f"{stem}.job.json"))
+    env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
+    res = common.run_child([str(py), str(common.BENCH / "_baselines_runner.py"), f"{stem}.job.json"],
+                           Path(job["result"]), 600, env)
+    if "error" in res:
+        raise SystemExit(f"implicit failed: {res['error']}")
+    out = pl.read_parquet(job["output"]).with_columns(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64))
+    test = pl.read_parquet(fold["test"]).select("user_id", "item_id")
+    return float(topn_metrics(out, test, ks=(10,), discount="log2").means["ndcg@10"]), res["fit_s"][-1]
+
+
+def run_implicit(args: argparse.Namespace) -> None:
+    folds = _folds(args)
+    print(f"implicit: ml-latest-small crossfold_users(5, 5 held out) seed 42 (benchmarks/common.py), folds run "
+          f"{len(folds)}; threads {args.threads}; load {_load()}", flush=True)
+    runs: list[tuple[str, str, Any]] = [("ours", *settings_of(spec, "implicit")) for spec in args.set]
+    if args.implicit:
+        py = common.ensure_venv("als-implicit", sys.executable, IMPLICIT_PKGS, "implicit,pyarrow",
+                                common.OUT / "logs" / "als-implicit-install.log")
+        if py is None:
+            raise SystemExit("implicit's venv could not be made")
+        for spec in args.implicit:
+            name, cfg = parse_spec(spec, IMPLICIT_TYPES)
+            runs.append(("implicit", name, cfg))
+            if args.equal:
+                s = ALSSettings(embedding_size=cfg.get("factors", 100), regularization=cfg.get("regularization", 0.01),
+                                weight=cfg.get("alpha", 1.0) - 1.0, epochs=cfg.get("iterations", 15))
+                runs.append(("ours", f"{name} (ours)", s))
+    for lib, name, what in runs:
+        scores, times = [], []
+        for n, fold in enumerate(folds):
+            if lib == "ours":
+                ndcg, sec = _ours_implicit(what, fold, args)
+            else:
+                ndcg, sec = _theirs_implicit(py, what, fold, args, f"{name}-fold{n}")
+            scores.append(ndcg)
+            times.append(sec)
+        desc = _settings_text(what, "implicit") if lib == "ours" else f"implicit {json.dumps(what)}"
+        print(f"{name:>22}  NDCG@10 {np.mean(scores):.4f}  (folds {' '.join(f'{x:.4f}' for x in scores)})  "
+              f"fit {np.mean(times):.2f} s/fold  {desc}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _settings_text(s: ALSSettings, track: str) -> str:
+    keys = ["embedding_size", "epochs", "regularization"]
+    keys += ["bias", "damping"] if track == "explicit" else ["weight", "confidence", "cg_steps", "exact"]
+    return " ".join(f"{k}={getattr(s, k)}" for k in keys)
+
+
+def _load() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("track", choices=["explicit", "implicit"])
+    ap.add_argument("--set", action="append", default=[], metavar="NAME:k=v,...")
+    ap.add_argument("--implicit", action="append", default=[], metavar="NAME:factors=..,regularization=..,alpha=..")
+    ap.add_argument("--equal", action="store_true", help="also run ours at each --implicit's hyperparameters")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="explicit: fits per set (the best time is printed)")
+    ap.add_argument("--engine", default="auto", choices=["auto", "native", "torch"])
+    ap.add_argument("--zip", type=Path, default=common.SHARED_ZIP)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # the torch engine's small batched ops; the kernels take --threads
+    if args.track == "explicit":
+        run_explicit(args)
+    else:
+        if not args.set and not args.implicit:
+            args.set = ["als"]
+        run_implicit(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
