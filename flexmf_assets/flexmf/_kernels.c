@@ -722,7 +722,9 @@ void flexmf_als_implicit_half(ALSImplicitArgs *a) {
 #pragma omp parallel num_threads(als_threads(a->nthreads))
     {
         double *A = a->work + (int64_t)omp_get_thread_num() * W, *b = A + k * k;
-        float *r_ = (float *)(b + k), *p = r_ + k, *Ap = p + k; /* CG vectors (floats in the same scratch) */
+        /* CG vectors, floats in the same scratch (5k floats fit in W doubles); Gx = G x is carried
+         * through the steps (Gx += alpha G p), so the loss needs no extra product with G */
+        float *r_ = (float *)A, *p = r_ + k, *Ap = p + k, *Gp = Ap + k, *Gx = Gp + k;
 #pragma omp for schedule(dynamic, 8)
         for (int64_t row = 0; row < a->n_rows; row++) {
             const int64_t lo = a->indptr[row], hi = a->indptr[row + 1];
@@ -753,10 +755,11 @@ void flexmf_als_implicit_half(ALSImplicitArgs *a) {
                 }
                 als_cholesky_solve(A, b, k);
                 for (int64_t c = 0; c < k; c++) x[c] = (float)b[c];
+                als_gram_times(a->gram, x, Gx, k); /* (A is spent: Gx may overlap it now) */
             } else {
                 /* r = b - A x = -(G + reg I) x + sum_j [c_j - (c_j - 1) y_j.x] y_j */
-                als_gram_times(a->gram, x, r_, k);
-                for (int64_t c = 0; c < k; c++) r_[c] = -r_[c] - reg * x[c];
+                als_gram_times(a->gram, x, Gx, k);
+                for (int64_t c = 0; c < k; c++) r_[c] = -Gx[c] - reg * x[c];
                 for (int64_t j = lo; j < hi; j++) {
                     const float *y = a->Y + a->indices[j] * a->ldy;
                     const float cj = a->conf[j];
@@ -766,14 +769,15 @@ void flexmf_als_implicit_half(ALSImplicitArgs *a) {
                 float rs = dotf(r_, r_, k);
                 for (int64_t it = 0; it < a->cg_steps && rs >= 1e-20f; it++) {
                     /* Ap = (G + reg I) p + sum_j (c_j - 1) (y_j.p) y_j */
-                    als_gram_times(a->gram, p, Ap, k);
-                    for (int64_t c = 0; c < k; c++) Ap[c] += reg * p[c];
+                    als_gram_times(a->gram, p, Gp, k);
+                    for (int64_t c = 0; c < k; c++) Ap[c] = Gp[c] + reg * p[c];
                     for (int64_t j = lo; j < hi; j++) {
                         const float *y = a->Y + a->indices[j] * a->ldy;
                         axpyf(Ap, (a->conf[j] - 1.0f) * dotf(y, p, k), y, k);
                     }
                     const float alpha = rs / dotf(p, Ap, k);
                     axpyf(x, alpha, p, k);
+                    axpyf(Gx, alpha, Gp, k);
                     axpyf(r_, -alpha, Ap, k);
                     const float rs_new = dotf(r_, r_, k);
                     if (rs_new < 1e-20f) break;
@@ -783,8 +787,7 @@ void flexmf_als_implicit_half(ALSImplicitArgs *a) {
                 }
             }
             /* the row's loss at its new x */
-            als_gram_times(a->gram, x, Ap, k);
-            double err = (double)dotf(x, Ap, k), sq = 0.0;
+            double err = (double)dotf(x, Gx, k), sq = 0.0;
             for (int64_t c = 0; c < k; c++) sq += (double)x[c] * (double)x[c];
             for (int64_t j = lo; j < hi; j++) {
                 const double s = dotf(x, a->Y + a->indices[j] * a->ldy, k), cj = a->conf[j];
