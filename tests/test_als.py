@@ -350,5 +350,5 @@ def test_settings_from_a_config_object():
 def test_kernels_declare_the_als_entry_points():
     lib = _native.kernels()
     assert lib is not None, _native.status()
-    for name in ("flexmf_als_gram", "flexmf_als_explicit_half", "flexmf_als_implicit_half"):
+    for name in ("flexmf_als_explicit_half", "flexmf_als_implicit_half"):
         assert name in _native._SIGNATURES and getattr(lib, name).argtypes == [_native.ctypes.c_void_p]

@@ -558,39 +558,6 @@ static void als_cholesky_solve(const double *restrict U, double *restrict b, int
 
 static inline int als_threads(int64_t nthreads) { return nthreads < 1 ? 1 : (int)nthreads; }
 
-#define ALS_CHUNKS 32 /* the Gram matrix is summed over this many fixed row ranges, in order */
-
-typedef struct {
-    const float *Y; /* [n, ld] rows, the first k columns used */
-    int64_t n, k, ld, nthreads;
-    double *partial; /* scratch [ALS_CHUNKS, k, k] */
-    float *gram;     /* out [k, k]: Y^T Y */
-} ALSGramArgs;
-
-void flexmf_als_gram(const ALSGramArgs *a) {
-    const int64_t k = a->k, n = a->n;
-#pragma omp parallel for num_threads(als_threads(a->nthreads)) schedule(static)
-    for (int64_t ch = 0; ch < ALS_CHUNKS; ch++) {
-        double *restrict G = a->partial + ch * k * k, yd[k];
-        for (int64_t x = 0; x < k * k; x++) G[x] = 0.0;
-        for (int64_t r = n * ch / ALS_CHUNKS; r < n * (ch + 1) / ALS_CHUNKS; r++) {
-            const float *y = a->Y + r * a->ld;
-            for (int64_t c = 0; c < k; c++) yd[c] = y[c];
-            for (int64_t i = 0; i < k; i++) {
-                double f = yd[i], *restrict gi = G + i * k;
-#pragma omp simd
-                for (int64_t c = i; c < k; c++) gi[c] += f * yd[c];
-            }
-        }
-    }
-    for (int64_t i = 0; i < k; i++)
-        for (int64_t c = i; c < k; c++) {
-            double s = 0.0;
-            for (int64_t ch = 0; ch < ALS_CHUNKS; ch++) s += a->partial[ch * k * k + i * k + c];
-            a->gram[i * k + c] = a->gram[c * k + i] = (float)s;
-        }
-}
-
 /* Explicit (biased) ALS, one side. Row r's entries are indptr[r] .. indptr[r+1]: the other side's
  * row indices[j] and the target values[j] (rating - global mean), from which the other side's
  * bias is taken, and this side's bias too when it is held fixed (damped means). Each row solves
@@ -692,10 +659,12 @@ void flexmf_als_explicit_half(ALSExplicitArgs *a) {
  *     sum over ALL other rows y of c (p - x.y)^2 + reg |x|^2,   p = 1, c = conf[j] on its entries,
  *                                                               p = 0, c = 1 elsewhere
  * whose normal equations are (G + reg I + sum_j (c_j - 1) y_j y_j^T) x = sum_j c_j y_j with
- * G = Y^T Y (`gram`): the unobserved rows enter only through G. cg_steps > 0: that many conjugate-
- * gradient steps from the current x (Takacs et al.), stopping early when the residual vanishes;
- * 0: exact Cholesky solve. Row losses: x^T G x + sum_j [c_j (1 - s_j)^2 - s_j^2] (s_j = x.y_j),
- * the row's weighted squared error over all other rows, and reg |x|^2. */
+ * G = Y^T Y (`gram`, symmetric, computed by the caller): the unobserved rows enter only through G.
+ * cg_steps > 0: that many conjugate-gradient steps from the current x (Takacs et al.), stopping
+ * early when the residual vanishes; 0: exact Cholesky solve. Rows go in fixed blocks of ALS_LANES
+ * whose products with G share the loads of G (a row's arithmetic is the same in any block). Row
+ * losses: x^T G x + sum_j [c_j (1 - s_j)^2 - s_j^2] (s_j = x.y_j), the row's weighted squared
+ * error over all other rows, and reg |x|^2. */
 typedef struct {
     float *X;
     int64_t ldx;
@@ -706,95 +675,157 @@ typedef struct {
     const float *gram; /* [k, k] */
     int64_t n_rows, k, cg_steps, nthreads;
     double reg;
-    double *work;     /* [nthreads, (k + 1) * (k + 4)] */
+    double *work;     /* [nthreads, ALS_WORK(k)] */
     double *row_loss; /* [n_rows, 2] */
     double data, penalty; /* out */
     int64_t failed;       /* out */
 } ALSImplicitArgs;
 
-static inline void als_gram_times(const float *restrict G, const float *restrict v, float *restrict out, int64_t k) {
-    for (int64_t i = 0; i < k; i++) out[i] = dotf(G + i * k, v, k);
+/* OUT[q] = G V[q] for the ALS_LANES vectors V[q] (rows of k floats) and a symmetric k x k G: blocks
+ * of 16 outputs of every vector in registers while the columns of G stream by (OUT[q] = sum_c
+ * V[q][c] G[c, :]), so each load of G serves all the vectors and no horizontal sums are needed;
+ * the last k % 16 outputs by dot products. Each vector's arithmetic is its own (the lanes never mix). */
+#define ALS_LANES 4
+#define ALS_MV_BLOCK 16
+static void als_gram_times(const float *restrict G, const float *restrict V, float *restrict OUT, int64_t k) {
+    int64_t i0 = 0;
+    for (; i0 + ALS_MV_BLOCK <= k; i0 += ALS_MV_BLOCK) {
+        float acc[ALS_LANES][ALS_MV_BLOCK] = {{0}};
+        for (int64_t c = 0; c < k; c++) {
+            const float *restrict g = G + c * k + i0;
+            for (int q = 0; q < ALS_LANES; q++) {
+                const float vc = V[q * k + c];
+#pragma omp simd
+                for (int t = 0; t < ALS_MV_BLOCK; t++) acc[q][t] += vc * g[t];
+            }
+        }
+        for (int q = 0; q < ALS_LANES; q++)
+            for (int t = 0; t < ALS_MV_BLOCK; t++) OUT[q * k + i0 + t] = acc[q][t];
+    }
+    for (int q = 0; q < ALS_LANES; q++)
+        for (int64_t i = i0; i < k; i++) OUT[q * k + i] = dotf(G + i * k, V + q * k, k);
+}
+
+/* Scratch doubles per thread: the exact solve's k x k system and right-hand side, then the CG
+ * block's 6 x ALS_LANES vectors of k floats (see _scratch in als.py). */
+#define ALS_WORK(k) (((k) + 1) * ((k) + 4) + 3 * ALS_LANES * (k))
+
+/* The exact solve of one row into x (0), or 1 when its system is not positive definite. */
+static int als_implicit_exact(const ALSImplicitArgs *a, int64_t lo, int64_t hi, float *x, double *A) {
+    const int64_t k = a->k;
+    double *b = A + k * k;
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t c = i; c < k; c++) A[i * k + c] = a->gram[i * k + c];
+    for (int64_t i = 0; i < k; i++) A[i * k + i] += a->reg, b[i] = 0.0;
+    for (int64_t j = lo; j < hi; j++) {
+        const float *y = a->Y + a->indices[j] * a->ldy;
+        const double c1 = (double)a->conf[j] - 1.0, cj = a->conf[j];
+        for (int64_t i = 0; i < k; i++) {
+            double fi = c1 * (double)y[i], *restrict ai = A + i * k;
+#pragma omp simd
+            for (int64_t c = i; c < k; c++) ai[c] += fi * (double)y[c];
+            b[i] += cj * (double)y[i];
+        }
+    }
+    if (als_cholesky(A, k)) return 1;
+    als_cholesky_solve(A, b, k);
+    for (int64_t c = 0; c < k; c++) x[c] = (float)b[c];
+    return 0;
 }
 
 void flexmf_als_implicit_half(ALSImplicitArgs *a) {
-    const int64_t k = a->k, W = (k + 1) * (k + 4);
+    const int64_t k = a->k, W = ALS_WORK(k), blocks = (a->n_rows + ALS_LANES - 1) / ALS_LANES;
     const float reg = (float)a->reg;
 #pragma omp parallel num_threads(als_threads(a->nthreads))
     {
-        double *A = a->work + (int64_t)omp_get_thread_num() * W, *b = A + k * k;
-        /* CG vectors, floats in the same scratch (5k floats fit in W doubles); Gx = G x is carried
-         * through the steps (Gx += alpha G p), so the loss needs no extra product with G */
-        float *r_ = (float *)A, *p = r_ + k, *Ap = p + k, *Gp = Ap + k, *Gx = Gp + k;
-#pragma omp for schedule(dynamic, 8)
-        for (int64_t row = 0; row < a->n_rows; row++) {
-            const int64_t lo = a->indptr[row], hi = a->indptr[row + 1];
-            float *x = a->X + row * a->ldx;
-            double *loss = a->row_loss + 2 * row;
-            if (hi == lo) {
-                for (int64_t c = 0; c < k; c++) x[c] = 0.0f;
-                loss[0] = loss[1] = 0.0;
-                continue;
+        double *A = a->work + (int64_t)omp_get_thread_num() * W;
+        /* a block of ALS_LANES rows: their x, residual r, direction p, A p, G p and G x (G x is
+         * carried through the steps, Gx += alpha G p, so the loss needs no extra product) */
+        float *X = (float *)(A + (k + 1) * (k + 4)), *R = X + ALS_LANES * k, *P = R + ALS_LANES * k;
+        float *AP = P + ALS_LANES * k, *GP = AP + ALS_LANES * k, *GX = GP + ALS_LANES * k;
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t r0 = blk * ALS_LANES;
+            float rs[ALS_LANES];
+            int live[ALS_LANES], used[ALS_LANES];
+            for (int q = 0; q < ALS_LANES; q++) {
+                const int64_t row = r0 + q;
+                used[q] = row < a->n_rows && a->indptr[row + 1] > a->indptr[row];
+                float *x = a->X + row * a->ldx;
+                if (row < a->n_rows && !used[q]) { /* an empty row becomes zero */
+                    for (int64_t c = 0; c < k; c++) x[c] = 0.0f;
+                    a->row_loss[2 * row] = a->row_loss[2 * row + 1] = 0.0;
+                }
+                for (int64_t c = 0; c < k; c++) X[q * k + c] = used[q] ? x[c] : 0.0f;
+                if (used[q] && a->cg_steps <= 0 && als_implicit_exact(a, a->indptr[row], a->indptr[row + 1],
+                                                                      X + q * k, A)) {
+                    a->row_loss[2 * row] = a->row_loss[2 * row + 1] = NAN; /* left as it was */
+                    used[q] = 0;
+                }
             }
-            if (a->cg_steps <= 0) {
-                for (int64_t i = 0; i < k; i++)
-                    for (int64_t c = i; c < k; c++) A[i * k + c] = a->gram[i * k + c];
-                for (int64_t i = 0; i < k; i++) A[i * k + i] += a->reg, b[i] = 0.0;
-                for (int64_t j = lo; j < hi; j++) {
-                    const float *y = a->Y + a->indices[j] * a->ldy;
-                    const double c1 = (double)a->conf[j] - 1.0, cj = a->conf[j];
-                    for (int64_t i = 0; i < k; i++) {
-                        double fi = c1 * (double)y[i], *restrict ai = A + i * k;
-#pragma omp simd
-                        for (int64_t c = i; c < k; c++) ai[c] += fi * (double)y[c];
-                        b[i] += cj * (double)y[i];
-                    }
-                }
-                if (als_cholesky(A, k)) {
-                    loss[0] = loss[1] = NAN;
-                    continue;
-                }
-                als_cholesky_solve(A, b, k);
-                for (int64_t c = 0; c < k; c++) x[c] = (float)b[c];
-                als_gram_times(a->gram, x, Gx, k); /* (A is spent: Gx may overlap it now) */
-            } else {
+            als_gram_times(a->gram, X, GX, k);
+            for (int q = 0; q < ALS_LANES; q++) {
+                live[q] = 0;
+                for (int64_t c = 0; c < k; c++) P[q * k + c] = 0.0f;
+                if (!used[q] || a->cg_steps <= 0) continue;
+                const int64_t row = r0 + q;
+                float *x = X + q * k, *r_ = R + q * k, *p = P + q * k;
                 /* r = b - A x = -(G + reg I) x + sum_j [c_j - (c_j - 1) y_j.x] y_j */
-                als_gram_times(a->gram, x, Gx, k);
-                for (int64_t c = 0; c < k; c++) r_[c] = -Gx[c] - reg * x[c];
-                for (int64_t j = lo; j < hi; j++) {
+                for (int64_t c = 0; c < k; c++) r_[c] = -GX[q * k + c] - reg * x[c];
+                for (int64_t j = a->indptr[row]; j < a->indptr[row + 1]; j++) {
                     const float *y = a->Y + a->indices[j] * a->ldy;
                     const float cj = a->conf[j];
                     axpyf(r_, cj - (cj - 1.0f) * dotf(y, x, k), y, k);
                 }
                 for (int64_t c = 0; c < k; c++) p[c] = r_[c];
-                float rs = dotf(r_, r_, k);
-                for (int64_t it = 0; it < a->cg_steps && rs >= 1e-20f; it++) {
+                rs[q] = dotf(r_, r_, k);
+                live[q] = rs[q] >= 1e-20f;
+            }
+            for (int64_t it = 0; it < a->cg_steps; it++) {
+                int any = 0;
+                for (int q = 0; q < ALS_LANES; q++) any |= live[q];
+                if (!any) break;
+                als_gram_times(a->gram, P, GP, k);
+                for (int q = 0; q < ALS_LANES; q++) {
+                    if (!live[q]) continue;
+                    const int64_t row = r0 + q;
+                    float *x = X + q * k, *r_ = R + q * k, *p = P + q * k, *Ap = AP + q * k, *Gp = GP + q * k;
                     /* Ap = (G + reg I) p + sum_j (c_j - 1) (y_j.p) y_j */
-                    als_gram_times(a->gram, p, Gp, k);
                     for (int64_t c = 0; c < k; c++) Ap[c] = Gp[c] + reg * p[c];
-                    for (int64_t j = lo; j < hi; j++) {
+                    for (int64_t j = a->indptr[row]; j < a->indptr[row + 1]; j++) {
                         const float *y = a->Y + a->indices[j] * a->ldy;
                         axpyf(Ap, (a->conf[j] - 1.0f) * dotf(y, p, k), y, k);
                     }
-                    const float alpha = rs / dotf(p, Ap, k);
+                    const float alpha = rs[q] / dotf(p, Ap, k);
                     axpyf(x, alpha, p, k);
-                    axpyf(Gx, alpha, Gp, k);
+                    axpyf(GX + q * k, alpha, Gp, k);
                     axpyf(r_, -alpha, Ap, k);
                     const float rs_new = dotf(r_, r_, k);
-                    if (rs_new < 1e-20f) break;
-                    const float beta = rs_new / rs;
+                    if (rs_new < 1e-20f) {
+                        live[q] = 0;
+                        continue;
+                    }
+                    const float beta = rs_new / rs[q];
                     for (int64_t c = 0; c < k; c++) p[c] = r_[c] + beta * p[c];
-                    rs = rs_new;
+                    rs[q] = rs_new;
                 }
             }
-            /* the row's loss at its new x */
-            double err = (double)dotf(x, Gx, k), sq = 0.0;
-            for (int64_t c = 0; c < k; c++) sq += (double)x[c] * (double)x[c];
-            for (int64_t j = lo; j < hi; j++) {
-                const double s = dotf(x, a->Y + a->indices[j] * a->ldy, k), cj = a->conf[j];
-                err += cj * (1.0 - s) * (1.0 - s) - s * s;
+            for (int q = 0; q < ALS_LANES; q++) { /* write back; the row's loss at its new x */
+                if (!used[q]) continue;
+                const int64_t row = r0 + q;
+                float *x = a->X + row * a->ldx, *xq = X + q * k;
+                double err = (double)dotf(xq, GX + q * k, k), sq = 0.0;
+                for (int64_t c = 0; c < k; c++) {
+                    x[c] = xq[c];
+                    sq += (double)xq[c] * (double)xq[c];
+                }
+                for (int64_t j = a->indptr[row]; j < a->indptr[row + 1]; j++) {
+                    const double s = dotf(xq, a->Y + a->indices[j] * a->ldy, k), cj = a->conf[j];
+                    err += cj * (1.0 - s) * (1.0 - s) - s * s;
+                }
+                a->row_loss[2 * row] = err;
+                a->row_loss[2 * row + 1] = a->reg * sq;
             }
-            loss[0] = err;
-            loss[1] = a->reg * sq;
         }
     }
     double data = 0.0, penalty = 0.0;

@@ -70,7 +70,6 @@ _SIGNATURES = {
     "flexmf_contains": (None, [_P, _I, _P, _I, _I, _P, _P, _I, _I, _P]),
     "flexmf_adamw_flush": (None, [_P, _P, _I, _I, _I, _D, _D, _I, _I]),
     # alternating least squares (als.py): one argument struct each, passed by address
-    "flexmf_als_gram": (None, [_P]),
     "flexmf_als_explicit_half": (None, [_P]),
     "flexmf_als_implicit_half": (None, [_P]),
 }

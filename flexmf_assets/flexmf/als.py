@@ -60,7 +60,6 @@ _BATCH_ENTRIES = 1 << 22
 _BATCH_GRAMS = 1 << 24
 #: CG stops on a row once its squared residual norm falls below this (as ``implicit`` does)
 _CG_TOL = 1e-20
-_GRAM_CHUNKS = 32  # ALS_CHUNKS in _kernels.c
 
 
 @dataclass(frozen=True)
@@ -215,10 +214,6 @@ def _damped_means(users: np.ndarray, items: np.ndarray, resid: np.ndarray, n_use
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 
 
-class _GramArgs(ctypes.Structure):
-    _fields_ = [("Y", _P), ("n", _I), ("k", _I), ("ld", _I), ("nthreads", _I), ("partial", _P), ("gram", _P)]
-
-
 class _ExplicitArgs(ctypes.Structure):
     _fields_ = [("X", _P), ("ldx", _I), ("xb", _P), ("sxb", _I), ("Y", _P), ("ldy", _I), ("yb", _P), ("syb", _I),
                 ("indptr", _P), ("indices", _P), ("values", _P), ("n_rows", _I), ("k", _I), ("learn_bias", _I),
@@ -265,7 +260,7 @@ class _ALS:
 
     def _scratch(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.settings.embedding_size
-        work = torch.empty(self.threads * (k + 1) * (k + 4), dtype=torch.float64)
+        work = torch.empty(self.threads * ((k + 1) * (k + 4) + 12 * k), dtype=torch.float64)  # ALS_WORK(k)
         return work, torch.empty(2 * n_rows, dtype=torch.float64)
 
     def _init_factors(self, gen: torch.Generator, *tables: torch.Tensor) -> None:
@@ -447,7 +442,6 @@ class ImplicitALS(_ALS):
         self._penalty = {"user": s.regularization * _sum_sq(X), "item": s.regularization * _sum_sq(Y)}
         if self.engine == "native":
             self._work, self._row_loss = self._scratch(max(n_users, n_items))
-            self._partial = torch.empty(_GRAM_CHUNKS * k * k, dtype=torch.float64)
             self._gram = torch.empty(k, k)
         return self
 
@@ -459,13 +453,16 @@ class ImplicitALS(_ALS):
         return self._finish(side, data, failed)
 
     def gram(self, Y: torch.Tensor) -> torch.Tensor:
-        """``Y^T Y`` (float32 [k, k] from the kernels; the engine's dtype from torch)."""
+        """``Y^T Y``: float32 [k, k] for the kernels, one BLAS product on ONE thread (the same bits
+        whatever the thread settings); the engine's dtype for torch."""
         if self.engine == "native":
-            lib, k = _native.kernels(), Y.shape[1]
-            g = _GramArgs(Y=_addr(Y), n=Y.shape[0], k=k, ld=Y.stride(0), nthreads=self.threads,
-                          partial=_addr(self._partial), gram=_addr(self._gram))
-            lib.flexmf_als_gram(ctypes.addressof(g))
-            return self._gram
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                g = torch.mm(Y.T, Y, out=self._gram)
+                return g.copy_((g + g.T) * 0.5)  # exactly symmetric (the kernels read either triangle)
+            finally:
+                torch.set_num_threads(before)
         Yd = Y.to(self.dtype)
         return Yd.T @ Yd
 
