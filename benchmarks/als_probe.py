@@ -64,7 +64,7 @@ def parse_spec(spec: str, types: dict[str, type]) -> tuple[str, dict[str, Any]]:
     return name, out
 
 
-SETTING_TYPES = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+SETTING_TYPES = {f.name: {"int": int, "str": str, "bool": bool}.get(str(f.type), float)
                  for f in dataclasses.fields(ALSSettings)}
 IMPLICIT_TYPES = {"factors": int, "regularization": float, "alpha": float, "iterations": int}
 LENSKIT_TYPES = {"embedding_size": int, "epochs": int, "regularization": float, "damping": float, "weight": float}
@@ -261,7 +261,7 @@ def run_implicit(args: argparse.Namespace) -> None:
 
 def _settings_text(s: ALSSettings, track: str) -> str:
     keys = ["embedding_size", "epochs", "regularization"]
-    keys += ["bias", "damping"] if track == "explicit" else ["weight", "confidence", "cg_steps", "exact"]
+    keys += ["reg_exponent", "bias", "bias_regularization", "damping"] if track == "explicit" else ["weight", "confidence", "cg_steps", "exact"]
     return " ".join(f"{k}={getattr(s, k)}" for k in keys)
 
 

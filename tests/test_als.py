@@ -184,9 +184,11 @@ def _assert_monotone(objectives):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("bias, reg_exponent", [("damped", 1.0), ("learned", 1.0), ("learned", 0.5)])
-def test_explicit_half_steps_lower_the_objective(ratings, engine, bias, reg_exponent):
-    als, _, _ = explicit(ratings, engine, epochs=0, bias=bias, embedding_size=6, reg_exponent=reg_exponent)
+@pytest.mark.parametrize("bias, reg_exponent, bias_reg", [("damped", 1.0, None), ("learned", 1.0, None),
+                                                          ("learned", 0.5, 0.01)])
+def test_explicit_half_steps_lower_the_objective(ratings, engine, bias, reg_exponent, bias_reg):
+    als, _, _ = explicit(ratings, engine, epochs=0, bias=bias, embedding_size=6, reg_exponent=reg_exponent,
+                         bias_regularization=bias_reg)
     _assert_monotone(_half_steps(als))
 
 
@@ -212,10 +214,12 @@ def test_conjugate_gradient_with_enough_steps_is_the_exact_solve(clicks, engine)
 
 
 @needs_native
-@pytest.mark.parametrize("bias, reg_exponent", [("damped", 1.0), ("learned", 1.0), ("learned", 0.5)])
-def test_explicit_native_and_torch_engines_agree(ratings, bias, reg_exponent):
-    native, users, items = explicit(ratings, "native", epochs=5, bias=bias, reg_exponent=reg_exponent)
-    torch_, _, _ = explicit(ratings, "torch", epochs=5, bias=bias, reg_exponent=reg_exponent)
+@pytest.mark.parametrize("bias, reg_exponent, bias_reg", [("damped", 1.0, None), ("learned", 1.0, None),
+                                                          ("learned", 0.5, 0.01)])
+def test_explicit_native_and_torch_engines_agree(ratings, bias, reg_exponent, bias_reg):
+    kw = dict(epochs=5, bias=bias, reg_exponent=reg_exponent, bias_regularization=bias_reg)
+    native, users, items = explicit(ratings, "native", **kw)
+    torch_, _, _ = explicit(ratings, "torch", **kw)
     assert native.engine == "native" and torch_.engine == "torch"
     for a, b in ((native.P, torch_.P), (native.Q, torch_.Q), (native.bu, torch_.bu), (native.bi, torch_.bi)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

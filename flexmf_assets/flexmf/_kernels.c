@@ -562,8 +562,9 @@ static inline int als_threads(int64_t nthreads) { return nthreads < 1 ? 1 : (int
  * row indices[j] and the target values[j] (rating - global mean), from which the other side's
  * bias is taken, and this side's bias too when it is held fixed (damped means). Each row solves
  *     (sum f f^T + reg n_r I) x = sum (target) f,   f = y (k) or [y, 1] (learn_bias: x = [p, b])
- * by Cholesky (LensKit's ridge reg n_r; reg n_r^reg_exponent in general). Row losses: the squared
- * errors of its entries after the solve, and its penalty (ridge |x|^2). An empty row becomes zero.
+ * by Cholesky (LensKit's ridge reg n_r; reg n_r^reg_exponent in general, the learned bias's
+ * bias_reg n_r^reg_exponent). Row losses: the squared errors of its entries after the solve, and
+ * its penalty (ridge |p|^2 + bias ridge b^2). An empty row becomes zero.
  * A row whose system is not positive definite is left as it was and counted in `failed` (its loss
  * is NaN). */
 typedef struct {
@@ -579,6 +580,7 @@ typedef struct {
     const float *values;
     int64_t n_rows, k, learn_bias, nthreads;
     double reg, reg_exponent; /* a row's ridge: reg * n_r^reg_exponent */
+    double bias_reg;          /* learn_bias: the bias's ridge is bias_reg * n_r^reg_exponent */
     double *work;     /* [nthreads, (k + 1) * (k + 4)] */
     double *row_loss; /* [n_rows, 2] */
     double data, penalty; /* out */
@@ -616,8 +618,10 @@ void flexmf_als_explicit_half(ALSExplicitArgs *a) {
                     b[i] += t * fi;
                 }
             }
-            const double n = (double)(hi - lo), ridge = a->reg * (a->reg_exponent == 1.0 ? n : pow(n, a->reg_exponent));
-            for (int64_t i = 0; i < m; i++) A[i * m + i] += ridge;
+            const double n = (double)(hi - lo), scale = a->reg_exponent == 1.0 ? n : pow(n, a->reg_exponent);
+            const double ridge = a->reg * scale, bias_ridge = a->bias_reg * scale;
+            for (int64_t i = 0; i < k; i++) A[i * m + i] += ridge;
+            if (a->learn_bias) A[k * m + k] += bias_ridge;
             if (als_cholesky(A, m)) {
                 loss[0] = loss[1] = NAN;
                 continue;
@@ -632,7 +636,6 @@ void flexmf_als_explicit_half(ALSExplicitArgs *a) {
             if (a->learn_bias) {
                 a->xb[r * a->sxb] = (float)b[k];
                 own = (double)a->xb[r * a->sxb];
-                sq += own * own;
             }
             double err = 0.0;
             for (int64_t j = lo; j < hi; j++) {
@@ -642,7 +645,7 @@ void flexmf_als_explicit_half(ALSExplicitArgs *a) {
                 err += e * e;
             }
             loss[0] = err;
-            loss[1] = ridge * sq;
+            loss[1] = ridge * sq + bias_ridge * own * own;
         }
     }
     double data = 0.0, penalty = 0.0;

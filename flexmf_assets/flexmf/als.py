@@ -14,7 +14,8 @@ Explicit (LensKit's ``BiasedMFScorer``): prediction ``mu + b_u + b_i + p_u . q_i
 damped means, computed once, ``b_i = sum(r - mu) / (n_i + damping)`` and
 ``b_u = sum(r - mu - b_i) / (n_u + damping)``; ``bias="learned"``: the biases are solved with the
 factors (``[p_u, b_u]`` against ``[q_i, 1]``), start from the damped means and are penalised like
-the factors (``+ regularization * (sum_u n_u b_u^2 + sum_i n_i b_i^2)``).
+the factors (``+ bias_regularization * (sum_u n_u b_u^2 + sum_i n_i b_i^2)``, ``regularization`` when
+None).
 
 Implicit (Hu, Koren and Volinsky; LensKit's ``ImplicitMFScorer``, ``implicit``'s ALS): minimising
 
@@ -69,7 +70,8 @@ class ALSSettings:
     embedding_size: factors per row. epochs: iterations (one user and one item half-step each).
     regularization: ridge penalty (explicit: times the row's count ``n``, as LensKit; more exactly
     times ``n ** reg_exponent``, 1 by default; implicit: not scaled).
-    bias (explicit): ``damped`` means computed once with ``damping``, or ``learned`` with the factors.
+    bias (explicit): ``damped`` means computed once with ``damping``, or ``learned`` with the factors,
+    penalised by ``bias_regularization`` (None: ``regularization``) times the same count scale.
     weight, confidence, epsilon (implicit): confidence ``1 + weight * r`` (``linear``) or
     ``1 + weight * log(1 + r / epsilon)`` (``log``) of an observed pair.
     cg_steps (implicit): conjugate-gradient steps per row and half-step, warm-started.
@@ -82,6 +84,7 @@ class ALSSettings:
     regularization: float = 0.1
     reg_exponent: float = 1.0
     bias: str = "damped"
+    bias_regularization: float | None = None
     damping: float = 5.0
     weight: float = 40.0
     confidence: str = "linear"
@@ -109,6 +112,9 @@ class ALSSettings:
         check(isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < math.inf, "epsilon",
               "must be a finite number > 0")
         check(self.bias in BIAS_MODES, "bias", f"must be one of {', '.join(BIAS_MODES)}")
+        b = self.bias_regularization
+        check(b is None or (isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < math.inf),
+              "bias_regularization", "must be a finite number >= 0 or None (= regularization)")
         check(self.confidence in CONFIDENCES, "confidence", f"must be one of {', '.join(CONFIDENCES)}")
         check(isinstance(self.exact, bool), "exact", "must be true or false")
 
@@ -217,7 +223,7 @@ _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 class _ExplicitArgs(ctypes.Structure):
     _fields_ = [("X", _P), ("ldx", _I), ("xb", _P), ("sxb", _I), ("Y", _P), ("ldy", _I), ("yb", _P), ("syb", _I),
                 ("indptr", _P), ("indices", _P), ("values", _P), ("n_rows", _I), ("k", _I), ("learn_bias", _I),
-                ("nthreads", _I), ("reg", _D), ("reg_exponent", _D), ("work", _P), ("row_loss", _P), ("data", _D),
+                ("nthreads", _I), ("reg", _D), ("reg_exponent", _D), ("bias_reg", _D), ("work", _P), ("row_loss", _P), ("data", _D),
                 ("penalty", _D), ("failed", _I)]
 
 
@@ -340,10 +346,12 @@ class ExplicitALS(_ALS):
         self.n = len(r)
         self.sides = {"user": _Side(u, i, resid, n_users), "item": _Side(i, u, resid, n_items)}
         self.learn = s.bias == "learned"
+        self._bias_reg = s.regularization if s.bias_regularization is None else s.bias_regularization
         for side, X, xb in (("user", P, bu), ("item", Q, bi)):
             counts = self.sides[side].counts
             scale = counts.double() ** s.reg_exponent
-            self._penalty[side] = s.regularization * (_sum_sq(X, scale) + (_sum_sq(xb, scale) if self.learn else 0))
+            self._penalty[side] = s.regularization * _sum_sq(X, scale) + (self._bias_reg * _sum_sq(xb, scale)
+                                                                         if self.learn else 0.0)
         if self.engine == "native":
             self._work, self._row_loss = self._scratch(max(n_users, n_items))
         return self
@@ -363,7 +371,8 @@ class ExplicitALS(_ALS):
             X=_addr(X), ldx=X.stride(0), xb=_addr(xb), sxb=xb.stride(0), Y=_addr(Y), ldy=Y.stride(0), yb=_addr(yb),
             syb=yb.stride(0), indptr=_addr(this.indptr), indices=_addr(this.indices), values=_addr(this.values),
             n_rows=this.n_rows, k=X.shape[1], learn_bias=int(self.learn), nthreads=self.threads,
-            reg=self.settings.regularization, reg_exponent=self.settings.reg_exponent, work=_addr(self._work),
+            reg=self.settings.regularization, reg_exponent=self.settings.reg_exponent, bias_reg=self._bias_reg,
+            work=_addr(self._work),
             row_loss=_addr(self._row_loss))
         _native.kernels().flexmf_als_explicit_half(ctypes.addressof(a))
         return a.data, a.penalty, a.failed
@@ -383,9 +392,12 @@ class ExplicitALS(_ALS):
             if self.learn:
                 F = torch.cat([F, torch.ones_like(F[..., :1])], -1)
             F *= m[..., None]
-            ridge = reg * this.counts[rows].to(dt) ** self.settings.reg_exponent
+            scale = this.counts[rows].to(dt) ** self.settings.reg_exponent
+            ridge = (reg * scale)[:, None].repeat(1, F.shape[-1])
+            if self.learn:
+                ridge[:, k] = self._bias_reg * scale
             A = F.transpose(1, 2) @ F
-            A.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+            A.diagonal(dim1=1, dim2=2).add_(ridge)
             L, info = torch.linalg.cholesky_ex(A)
             sol = torch.cholesky_solve((F.transpose(1, 2) @ t[..., None]), L)[..., 0]
             ok = info == 0
@@ -395,7 +407,7 @@ class ExplicitALS(_ALS):
                 xb[rows[ok]] = sol[ok, k].to(xb.dtype)
             e = t - (F @ sol[..., None])[..., 0]
             data += torch.where(ok, (e * e).sum(1), math.nan).sum()
-            penalty += (ridge * (sol * sol).sum(1)).sum()
+            penalty += (ridge * sol * sol).sum()
         X[this.empty] = 0.0
         if self.learn:
             xb[this.empty] = 0.0
