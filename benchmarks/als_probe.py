@@ -108,11 +108,11 @@ def run_explicit(args: argparse.Namespace) -> None:
         pred[both] += (P[tu[both]] * Q[ti[both]]).sum(1).double().numpy()
         truth = test["rating"].to_numpy().astype(np.float64)
         raw = float(np.sqrt(np.mean((pred - truth) ** 2)))
-        clamped = float(np.sqrt(np.mean((np.clip(pred, r.min(), r.max()) - truth) ** 2)))
-        known = float(np.sqrt(np.mean((np.clip(pred, r.min(), r.max()) - truth)[both] ** 2)))
-        print(f"{name:>14}  RMSE {clamped:.4f} (unclamped {raw:.4f}; known pairs {known:.4f})  fit {best:.2f} s ({als.engine}, best of "
-              f"{args.repeat})  objective {history[0]:.4f} -> {history[-1]:.4f}  {_settings_text(s, 'explicit')}",
-              flush=True)
+        err = np.clip(pred, r.min(), r.max()) - truth
+        clamped, known = float(np.sqrt(np.mean(err ** 2))), float(np.sqrt(np.mean(err[both] ** 2)))
+        print(f"{name:>14}  RMSE {clamped:.4f} (unclamped {raw:.4f}; known pairs {known:.4f})  fit {best:.2f} s "
+              f"({als.engine}, best of {args.repeat})  objective {history[0]:.4f} -> {history[-1]:.4f}  "
+              f"{_settings_text(s, 'explicit')}", flush=True)
     for spec in args.lenskit:
         name, cfg = parse_spec(spec, LENSKIT_TYPES)
         split = {"train": str(common.OUT / "splits-als" / "explicit-train.parquet"),
@@ -126,9 +126,9 @@ def run_explicit(args: argparse.Namespace) -> None:
         ok = np.isfinite(pred)
         known = ok & test["user_id"].is_in(train["user_id"].implode()).to_numpy() \
             & test["item_id"].is_in(train["item_id"].implode()).to_numpy()
-        print(f"{name:>14}  RMSE {float(np.sqrt(np.mean((pred[ok] - truth[ok]) ** 2))):.4f} over {ok.sum()} of "
-              f"{len(ok)} test ratings (unclamped; known pairs {float(np.sqrt(np.mean((pred[known] - truth[known]) ** 2))):.4f})"
-              f"  fit {sec:.2f} s  LensKit BiasedMFScorer {json.dumps(cfg)}", flush=True)
+        rmse_all, rmse_known = (float(np.sqrt(np.mean((pred[m] - truth[m]) ** 2))) for m in (ok, known))
+        print(f"{name:>14}  RMSE {rmse_all:.4f} over {ok.sum()} of {len(ok)} test ratings (unclamped; known pairs "
+              f"{rmse_known:.4f})  fit {sec:.2f} s  LensKit BiasedMFScorer {json.dumps(cfg)}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def _folds(args: argparse.Namespace) -> list[dict[str, str]]:
     for n, (train, test) in enumerate(common.crossfold_users(ratings)):
         if n >= args.folds:
             break
-        paths = {"train": str(out / f"implicit-fold{n}-train.parquet"), "test": str(out / f"implicit-fold{n}-test.parquet")}
+        paths = {part: str(out / f"implicit-fold{n}-{part}.parquet") for part in ("train", "test")}
         common.write_parquet(train.select("user_id", "item_id", "rating"), Path(paths["train"]))
         common.write_parquet(test, Path(paths["test"]))
         folds.append(paths)
@@ -196,7 +196,7 @@ def _theirs_implicit(py: Path, config: dict[str, Any], fold: dict[str, str], arg
                            Path(job["result"]), 600, env)
     if "error" in res:
         raise SystemExit(f"implicit failed: {res['error']}")
-    out = pl.read_parquet(job["output"]).with_columns(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64))
+    out = pl.read_parquet(job["output"]).with_columns(pl.col("user_id", "item_id").cast(pl.Int64))
     test = pl.read_parquet(fold["test"]).select("user_id", "item_id")
     return float(topn_metrics(out, test, ks=(10,), discount="log2").means["ndcg@10"]), res["fit_s"][-1]
 
@@ -207,7 +207,8 @@ def _lenskit(config: dict[str, Any], track: str, split: dict[str, str], args: ar
     (venv ``benchmarks/.venvs/lenskit``, made as ``compare_lenskit.py`` makes it)."""
     from compare_lenskit import LENSKIT_PKGS, LENSKIT_PY
 
-    py = common.ensure_venv("lenskit", LENSKIT_PY, LENSKIT_PKGS, "lenskit.als", common.OUT / "logs" / "lenskit-install.log")
+    py = common.ensure_venv("lenskit", LENSKIT_PY, LENSKIT_PKGS, "lenskit.als",
+                            common.OUT / "logs" / "lenskit-install.log")
     if py is None:
         raise SystemExit("LensKit's venv could not be made")
     stem = common.OUT / "als-probe" / f"lenskit-{tag}"
@@ -221,7 +222,7 @@ def _lenskit(config: dict[str, Any], track: str, split: dict[str, str], args: ar
                            Path(job["result"]), 1200, env)
     if "error" in res:
         raise SystemExit(f"LensKit failed: {res['error']}")
-    out = pl.read_parquet(job["output"]).with_columns(pl.col("user_id").cast(pl.Int64), pl.col("item_id").cast(pl.Int64))
+    out = pl.read_parquet(job["output"]).with_columns(pl.col("user_id", "item_id").cast(pl.Int64))
     return out, res["fit_s"][-1]
 
 
@@ -263,7 +264,8 @@ def run_implicit(args: argparse.Namespace) -> None:
 
 def _settings_text(s: ALSSettings, track: str) -> str:
     keys = ["embedding_size", "epochs", "regularization"]
-    keys += ["reg_exponent", "bias", "bias_regularization", "damping"] if track == "explicit" else ["weight", "confidence", "cg_steps", "exact"]
+    keys += (["reg_exponent", "bias", "bias_regularization", "damping"] if track == "explicit"
+             else ["weight", "confidence", "cg_steps", "exact"])
     return " ".join(f"{k}={getattr(s, k)}" for k in keys)
 
 

@@ -61,13 +61,14 @@ def _indexed(frame):
     return users, items, u, i
 
 
-def explicit(frame, engine="native", threads=1, epochs=5, **settings):
+def explicit(frame, engine="auto", threads=1, epochs=5, **settings):
     """A trained ExplicitALS and its tables (P, Q, bu, bi) and the id indexes."""
     users, items, u, i = _indexed(frame)
     r = frame["rating"].to_numpy().astype(np.float32)
     s = ALSSettings(**{"embedding_size": 4, "regularization": 0.05, **settings})
     k = s.embedding_size
-    P, Q, bu, bi = torch.empty(len(users), k), torch.empty(len(items), k), torch.empty(len(users)), torch.empty(len(items))
+    nu, ni = len(users), len(items)
+    P, Q, bu, bi = torch.empty(nu, k), torch.empty(ni, k), torch.empty(nu), torch.empty(ni)
     als = ExplicitALS(s, engine=engine, threads=threads).setup(u, i, r, len(users), len(items), P, Q, bu, bi,
                                                                float(r.mean()))
     als.history = [als.epoch() for _ in range(epochs)]
@@ -86,7 +87,7 @@ def rmse(a, b):
     return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
 
 
-def implicit(u, i, n_users, n_items, engine="native", threads=1, epochs=5, values=None, **settings):
+def implicit(u, i, n_users, n_items, engine="auto", threads=1, epochs=5, values=None, **settings):
     s = ALSSettings(**{"embedding_size": 8, "regularization": 1.0, "weight": 4.0, **settings})
     X, Y = torch.empty(n_users, s.embedding_size), torch.empty(n_items, s.embedding_size)
     values = np.ones(len(u), np.float32) if values is None else values

@@ -223,8 +223,8 @@ _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 class _ExplicitArgs(ctypes.Structure):
     _fields_ = [("X", _P), ("ldx", _I), ("xb", _P), ("sxb", _I), ("Y", _P), ("ldy", _I), ("yb", _P), ("syb", _I),
                 ("indptr", _P), ("indices", _P), ("values", _P), ("n_rows", _I), ("k", _I), ("learn_bias", _I),
-                ("nthreads", _I), ("reg", _D), ("reg_exponent", _D), ("bias_reg", _D), ("work", _P), ("row_loss", _P), ("data", _D),
-                ("penalty", _D), ("failed", _I)]
+                ("nthreads", _I), ("reg", _D), ("reg_exponent", _D), ("bias_reg", _D), ("work", _P),
+                ("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
 
 
 class _ImplicitArgs(ctypes.Structure):
