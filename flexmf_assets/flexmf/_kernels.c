@@ -677,8 +677,9 @@ typedef struct {
     const float *conf;
     const float *gram; /* [k, k] */
     int64_t n_rows, k, cg_steps, nthreads;
+    int64_t max_count; /* the most entries of a row */
     double reg;
-    double *work;     /* [nthreads, ALS_WORK(k)] */
+    double *work;     /* [nthreads, ALS_WORK(k, max_count)] */
     double *row_loss; /* [n_rows, 2] */
     double data, penalty; /* out */
     int64_t failed;       /* out */
@@ -710,8 +711,9 @@ static void als_gram_times(const float *restrict G, const float *restrict V, flo
 }
 
 /* Scratch doubles per thread: the exact solve's k x k system and right-hand side, then the CG
- * block's 6 x ALS_LANES vectors of k floats (see _scratch in als.py). */
-#define ALS_WORK(k) (((k) + 1) * ((k) + 4) + 3 * ALS_LANES * (k))
+ * block's 6 x ALS_LANES vectors of k floats and 2 x ALS_LANES per-entry buffers of m floats (see
+ * _scratch in als.py). */
+#define ALS_WORK(k, m) (((k) + 1) * ((k) + 4) + 3 * ALS_LANES * (k) + ALS_LANES * (m))
 
 /* The exact solve of one row into x (0), or 1 when its system is not positive definite. */
 static int als_implicit_exact(const ALSImplicitArgs *a, int64_t lo, int64_t hi, float *x, double *A) {
@@ -737,15 +739,19 @@ static int als_implicit_exact(const ALSImplicitArgs *a, int64_t lo, int64_t hi, 
 }
 
 void flexmf_als_implicit_half(ALSImplicitArgs *a) {
-    const int64_t k = a->k, W = ALS_WORK(k), blocks = (a->n_rows + ALS_LANES - 1) / ALS_LANES;
+    const int64_t k = a->k, m = a->max_count, W = ALS_WORK(k, m);
+    const int64_t blocks = (a->n_rows + ALS_LANES - 1) / ALS_LANES;
     const float reg = (float)a->reg;
 #pragma omp parallel num_threads(als_threads(a->nthreads))
     {
         double *A = a->work + (int64_t)omp_get_thread_num() * W;
-        /* a block of ALS_LANES rows: their x, residual r, direction p, A p, G p and G x (G x is
-         * carried through the steps, Gx += alpha G p, so the loss needs no extra product) */
+        /* a block of ALS_LANES rows: their x, residual r, direction p, A p, G p and G x, and per
+         * entry s_j = y_j.x and d_j = y_j.p. G x and s are carried through the steps (Gx += alpha G p,
+         * s += alpha d), so the loss needs neither another product with G nor another pass over
+         * the rows y_j */
         float *X = (float *)(A + (k + 1) * (k + 4)), *R = X + ALS_LANES * k, *P = R + ALS_LANES * k;
         float *AP = P + ALS_LANES * k, *GP = AP + ALS_LANES * k, *GX = GP + ALS_LANES * k;
+        float *S = GX + ALS_LANES * k, *D = S + ALS_LANES * m;
 #pragma omp for schedule(dynamic, 2)
         for (int64_t blk = 0; blk < blocks; blk++) {
             const int64_t r0 = blk * ALS_LANES;
@@ -772,13 +778,15 @@ void flexmf_als_implicit_half(ALSImplicitArgs *a) {
                 for (int64_t c = 0; c < k; c++) P[q * k + c] = 0.0f;
                 if (!used[q] || a->cg_steps <= 0) continue;
                 const int64_t row = r0 + q;
-                float *x = X + q * k, *r_ = R + q * k, *p = P + q * k;
+                float *x = X + q * k, *r_ = R + q * k, *p = P + q * k, *sq_ = S + q * m;
                 /* r = b - A x = -(G + reg I) x + sum_j [c_j - (c_j - 1) y_j.x] y_j */
                 for (int64_t c = 0; c < k; c++) r_[c] = -GX[q * k + c] - reg * x[c];
-                for (int64_t j = a->indptr[row]; j < a->indptr[row + 1]; j++) {
+                const int64_t lo = a->indptr[row];
+                for (int64_t j = lo; j < a->indptr[row + 1]; j++) {
                     const float *y = a->Y + a->indices[j] * a->ldy;
-                    const float cj = a->conf[j];
-                    axpyf(r_, cj - (cj - 1.0f) * dotf(y, x, k), y, k);
+                    const float cj = a->conf[j], sj = dotf(y, x, k);
+                    sq_[j - lo] = sj;
+                    axpyf(r_, cj - (cj - 1.0f) * sj, y, k);
                 }
                 for (int64_t c = 0; c < k; c++) p[c] = r_[c];
                 rs[q] = dotf(r_, r_, k);
@@ -793,15 +801,18 @@ void flexmf_als_implicit_half(ALSImplicitArgs *a) {
                     if (!live[q]) continue;
                     const int64_t row = r0 + q;
                     float *x = X + q * k, *r_ = R + q * k, *p = P + q * k, *Ap = AP + q * k, *Gp = GP + q * k;
+                    const int64_t lo = a->indptr[row], n = a->indptr[row + 1] - lo;
                     /* Ap = (G + reg I) p + sum_j (c_j - 1) (y_j.p) y_j */
                     for (int64_t c = 0; c < k; c++) Ap[c] = Gp[c] + reg * p[c];
-                    for (int64_t j = a->indptr[row]; j < a->indptr[row + 1]; j++) {
-                        const float *y = a->Y + a->indices[j] * a->ldy;
-                        axpyf(Ap, (a->conf[j] - 1.0f) * dotf(y, p, k), y, k);
+                    for (int64_t j = lo; j < lo + n; j++) {
+                        const float *y = a->Y + a->indices[j] * a->ldy, dj = dotf(y, p, k);
+                        D[q * m + j - lo] = dj;
+                        axpyf(Ap, (a->conf[j] - 1.0f) * dj, y, k);
                     }
                     const float alpha = rs[q] / dotf(p, Ap, k);
                     axpyf(x, alpha, p, k);
                     axpyf(GX + q * k, alpha, Gp, k);
+                    axpyf(S + q * m, alpha, D + q * m, n);
                     axpyf(r_, -alpha, Ap, k);
                     const float rs_new = dotf(r_, r_, k);
                     if (rs_new < 1e-20f) {
@@ -823,7 +834,9 @@ void flexmf_als_implicit_half(ALSImplicitArgs *a) {
                     sq += (double)xq[c] * (double)xq[c];
                 }
                 for (int64_t j = a->indptr[row]; j < a->indptr[row + 1]; j++) {
-                    const double s = dotf(xq, a->Y + a->indices[j] * a->ldy, k), cj = a->conf[j];
+                    const double s = a->cg_steps > 0 ? S[q * m + j - a->indptr[row]]
+                                                     : dotf(xq, a->Y + a->indices[j] * a->ldy, k);
+                    const double cj = a->conf[j];
                     err += cj * (1.0 - s) * (1.0 - s) - s * s;
                 }
                 a->row_loss[2 * row] = err;

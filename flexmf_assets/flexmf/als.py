@@ -229,8 +229,8 @@ class _ExplicitArgs(ctypes.Structure):
 
 class _ImplicitArgs(ctypes.Structure):
     _fields_ = [("X", _P), ("ldx", _I), ("Y", _P), ("ldy", _I), ("indptr", _P), ("indices", _P), ("conf", _P),
-                ("gram", _P), ("n_rows", _I), ("k", _I), ("cg_steps", _I), ("nthreads", _I), ("reg", _D),
-                ("work", _P), ("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
+                ("gram", _P), ("n_rows", _I), ("k", _I), ("cg_steps", _I), ("nthreads", _I), ("max_count", _I),
+                ("reg", _D), ("work", _P), ("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,9 +264,10 @@ class _ALS:
         self.n = 0
         self._penalty: dict[str, float] = {}
 
-    def _scratch(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scratch(self, n_rows: int, max_count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.settings.embedding_size
-        work = torch.empty(self.threads * ((k + 1) * (k + 4) + 12 * k), dtype=torch.float64)  # ALS_WORK(k)
+        per_thread = (k + 1) * (k + 4) + 12 * k + 4 * max_count  # ALS_WORK(k, max_count) of _kernels.c
+        work = torch.empty(self.threads * per_thread, dtype=torch.float64)
         return work, torch.empty(2 * n_rows, dtype=torch.float64)
 
     def _init_factors(self, gen: torch.Generator, *tables: torch.Tensor) -> None:
@@ -453,7 +454,8 @@ class ImplicitALS(_ALS):
         self.sides = {"user": _Side(u, i, conf, n_users), "item": _Side(i, u, conf, n_items)}
         self._penalty = {"user": s.regularization * _sum_sq(X), "item": s.regularization * _sum_sq(Y)}
         if self.engine == "native":
-            self._work, self._row_loss = self._scratch(max(n_users, n_items))
+            self._max_count = max(int(side.counts.max()) for side in self.sides.values())
+            self._work, self._row_loss = self._scratch(max(n_users, n_items), self._max_count)
             self._gram = torch.empty(k, k)
         return self
 
@@ -484,7 +486,8 @@ class ImplicitALS(_ALS):
         a = _ImplicitArgs(
             X=_addr(X), ldx=X.stride(0), Y=_addr(Y), ldy=Y.stride(0), indptr=_addr(this.indptr),
             indices=_addr(this.indices), conf=_addr(this.values), gram=_addr(gram), n_rows=this.n_rows,
-            k=X.shape[1], cg_steps=0 if s.exact else s.cg_steps, nthreads=self.threads, reg=s.regularization,
+            k=X.shape[1], cg_steps=0 if s.exact else s.cg_steps, nthreads=self.threads,
+            max_count=self._max_count, reg=s.regularization,
             work=_addr(self._work), row_loss=_addr(self._row_loss))
         _native.kernels().flexmf_als_implicit_half(ctypes.addressof(a))
         return a.data, a.penalty, a.failed
