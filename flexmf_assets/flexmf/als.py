@@ -32,7 +32,7 @@ its ``alpha = a`` is our ``weight = a - 1``.
 Engines: the fused C kernels (``_kernels.c``, rows split across OpenMP threads, each row solved by
 one thread in a fixed order, so the factors are bit-identical for any thread count) on CPU when
 they load; else the torch engine, the reference (float64 on CPU) and the GPU path (float32):
-batched Cholesky / CG over rows grouped by their count.
+batched Cholesky / CG over rows grouped by their count (``_als_torch.py``).
 
 Each step returns the objective after it (data term plus both penalties) divided by the number of
 training entries; a non-finite one raises :class:`TrainingError` naming the setting to change.
@@ -50,17 +50,13 @@ import numpy as np
 import torch
 
 from flexmf_assets.errors import ConfigError, DataValidationError, TrainingError
-from flexmf_assets.flexmf import _native
+from flexmf_assets.flexmf import _als_torch, _native
+from flexmf_assets.flexmf._als_torch import Side
 from flexmf_assets.flexmf._common import make_generator
 
 BIAS_MODES = ("damped", "learned")
 CONFIDENCES = ("linear", "log")
 ENGINES = ("auto", "native", "torch")
-#: torch engine: padded entries (rows x longest count x width) and Gram elements per batch
-_BATCH_ENTRIES = 1 << 22
-_BATCH_GRAMS = 1 << 24
-#: CG stops on a row once its squared residual norm falls below this (as ``implicit`` does)
-_CG_TOL = 1e-20
 
 
 @dataclass(frozen=True)
@@ -126,47 +122,8 @@ class ALSSettings:
 
 
 # ----------------------------------------------------------------------------------------------
-# data layout
+# inputs
 # ----------------------------------------------------------------------------------------------
-
-
-class _Side:
-    """One side's rows in CSR: row r's entries ``indptr[r]:indptr[r+1]`` name rows of the other side
-    (``indices``) and carry ``values``."""
-
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int):
-        order = torch.argsort(rows, stable=True)
-        self.indices = cols[order].contiguous()
-        self.values = values[order].contiguous()
-        self.counts = torch.bincount(rows, minlength=n_rows)
-        self.indptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
-        torch.cumsum(self.counts, 0, out=self.indptr[1:])
-        self.n_rows = n_rows
-        self.empty = torch.nonzero(self.counts == 0).flatten()
-        self._plan: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-
-    def plan(self, width: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Torch engine batches ``(rows, positions [B, m], mask [B, m])``: non-empty rows grouped by
-        count (within a power of two, so padding at most doubles the work), split to fit the budget."""
-        if self._plan is None:
-            counts = self.counts.cpu()
-            rows = torch.nonzero(counts > 0).flatten()
-            rows = rows[torch.argsort(counts[rows], stable=True)]
-            bucket = torch.ceil(torch.log2(counts[rows].double())).long()
-            self._plan = []
-            start = 0
-            for size in torch.unique_consecutive(bucket, return_counts=True)[1].tolist():
-                group = rows[start : start + size]
-                start += size
-                longest = int(counts[group[-1]])
-                per = max(1, min(_BATCH_ENTRIES // (longest * width), _BATCH_GRAMS // (width * width)))
-                for b in range(0, len(group), per):
-                    r = group[b : b + per].to(self.indptr.device)
-                    ar = torch.arange(longest, device=r.device)
-                    mask = ar[None, :] < self.counts[r][:, None]
-                    pos = torch.where(mask, self.indptr[r][:, None] + ar[None, :], 0)
-                    self._plan.append((r, pos, mask))
-        return self._plan
 
 
 def _as(values: Any, dtype: torch.dtype, device: torch.device, name: str) -> torch.Tensor:
@@ -345,7 +302,7 @@ class ExplicitALS(_ALS):
             bu.copy_(torch.from_numpy(b_u)), bi.copy_(torch.from_numpy(b_i))
         resid = resid.float()
         self.n = len(r)
-        self.sides = {"user": _Side(u, i, resid, n_users), "item": _Side(i, u, resid, n_items)}
+        self.sides = {"user": Side(u, i, resid, n_users), "item": Side(i, u, resid, n_items)}
         self.learn = s.bias == "learned"
         self._bias_reg = s.regularization if s.bias_regularization is None else s.bias_regularization
         for side, X, xb in (("user", P, bu), ("item", Q, bi)):
@@ -366,7 +323,7 @@ class ExplicitALS(_ALS):
         self._penalty[side] = penalty
         return self._finish(side, data, failed)
 
-    def _half_native(self, this: _Side, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor,
+    def _half_native(self, this: Side, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor,
                      yb: torch.Tensor) -> tuple[float, float, int]:
         a = _ExplicitArgs(
             X=_addr(X), ldx=X.stride(0), xb=_addr(xb), sxb=xb.stride(0), Y=_addr(Y), ldy=Y.stride(0), yb=_addr(yb),
@@ -378,41 +335,11 @@ class ExplicitALS(_ALS):
         _native.kernels().flexmf_als_explicit_half(ctypes.addressof(a))
         return a.data, a.penalty, a.failed
 
-    def _half_torch(self, this: _Side, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor,
+    def _half_torch(self, this: Side, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor,
                     yb: torch.Tensor) -> tuple[float, float, int]:
-        dt, k, reg = self.dtype, X.shape[1], self.settings.regularization
-        Yd, ybd = Y.to(dt), yb.to(dt)
-        data = torch.zeros((), dtype=torch.float64, device=X.device)
-        penalty, failed = data.clone(), 0
-        for rows, pos, mask in this.plan(k + 1):
-            cols, m = this.indices[pos], mask.to(dt)
-            t = (this.values[pos].to(dt) - ybd[cols]) * m
-            if not self.learn:
-                t -= xb[rows].to(dt)[:, None] * m
-            F = Yd[cols]
-            if self.learn:
-                F = torch.cat([F, torch.ones_like(F[..., :1])], -1)
-            F *= m[..., None]
-            scale = this.counts[rows].to(dt) ** self.settings.reg_exponent
-            ridge = (reg * scale)[:, None].repeat(1, F.shape[-1])
-            if self.learn:
-                ridge[:, k] = self._bias_reg * scale
-            A = F.transpose(1, 2) @ F
-            A.diagonal(dim1=1, dim2=2).add_(ridge)
-            L, info = torch.linalg.cholesky_ex(A)
-            sol = torch.cholesky_solve((F.transpose(1, 2) @ t[..., None]), L)[..., 0]
-            ok = info == 0
-            failed += int((~ok).sum())
-            X[rows[ok]] = sol[ok, :k].to(X.dtype)
-            if self.learn:
-                xb[rows[ok]] = sol[ok, k].to(xb.dtype)
-            e = t - (F @ sol[..., None])[..., 0]
-            data += torch.where(ok, (e * e).sum(1), math.nan).sum()
-            penalty += (ridge * sol * sol).sum()
-        X[this.empty] = 0.0
-        if self.learn:
-            xb[this.empty] = 0.0
-        return float(data), float(penalty), failed
+        s = self.settings
+        return _als_torch.explicit_half(this, X, xb, Y, yb, reg=s.regularization, reg_exponent=s.reg_exponent,
+                                        bias_reg=self._bias_reg, learn=self.learn, dtype=self.dtype)
 
 
 class ImplicitALS(_ALS):
@@ -451,7 +378,7 @@ class ImplicitALS(_ALS):
         if init:
             self._init_factors(make_generator(s.seed, dev), X, Y)
         conf = conf.float()
-        self.sides = {"user": _Side(u, i, conf, n_users), "item": _Side(i, u, conf, n_items)}
+        self.sides = {"user": Side(u, i, conf, n_users), "item": Side(i, u, conf, n_items)}
         self._penalty = {"user": s.regularization * _sum_sq(X), "item": s.regularization * _sum_sq(Y)}
         if self.engine == "native":
             self._max_count = max(int(side.counts.max()) for side in self.sides.values())
@@ -480,7 +407,7 @@ class ImplicitALS(_ALS):
         Yd = Y.to(self.dtype)
         return Yd.T @ Yd
 
-    def _half_native(self, this: _Side, X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float, int]:
+    def _half_native(self, this: Side, X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float, int]:
         s = self.settings
         gram = self.gram(Y)
         a = _ImplicitArgs(
@@ -492,51 +419,10 @@ class ImplicitALS(_ALS):
         _native.kernels().flexmf_als_implicit_half(ctypes.addressof(a))
         return a.data, a.penalty, a.failed
 
-    def _half_torch(self, this: _Side, X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float, int]:
-        s, dt, k = self.settings, self.dtype, X.shape[1]
-        reg = s.regularization
-        Yd = Y.to(dt)
-        G = Yd.T @ Yd
-        data = torch.zeros((), dtype=torch.float64, device=X.device)
-        penalty, failed = data.clone(), 0
-        eye = torch.eye(k, dtype=dt, device=X.device)
-        for rows, pos, mask in this.plan(k):
-            m = mask.to(dt)
-            F = Yd[this.indices[pos]] * m[..., None]  # [B, m, k], padding rows zero
-            c = this.values[pos].to(dt) * m  # confidence, 0 on padding
-            c1 = (c - 1.0) * m
-            b = torch.einsum("bmk,bm->bk", F, c)
-            ok = torch.ones(len(rows), dtype=torch.bool, device=X.device)
-            if s.exact:
-                A = G + reg * eye + torch.einsum("bmk,bm,bml->bkl", F, c1, F)
-                L, info = torch.linalg.cholesky_ex(A)
-                x = torch.cholesky_solve(b[..., None], L)[..., 0]
-                ok = info == 0
-                failed += int((~ok).sum())
-            else:
-                def times_a(v: torch.Tensor) -> torch.Tensor:
-                    return v @ G + reg * v + torch.einsum("bmk,bm->bk", F, c1 * torch.einsum("bmk,bk->bm", F, v))
-
-                x = X[rows].to(dt)
-                res = b - times_a(x)
-                p, rs = res.clone(), (res * res).sum(1)
-                live = rs >= _CG_TOL
-                for _ in range(s.cg_steps):
-                    Ap = times_a(p)
-                    alpha = torch.where(live, rs / (p * Ap).sum(1), 0.0)
-                    x += alpha[:, None] * p
-                    res -= alpha[:, None] * Ap
-                    rs_new = (res * res).sum(1)
-                    live &= rs_new >= _CG_TOL
-                    p = res + torch.where(live, rs_new / rs, 0.0)[:, None] * p
-                    rs = torch.where(live, rs_new, rs)
-            X[rows[ok]] = x[ok].to(X.dtype)
-            sc = torch.einsum("bmk,bk->bm", F, x)
-            err = ((x @ G) * x).sum(1) + ((c * (1.0 - sc) ** 2 - sc * sc) * m).sum(1)
-            data += torch.where(ok, err, math.nan).sum()
-            penalty += reg * (x * x).sum()
-        X[this.empty] = 0.0
-        return float(data), float(penalty), failed
+    def _half_torch(self, this: Side, X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float, int]:
+        s = self.settings
+        return _als_torch.implicit_half(this, X, Y, reg=s.regularization, cg_steps=0 if s.exact else s.cg_steps,
+                                        dtype=self.dtype)
 
 
 __all__ = ["ALSSettings", "ExplicitALS", "ImplicitALS"]
