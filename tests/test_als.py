@@ -145,6 +145,7 @@ def test_explicit_reaches_the_noise_floor(planted, engine, bias):
     got = rmse(pred, test["rating"].to_numpy()[keep])
     assert keep.mean() > 0.99
     assert got < floor * 1.05, (got, floor)
+    assert 0 < als.data_loss < als.objective == als.history[-1]  # the training MSE, below the full objective
     assert biases_only > floor * 1.2  # the factors carry what the biases cannot
 
 

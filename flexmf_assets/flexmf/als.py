@@ -217,7 +217,7 @@ class _ALS:
         # the torch reference works in float64 on CPU; GPUs solve in float32
         self.dtype = torch.float64 if self.device.type == "cpu" else torch.float32
         self.epochs_run = 0
-        self.objective = math.nan
+        self.objective = self.data_loss = math.nan  # per entry: full objective, its data term alone
         self.n = 0
         self._penalty: dict[str, float] = {}
 
@@ -242,7 +242,7 @@ class _ALS:
                 fix += f" or lower weight (now {s.weight:g})"
             raise TrainingError(f"ALS diverged at epoch {self.epochs_run} ({side} half-step): objective is "
                                 f"{what}{why}; {fix}")
-        self.objective = objective
+        self.objective, self.data_loss = objective, data / self.n
         return objective
 
     def user_step(self) -> float:
