@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The distributed profile's services on 127.0.0.1, for CI and for trying it by hand:
 #   Postgres (instance storage), Redis (Celery broker + results), moto's S3 server (object store),
-#   a loopback HTTP mirror of ml-latest-small, and two dagster-celery workers (separate processes).
+#   a loopback HTTP mirror of ml-latest-small (or a synthetic stand-in in its layout), and two dagster-celery
+#   workers (separate processes).
 #
 #   bash .ci/services.sh start   # prints nothing but errors; writes $FLEXMF_STACK_DIR/env.sh
 #   . "$FLEXMF_STACK_DIR/env.sh" # FLEXMF_PROFILE=distributed, DAGSTER_HOME, endpoints ...
@@ -88,9 +89,16 @@ start() {
   wait_for moto 30 "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $s3_port), 1).close()"
   "$PY" -c "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:$s3_port').create_bucket(Bucket='$BUCKET')"
 
-  # a loopback mirror of the shared MovieLens archive (a real HTTP server, as in the other tests)
-  local zip="$REPO/../shared/data/movielens/ml-latest-small.zip"
-  [ -f "$zip" ] && cp "$zip" "$STACK/www/"
+  # a loopback mirror of the shared MovieLens archive (a real HTTP server, as in the other tests); without
+  # it (or with FLEXMF_TEST_SHARED=0) a synthetic archive in its layout, as tests/conftest.py does
+  local zip="$REPO/../shared/data/movielens/ml-latest-small.zip" sha
+  if [ -f "$zip" ] && [ "${FLEXMF_TEST_SHARED:-1}" != 0 ]; then
+    cp "$zip" "$STACK/www/"
+  else
+    "$PY" -c 'import sys; from flexmf_assets.datasets.synthetic import write_movielens_archive as w; w(sys.argv[1])' \
+      "$STACK/www/ml-latest-small.zip"
+  fi
+  sha=$(sha256sum "$STACK/www/ml-latest-small.zip" | cut -d' ' -f1)
   setsid "$PY" -m http.server -b 127.0.0.1 -d "$STACK/www" "$www_port" >"$STACK/logs/mirror.log" 2>&1 &
   echo $! >"$STACK/run/mirror.pid"
 
@@ -100,7 +108,7 @@ default_dataset: ml-latest-small
 datasets:
   ml-latest-small:
     url: http://127.0.0.1:$www_port/ml-latest-small.zip
-    sha256: e2c21c85a055577ec52cf9076494a166108a15fca12261f140387d20decfffb5
+    sha256: $sha
     format: ml-latest-small
 device: {device: cpu, threads: 1}
 explicit_hparams:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from flexmf_assets.evaluation.topn import topn_metrics  # noqa: E402
 from flexmf_assets.flexmf import _native  # noqa: E402
-from flexmf_assets.flexmf._common import IdIndex  # noqa: E402
+from flexmf_assets.flexmf.ids import IdIndex  # noqa: E402
 from flexmf_assets.flexmf.als import ALSSettings, ExplicitALS, ImplicitALS  # noqa: E402
 
 #: the settings recommended for the named sets ``als`` (what ``--set als`` runs)

@@ -36,8 +36,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from flexmf_assets.flexmf.config import EXPLICIT_PRESETS  # noqa: E402
-from flexmf_assets.flexmf.implicit_config import IMPLICIT_PRESETS  # noqa: E402
+from flexmf_assets.flexmf.explicit_config import EXPLICIT_HPARAM_SETS  # noqa: E402
+from flexmf_assets.flexmf.implicit_config import IMPLICIT_HPARAM_SETS  # noqa: E402
 
 LENSKIT_PY = str(Path.home() / ".pyenv" / "versions" / "3.13.0" / "bin" / "python")
 BASELINES_PY = sys.executable
@@ -109,7 +109,7 @@ def child(job_path: str) -> None:
     test = pl.read_parquet(job["test"])
     explicit = job["track"] == "explicit"
     if explicit:
-        from flexmf_assets.flexmf.config import FlexMFExplicitConfig as Config
+        from flexmf_assets.flexmf.explicit_config import FlexMFExplicitConfig as Config
         from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer as Scorer
     else:
         from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer as Scorer  # type: ignore[assignment]
@@ -242,10 +242,10 @@ def implementations(model: str, lk: dict[str, Any], quick: bool) -> list[tuple[s
         rows.append(("ours (sgd)", "ours", model, ours_config(model, lk, optimizer="sgd")))
     # our named hyperparameter set for this loss (what flexmf.yaml trains), beside the shared config
     named = {"explicit": "default", "logistic": "default", "bpr": "bpr", "warp": "warp"}[model]
-    presets = EXPLICIT_PRESETS if model == "explicit" else IMPLICIT_PRESETS
+    presets = EXPLICIT_HPARAM_SETS if model == "explicit" else IMPLICIT_HPARAM_SETS
     rows.append((f"ours, set {named}", "ours", model, dict(presets[named])))
     if model == "warp":
-        rows.append(("ours, set best", "ours", model, dict(IMPLICIT_PRESETS["best"])))
+        rows.append(("ours, set best", "ours", model, dict(IMPLICIT_HPARAM_SETS["best"])))
     if not (quick and model == "warp"):
         rows.append(("LensKit FlexMF", "lenskit", model, lenskit_config(model)))
     if model == "explicit":

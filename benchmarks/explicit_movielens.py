@@ -30,7 +30,7 @@ import torch
 
 from common import load_movielens as load_ratings
 from flexmf_assets.evaluation.rating import BiasBaseline, rating_metrics
-from flexmf_assets.flexmf.config import EXPLICIT_PRESETS, FlexMFExplicitConfig
+from flexmf_assets.flexmf.explicit_config import EXPLICIT_HPARAM_SETS, FlexMFExplicitConfig
 from flexmf_assets.flexmf.device import DeviceSettings
 from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
 
@@ -52,14 +52,14 @@ def split(ratings: pl.DataFrame, seed: int = 42, test_frac: float = 0.2, val_fra
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
-    ap.add_argument("--set", default="default", choices=sorted({*EXPLICIT_PRESETS, "lenskit"}))
+    ap.add_argument("--set", default="default", choices=sorted({*EXPLICIT_HPARAM_SETS, "lenskit"}))
     ap.add_argument("--repeat", type=int, default=1, help="fits to time (throughput of the fastest)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("overrides", nargs="*", help="field=value overrides of the preset")
     args = ap.parse_args(argv)
 
-    raw = dict(LENSKIT if args.set == "lenskit" else EXPLICIT_PRESETS[args.set])
+    raw = dict(LENSKIT if args.set == "lenskit" else EXPLICIT_HPARAM_SETS[args.set])
     if args.overrides:
         raw.update(FlexMFExplicitConfig.parse_overrides(",".join(args.overrides)))
     cfg = FlexMFExplicitConfig.from_dict(raw)

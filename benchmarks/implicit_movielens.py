@@ -22,7 +22,7 @@ from common import load_movielens as load_ratings
 from flexmf_assets.evaluation.topn import PopularityBaseline, topn_metrics
 from flexmf_assets.flexmf.device import DeviceSettings
 from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer
-from flexmf_assets.flexmf.implicit_config import IMPLICIT_PRESETS
+from flexmf_assets.flexmf.implicit_config import IMPLICIT_HPARAM_SETS
 
 from common import SHARED_ZIP as DEFAULT_ZIP  # noqa: E402
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
     ap.add_argument("--folds", type=int, default=1, help="how many of the 5 folds to run")
-    ap.add_argument("--sets", default=",".join(IMPLICIT_PRESETS))
+    ap.add_argument("--sets", default=",".join(IMPLICIT_HPARAM_SETS))
     ap.add_argument("--set", action="append", default=[], metavar="NAME:k=v,k=v",
                     help="an extra ad-hoc set, e.g. 'k32:embedding_size=32'")
     ap.add_argument("--device", default="auto")
@@ -46,7 +46,7 @@ def main() -> None:
 
     device = DeviceSettings(device=args.device, threads=args.threads)
     ratings = load_ratings(args.zip)
-    sets = {name: IMPLICIT_PRESETS[name] for name in args.sets.split(",") if name}
+    sets = {name: IMPLICIT_HPARAM_SETS[name] for name in args.sets.split(",") if name}
     for spec in args.set:
         name, _, over = spec.partition(":")
         sets[name] = FlexMFImplicitScorer(None).config.parse_overrides(over)

@@ -25,7 +25,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PRESETS = ("synthetic-100k", "synthetic-1m", "synthetic-10m", "synthetic-25m")
+from flexmf_assets.datasets.synthetic import SYNTHETIC_DATASETS  # noqa: E402
+
+PRESETS = tuple(SYNTHETIC_DATASETS)  # the synthetic datasets, smallest first
 PLOT = common.REPO / "docs" / "benchmarks_scale.png"
 
 
@@ -55,7 +57,7 @@ def child_train(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from flexmf_assets.flexmf.config import FlexMFExplicitConfig
+    from flexmf_assets.flexmf.explicit_config import FlexMFExplicitConfig
     from flexmf_assets.flexmf.device import DeviceSettings
     from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
 
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         common.write_json(CHILDREN[job["step"]](job), Path(job["result"]))
         return 0
 
-    from flexmf_assets.flexmf.config import FlexMFExplicitConfig
+    from flexmf_assets.flexmf.explicit_config import FlexMFExplicitConfig
 
     overrides = FlexMFExplicitConfig.parse_overrides(",".join(args.overrides)) if args.overrides else {}
     out = common.OUT / "scale"

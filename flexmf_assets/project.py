@@ -10,73 +10,34 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
+from flexmf_assets.config_file import _TOP_KEYS, SCHEMA, _check_fields, _check_keys, _mapping, _read_yaml, _section
 from flexmf_assets.datasets.catalog import DatasetSpec, builtin_catalog, user_dataset
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import KEY_SEPARATOR, check_key_syntax, format_literal, suggest
+from flexmf_assets.flexmf.config_base import KEY_SEPARATOR, check_key_syntax, format_literal, suggest
+from flexmf_assets.tracks import TRACK_NAMES as TRACKS
+from flexmf_assets.tracks import track as get_track
 
 CONFIG_ENV = "FLEXMF_CONFIG"
 DATA_DIR_ENV = "FLEXMF_DATA_DIR"
 CONFIG_FILE = "flexmf.yaml"
 
-TRACKS = ("explicit", "implicit")
+MAX_GRID_SETS = 1000  # a grid expanding to more sets is refused before it is expanded
 
-_TOP_KEYS = (
-    "default_dataset", "datasets", "split", "download", "device", "recommendations",
-    "explicit_hparams", "implicit_hparams", "explicit_grid", "implicit_grid", "sweep", "schedule",
-    "validation", "dataset_partitions",
-)
-_DOWNLOAD_KEYS = ("timeout", "retries", "allowed_file_roots", "max_bytes")
-_DEVICE_KEYS = ("device", "threads", "matmul_precision", "allow_fallback")
-_RECS_KEYS = ("n",)
-_SWEEP_KEYS = ("datasets",)
-_SCHEDULE_KEYS = ("cron", "enabled", "timezone")
-_VALIDATION_KEYS = ("min_rows",)
 
 def builtin_sets(track: str) -> dict[str, dict[str, Any]]:
-    """The engine's named presets for a track; ``flexmf.yaml`` adds to and overrides them."""
-    if track == "explicit":
-        from flexmf_assets.flexmf.config import EXPLICIT_PRESETS as presets
-    elif track == "implicit":
-        from flexmf_assets.flexmf.implicit_config import IMPLICIT_PRESETS as presets
-    else:
-        raise ConfigError(f"unknown track {track!r}; valid: {', '.join(TRACKS)}")
-    return {name: dict(values) for name, values in presets.items()}
-
-
-def _check_keys(where: str, data: Mapping[str, Any], valid: tuple[str, ...]) -> None:
-    for key in data:
-        if key not in valid:
-            raise ConfigError(
-                f"{where}: unknown key {key!r}{suggest(str(key), list(valid))}; valid keys: {', '.join(valid)}"
-            )
-
-
-def _mapping(where: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-    return dict(value)
+    """The engine's named sets for a track; ``flexmf.yaml`` adds to and overrides them."""
+    return get_track(track).named_sets()
 
 
 def config_class(track: str):
     """The scorer config class of a track (imported lazily: torch is heavy)."""
-    if track == "explicit":
-        from flexmf_assets.flexmf.config import FlexMFExplicitConfig
-
-        return FlexMFExplicitConfig
-    if track == "implicit":
-        from flexmf_assets.flexmf.implicit_config import FlexMFImplicitConfig
-
-        return FlexMFImplicitConfig
-    raise ConfigError(f"unknown track {track!r}; valid: {', '.join(TRACKS)}")
+    return get_track(track).config_class
 
 
 def config_fingerprint(track: str, config) -> str:
@@ -100,6 +61,10 @@ def expand_grid(where: str, grid: Mapping[str, Any]) -> dict[str, dict[str, Any]
         axes.append((str(name), values))
     if not axes:
         return {}
+    count = math.prod(len(values) for _, values in axes)
+    if count > MAX_GRID_SETS:
+        raise ConfigError(f"{where}: {' x '.join(str(len(v)) for _, v in axes)} values make {count:,} sets, "
+                          f"over the limit of {MAX_GRID_SETS:,}; list fewer values or split the grid")
     out: dict[str, dict[str, Any]] = {}
     for combo in itertools.product(*(values for _, values in axes)):
         params = dict(zip((n for n, _ in axes), combo))
@@ -159,8 +124,8 @@ class ProjectConfig:
 
     def allowed_file_roots(self) -> list[Path] | None:
         roots = self.download.get("allowed_file_roots")
-        if not roots:
-            return None
+        if roots is None:
+            return None  # unset: any local path; an empty list allows none
         base = self.path.parent if self.path else Path.cwd()
         return [(base / r).resolve() for r in roots]
 
@@ -220,19 +185,17 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
     cfg_path = Path(path).expanduser().resolve() if path is not None else config_path(env)
     raw: dict[str, Any] = {}
     if cfg_path.exists():
-        try:
-            loaded = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{cfg_path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        raw = _mapping(str(cfg_path), loaded)
+        raw = _mapping(str(cfg_path), _read_yaml(cfg_path))
     elif explicit_path:
         raise ConfigError(f"{CONFIG_ENV}: config file {cfg_path} does not exist")
     else:
         cfg_path = None  # type: ignore[assignment]
     where = cfg_path.name if cfg_path else "built-in defaults"
     _check_keys(where, raw, _TOP_KEYS)
+    _check_fields(where, raw, SCHEMA[""])
+    split, download, device, recs, validation, sweep, schedule = (
+        _section(where, name, raw)
+        for name in ("split", "download", "device", "recommendations", "validation", "sweep", "schedule"))
 
     base_dir = cfg_path.parent if cfg_path else Path.cwd()
     data_dir = Path(env.get(DATA_DIR_ENV) or (base_dir / "data")).expanduser().resolve()
@@ -249,24 +212,21 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
     if default_dataset not in datasets:
         raise ConfigError(f"{where} default_dataset: {default_dataset!r} is not a known dataset"
                           f"{suggest(str(default_dataset), list(datasets))}")
+    swept = sweep.get("datasets", [default_dataset])
+    unknown = [d for d in swept if d not in datasets]
+    if unknown:
+        raise ConfigError(f"{where} sweep.datasets: unknown dataset(s) {', '.join(map(repr, unknown))}"
+                          f"{suggest(unknown[0], list(datasets))}; known: {', '.join(datasets)}")
 
-    download = _mapping(f"{where} download", raw.get("download"))
-    _check_keys(f"{where} download", download, _DOWNLOAD_KEYS)
-    max_bytes = download.get("max_bytes")
-    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1):
-        raise ConfigError(f"{where} download.max_bytes: expected a positive integer (bytes), got {max_bytes!r}")
-    device = _mapping(f"{where} device", raw.get("device"))
-    _check_keys(f"{where} device", device, _DEVICE_KEYS)
-    recs = _mapping(f"{where} recommendations", raw.get("recommendations"))
-    _check_keys(f"{where} recommendations", recs, _RECS_KEYS)
-    n = recs.get("n", 20)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"{where} recommendations.n: expected a positive integer, got {n!r}")
-    validation = _mapping(f"{where} validation", raw.get("validation"))
-    _check_keys(f"{where} validation", validation, _VALIDATION_KEYS)
-    min_rows = validation.get("min_rows")
-    if min_rows is not None and (not isinstance(min_rows, int) or min_rows < 1):
-        raise ConfigError(f"{where} validation.min_rows: expected a positive integer, got {min_rows!r}")
+    # the rules that tie fields together live with the classes that use them
+    from flexmf_assets.datasets.split import SplitConfig
+    from flexmf_assets.flexmf.device import DeviceSettings
+
+    SplitConfig.from_dict(split, where=f"{where} split")
+    try:
+        DeviceSettings(**device)
+    except ConfigError as exc:
+        raise ConfigError(f"{where} device.{exc}") from None
 
     hparams: dict[str, dict[str, dict[str, Any]]] = {}
     for track in TRACKS:
@@ -281,14 +241,6 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
             sets.update(grid_sets)
         hparams[track] = sets
 
-    sweep = _mapping(f"{where} sweep", raw.get("sweep"))
-    _check_keys(f"{where} sweep", sweep, _SWEEP_KEYS)
-    swept = sweep.get("datasets", [default_dataset])
-    if not isinstance(swept, list) or any(d not in datasets for d in swept):
-        bad = [d for d in (swept if isinstance(swept, list) else [swept]) if d not in datasets]
-        raise ConfigError(f"{where} sweep.datasets: unknown dataset(s) {bad!r}; known: {', '.join(datasets)}")
-    schedule = _mapping(f"{where} schedule", raw.get("schedule"))
-    _check_keys(f"{where} schedule", schedule, _SCHEDULE_KEYS)
     listed = raw.get("dataset_partitions") or []
     if not isinstance(listed, list) or any(not isinstance(d, str) or d not in datasets for d in listed):
         raise ConfigError(f"{where} dataset_partitions: expected a list of known dataset names, got {listed!r}"
@@ -299,14 +251,14 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
         data_dir=data_dir,
         datasets=datasets,
         default_dataset=str(default_dataset),
-        split=_mapping(f"{where} split", raw.get("split")),
+        split=split,
         download=download,
         device=device,
-        recommendations_n=n,
+        recommendations_n=recs.get("n", 20),
         hparams=hparams,
         swept_datasets=tuple(swept),
         schedule=schedule,
-        min_rows=min_rows,
+        min_rows=validation.get("min_rows"),
         user_datasets=tuple(user_names),
         partition_datasets=tuple(listed),
     )

@@ -1,8 +1,9 @@
 """A real Dagster deployment for end-to-end tests: ``dagster-webserver`` + ``dagster-daemon`` on 127.0.0.1.
 
 One deployment per test session (shared by the e2e and browser tests through :func:`deployment`):
-a temporary DAGSTER_HOME, a test ``flexmf.yaml`` whose ``ml-latest-small`` entry points at the shared
-archive served over loopback HTTP, and fast hyperparameter sets. The processes are stopped at the end of
+a temporary DAGSTER_HOME, a test ``flexmf.yaml`` whose ``ml-latest-small`` entry points at the session's
+MovieLens archive served over loopback HTTP (``movielens_server`` in conftest: the shared file, or its
+synthetic stand-in; the sha256 is the served file's), and fast hyperparameter sets. The processes are stopped at the end of
 the session (also when a test fails), each by its own process group.
 """
 
@@ -22,7 +23,6 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_SHA = "e2c21c85a055577ec52cf9076494a166108a15fca12261f140387d20decfffb5"
 DATASET = "ml-latest-small"
 HPARAMS = "default"
 MODEL_KEY = f"{DATASET}|{HPARAMS}"  # Dagster sorts dimensions by name: dataset|hparams
@@ -30,7 +30,7 @@ MODEL_KEY = f"{DATASET}|{HPARAMS}"  # Dagster sorts dimensions by name: dataset|
 CONFIG = """\
 default_dataset: {dataset}
 datasets:
-  {dataset}:            # replaces the built-in entry: the shared archive on loopback
+  {dataset}:            # replaces the built-in entry: the session's archive on loopback
     url: {url}
     sha256: {sha}
     format: ml-latest-small
@@ -70,6 +70,7 @@ class Deployment:
     root: Path
     port: int
     env: dict[str, str]
+    archive: Any  # conftest.MovieLensArchive: the archive the dataset entry downloads
     procs: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Any] = field(default_factory=list)  # open log files of the processes
     runs: dict[str, str] = field(default_factory=dict)  # job name -> run id
@@ -143,6 +144,11 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+        for proc in self.procs:  # what they left behind in their group (a code server that ignored SIGTERM)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for out in self.logs:
             out.close()
 
@@ -163,11 +169,17 @@ class Deployment:
         return DagsterGraphQLClient("127.0.0.1", port_number=self.port)
 
     def launch(self, job: str, partition: str, dims: dict[str, str] | None = None) -> str:
-        """Launch ``job`` for ``partition`` through the API (as the UI's launchpad does); returns the run id."""
+        """Launch ``job`` for ``partition`` through the API (as the UI's launchpad does: the run names the
+        job's assets, so declarative automation sees them as executed together); returns the run id."""
         tags = {"dagster/partition": partition}
         for dim, key in (dims or {}).items():
             tags[f"dagster/partition/{dim}"] = key
-        return self.client().submit_job_execution(job, tags=tags, run_config=RUN_CONFIG)
+        return self.client().submit_job_execution(job, tags=tags, run_config=RUN_CONFIG,
+                                                  asset_selection=self.job_assets(job))
+
+    def job_assets(self, job: str) -> list[list[str]]:
+        nodes = self.graphql("{ assetNodes { assetKey { path } jobNames } }")["assetNodes"]
+        return [n["assetKey"]["path"] for n in nodes if job in n["jobNames"]]
 
     def wait_run(self, run_id: str) -> str:
         from dagster import DagsterRunStatus
@@ -207,13 +219,8 @@ class Deployment:
         return "\n".join(f"{e['stepKey']}: {e['error']['message']}" for e in events if e.get("stepKey"))
 
 
-def start_deployment(root: Path, mirror_url: str) -> Deployment:
-    """Write the test flexmf.yaml under ``root`` and start webserver + daemon against it."""
-    root.mkdir(parents=True, exist_ok=True)
-    home = root / "dagster_home"
-    home.mkdir(exist_ok=True)
-    cfg = root / "flexmf.yaml"
-    cfg.write_text(CONFIG.format(dataset=DATASET, url=mirror_url, sha=SHARED_SHA))
+def deployment_env(root: Path, home: Path, cfg: Path) -> dict[str, str]:
+    """The environment of a test deployment's processes: its own DAGSTER_HOME, flexmf.yaml and data dir."""
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
@@ -223,13 +230,28 @@ def start_deployment(root: Path, mirror_url: str) -> Deployment:
         "TQDM_DISABLE": "1",
         "DAGSTER_DISABLE_TELEMETRY": "1",
         "PYTHONUNBUFFERED": "1",
+        # on a loaded 2-core machine the code server may take over a minute to start a run; at the
+        # default 60 s the daemon marks the run failed while its process starts anyway
+        "DAGSTER_GRPC_TIMEOUT_SECONDS": os.environ.get("DAGSTER_GRPC_TIMEOUT_SECONDS", "300"),
     }
+    env.pop("FLEXMF_MIRROR_URL", None)
+    env.pop("FLEXMF_MIRROR_SHA256SUMS", None)
+    return env
+
+
+def start_deployment(root: Path, mirror_url: str, archive) -> Deployment:
+    """Write the test flexmf.yaml under ``root`` (the dataset at ``mirror_url``, ``archive``'s sha256)
+    and start webserver + daemon against it."""
+    root.mkdir(parents=True, exist_ok=True)
+    home = root / "dagster_home"
+    home.mkdir(exist_ok=True)
+    cfg = root / "flexmf.yaml"
+    cfg.write_text(CONFIG.format(dataset=DATASET, url=mirror_url, sha=archive.sha256))
+    env = deployment_env(root, home, cfg)
     # the UI's one-time "join the community" dialog counts as seen (what its Skip button records)
     (home / ".nux").mkdir(exist_ok=True)
     (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
-    env.pop("FLEXMF_MIRROR_URL", None)
-    env.pop("FLEXMF_MIRROR_SHA256SUMS", None)
-    dep = Deployment(root=root, port=free_port(), env=env)
+    dep = Deployment(root=root, port=free_port(), env=env, archive=archive)
     try:
         dep.start()
     except BaseException:
@@ -246,7 +268,8 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory, movielens_serve
     config = request.config
     if _KEY in config.stash:
         return config.stash[_KEY]
-    dep = start_deployment(tmp_path_factory.mktemp("dagster_e2e"), movielens_server.url("ml-latest-small.zip"))
+    dep = start_deployment(tmp_path_factory.mktemp("dagster_e2e"), movielens_server.url("ml-latest-small.zip"),
+                           movielens_server.archive)
     config.stash[_KEY] = dep
     config.add_cleanup(dep.stop)
     return dep

@@ -12,7 +12,7 @@ import torch
 from flexmf_assets.datasets.synthetic import SyntheticConfig, generate, planted_truth
 from flexmf_assets.errors import ConfigError, DataValidationError, TrainingError
 from flexmf_assets.flexmf import _native
-from flexmf_assets.flexmf._common import IdIndex
+from flexmf_assets.flexmf.ids import IdIndex
 from flexmf_assets.flexmf.als import ALSSettings, ExplicitALS, ImplicitALS
 
 HAS_CC = shutil.which("cc") is not None

@@ -16,8 +16,6 @@ from flexmf_assets.project import load_project
 
 from conftest import failure_text
 
-SMALL_SHA = "e2c21c85a055577ec52cf9076494a166108a15fca12261f140387d20decfffb5"
-
 
 def make_project(tmp_path: Path, body: str):
     cfg = tmp_path / "flexmf.yaml"
@@ -53,11 +51,12 @@ def instance(dagster_instance):
 
 
 def test_movielens_through_loopback_http(tmp_path, movielens_server, instance):
+    archive = movielens_server.archive  # ml-latest-small: 100,836 ratings, 610 users, 9,724 movies rated
     project, defs = make_project(tmp_path, f"""
 datasets:
   small:
     url: {movielens_server.url('ml-latest-small.zip')}
-    sha256: {SMALL_SHA}
+    sha256: {archive.sha256}
     format: ml-latest-small
 """)
     result = run(defs, "data_job", "small", instance)
@@ -67,20 +66,21 @@ datasets:
 
     ratings = latest(instance, "ratings", "small")
     meta = ratings.metadata
-    assert (meta["rows"].value, meta["users"].value, meta["items"].value) == (100_836, 610, 9_724)
-    assert meta["archive_sha256"].value == SMALL_SHA
-    archive = latest(instance, "archive", "small")
-    assert archive.metadata["sha256"].value == SMALL_SHA
-    assert archive.tags["dagster/data_version"] == SMALL_SHA
-    assert archive.metadata["cache_hit"].value is False
+    assert (meta["rows"].value, meta["users"].value, meta["items"].value) == (
+        archive.ratings, archive.users, archive.rated_items)
+    assert meta["archive_sha256"].value == archive.sha256
+    event = latest(instance, "archive", "small")
+    assert event.metadata["sha256"].value == archive.sha256
+    assert event.tags["dagster/data_version"] == archive.sha256
+    assert event.metadata["cache_hit"].value is False
 
     split = latest(instance, "split", "small").metadata
     total = split["train_rows"].value + split["validation_rows"].value + split["test_rows"].value
-    assert total == 100_836
-    assert abs(split["test_rows"].value - 0.2 * 100_836) <= 1
+    assert total == archive.ratings
+    assert abs(split["test_rows"].value - 0.2 * archive.ratings) <= 1
 
     # the stored split is real Parquet, readable without Dagster
-    from flexmf_assets.defs.io_managers import VersionedStore
+    from flexmf_assets.storage import VersionedStore
     from upath import UPath
 
     frames = VersionedStore().read(UPath(project.storage_dir) / "split" / "small")
@@ -93,7 +93,7 @@ datasets:
     assert again.success
     archive2 = latest(instance, "archive", "small")
     assert archive2.metadata["cache_hit"].value is True
-    assert archive2.tags["dagster/data_version"] == SMALL_SHA
+    assert archive2.tags["dagster/data_version"] == archive.sha256
     assert latest(instance, "ratings", "small").tags["dagster/data_version"] == ratings_version
 
 
@@ -106,7 +106,8 @@ datasets:
     format: ml-latest-small
 """
     url = movielens_server.url("ml-latest-small.zip")
-    project, defs = make_project(tmp_path, body.format(url=url, sha=SMALL_SHA))
+    sha = movielens_server.archive.sha256
+    project, defs = make_project(tmp_path, body.format(url=url, sha=sha))
     assert run(defs, "data_job", "small", instance).success
     before = latest_record(instance, "split", "small")
 
@@ -117,14 +118,14 @@ datasets:
     assert not result.success
     text = failure_text(result)
     assert text.splitlines()[0].startswith("ChecksumError: ")
-    assert wrong in text.splitlines()[0] and SMALL_SHA in text.splitlines()[0]
+    assert wrong in text.splitlines()[0] and sha in text.splitlines()[0]
     # nothing downstream ran, the previous materialization is intact and readable
     assert latest_record(instance, "split", "small").storage_id == before.storage_id
-    from flexmf_assets.defs.io_managers import VersionedStore
+    from flexmf_assets.storage import VersionedStore
     from upath import UPath
 
     frames = VersionedStore().read(UPath(project.storage_dir) / "split" / "small")
-    assert sum(f.height for f in frames.values()) == 100_836
+    assert sum(f.height for f in frames.values()) == movielens_server.archive.ratings
 
 
 def _csv_zipless(tmp_path: Path, rows: list[str]) -> Path:

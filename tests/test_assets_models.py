@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -10,10 +11,10 @@ import pytest
 from upath import UPath
 
 from flexmf_assets.defs.definitions import build_definitions
-from flexmf_assets.defs.io_managers import VersionedStore
+from flexmf_assets.storage import VersionedStore
 from flexmf_assets.project import load_project
 
-from conftest import failure_text
+from conftest import REPO, failure_text
 
 CONFIG = """
 default_dataset: synthetic-100k
@@ -74,8 +75,11 @@ def test_explicit_and_implicit_partitions_end_to_end(setup):
 
     recs = VersionedStore().read(UPath(project.storage_dir) / "explicit_recommendations" / dataset / "default")
     assert recs.columns[:4] == ["user_id", "item_id", "score", "rank"]
-    # item metadata where the dataset has it (synthetic data has none: null titles)
-    assert {"title", "genres"} <= set(recs.columns) and recs["title"].null_count() == recs.height
+    # the item's title and genres from the dataset's items table
+    items = VersionedStore().read(UPath(project.storage_dir) / "items" / dataset)
+    expected = recs.select("item_id").join(items, on="item_id", how="left", maintain_order="left")
+    assert recs["title"].null_count() == 0 and recs["title"].to_list() == expected["title"].to_list()
+    assert recs["genres"].to_list() == expected["genres"].to_list()
     assert recs["model_partition"].unique().to_list() == [f"{dataset}|default"]
     assert recs.group_by("user_id").len()["len"].max() == 7
     # rated items are excluded
@@ -148,7 +152,7 @@ def test_latest_tables_read_by_duckdb(setup):
     rows = duckdb.sql(f"SELECT track, rank, title, genres, round(score, 3) AS score FROM '{champion}' "
                       "WHERE user_id = 1 ORDER BY track, rank LIMIT 10").fetchall()
     assert rows and [r[0] for r in rows] == sorted(r[0] for r in rows)
-    assert duckdb.sql(f"SELECT count(*) FROM '{champion}'").fetchone()[0] == stored.height
+    assert duckdb.sql(f"SELECT count(*) FROM '{champion}'").fetchall() == [(stored.height,)]
 
     pattern = storage / "explicit_recommendations" / dataset / "*" / "latest.parquet"
     query = f"SELECT model_partition, count(*) FROM '{pattern}' GROUP BY model_partition ORDER BY 1"
@@ -156,6 +160,14 @@ def test_latest_tables_read_by_duckdb(setup):
     assert [p for p, _ in before] == [f"{dataset}|default", f"{dataset}|wide"]
     run(defs, "explicit_job", dg.MultiPartitionKey({"dataset": dataset, "hparams": "wide"}), instance)
     assert duckdb.sql(query).fetchall() == before  # the rerun replaced its table, nothing counted twice
+    # the queries of the docs themselves, on this test's storage and dataset
+    docs = [REPO / "docs" / "sweeps.md", REPO / "docs" / "quickstart.md"]
+    queries = [q for doc in docs for q in re.findall(r"^```sql\n(.*?)^```", doc.read_text(), re.S | re.M)]
+    assert len(queries) >= 2
+    for block in queries:
+        for statement in filter(str.strip, block.split(";")):
+            sql = statement.replace("'data/storage/", f"'{storage}/").replace("ml-latest-small", dataset)
+            assert duckdb.sql(sql).fetchall(), sql
     # the same path polars reads; it is the version CURRENT points at
     latest = pl.read_parquet(storage / "explicit_recommendations" / dataset / "wide" / "latest.parquet")
     assert latest.equals(VersionedStore().read(UPath(storage / "explicit_recommendations" / dataset / "wide")))

@@ -21,13 +21,16 @@ import pytest
 import yaml
 
 from flexmf_assets.flexmf import FlexMFExplicitConfig, FlexMFImplicitConfig
-from flexmf_assets.project import _TOP_KEYS, load_project, validate_project
+from flexmf_assets.config_file import _TOP_KEYS
+from flexmf_assets.project import load_project, validate_project
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
 FENCE = re.compile(r"(?P<marker><!-- docs-test: run -->\s*\n)?^```(?P<lang>[\w-]*)\n(?P<body>.*?)^```\s*$",
                    re.S | re.M)
-LANGS = ("python", "yaml", "bash", "text", "")  # a fence without a language is checked as bash
+#: a fence without a language is checked as bash; `sql` blocks (DuckDB over the latest tables) are run by
+#: tests/test_assets_models.py::test_latest_tables_read_by_duckdb against materialized tables
+LANGS = ("python", "yaml", "bash", "text", "sql", "")
 
 
 def blocks(lang: str | None = None) -> list:

@@ -18,7 +18,6 @@ from flexmf_assets.datasets.archive import find_member, safe_extract
 from flexmf_assets.datasets.download import fetch, redact_url, sha256_file
 from flexmf_assets.errors import ChecksumError, DownloadError
 
-SHARED_SHA = "e2c21c85a055577ec52cf9076494a166108a15fca12261f140387d20decfffb5"
 FAST = {"backoff": 0.01, "timeout": 5.0}
 
 
@@ -333,18 +332,19 @@ def _closed_port() -> int:
 
 
 def test_real_movielens_archive_downloads_and_extracts(movielens_server, tmp_path):
+    archive = movielens_server.archive  # the shared file (982,873 bytes) or its synthetic stand-in
     info = fetch(movielens_server.url("ml-latest-small.zip"), tmp_path / "cache", name="ml-latest-small",
-                 sha256=SHARED_SHA, builtin=True)
-    assert info.sha256 == SHARED_SHA and info.size == 982873 and not info.cached
+                 sha256=archive.sha256, builtin=True)
+    assert info.sha256 == archive.sha256 and info.size == archive.size and not info.cached
     files = safe_extract(info.path, tmp_path / "extracted", archive_sha256=info.sha256)
     assert {f.name for f in files} >= {"ratings.csv", "movies.csv", "tags.csv", "links.csv"}
     ratings = find_member(tmp_path / "extracted", "ratings.csv")
     with open(ratings, encoding="utf-8") as fh:
         assert fh.readline().strip() == "userId,movieId,rating,timestamp"
-        assert sum(1 for _ in fh) == 100_836
-    assert find_member(tmp_path / "extracted", "movies.csv").stat().st_size == 494_431
+        assert sum(1 for _ in fh) == archive.ratings
+    assert find_member(tmp_path / "extracted", "movies.csv").stat().st_size == archive.movies_csv_size
     assert fetch(movielens_server.url("ml-latest-small.zip"), tmp_path / "cache", name="ml-latest-small",
-                 sha256=SHARED_SHA, builtin=True).cached
+                 sha256=archive.sha256, builtin=True).cached
 
 
 # --------------------------------------------------------------------------- the size cap
@@ -419,8 +419,9 @@ def test_max_bytes_must_be_a_positive_integer(tmp_path, bad):
 
 
 @pytest.mark.parametrize(("value", "error"), [
-    ("1048576", None), ("null", None), ("0", "got 0"), ("-5", "got -5"), ("'4GB'", "got '4GB'"),
-    ("true", "got True"), ("1.5e+9", "got 1500000000.0"),
+    ("1048576", None), ("null", None), ("0", "got the integer 0"), ("-5", "got the integer -5"),
+    ("'4GB'", "got the string '4GB'"), ("true", "got the boolean true"),
+    ("1.5e+9", "got the number 1500000000.0"),
 ])
 def test_project_download_max_bytes(tmp_path, value, error):
     from flexmf_assets.errors import ConfigError
@@ -433,4 +434,4 @@ def test_project_download_max_bytes(tmp_path, value, error):
         return
     with pytest.raises(ConfigError) as err:
         load_project(cfg, env={})
-    assert str(err.value) == f"flexmf.yaml download.max_bytes: expected a positive integer (bytes), {error}"
+    assert str(err.value) == f"flexmf.yaml download.max_bytes: expected a positive integer (bytes) or null, {error}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import MAX_KEY_LENGTH
+from flexmf_assets.flexmf.config_base import MAX_KEY_LENGTH
 from flexmf_assets.project import load_project
 
 

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from flexmf_assets.flexmf import FlexMFExplicitScorer, FlexMFImplicitScorer, _native
+from flexmf_assets.flexmf import FlexMFExplicitScorer, FlexMFImplicitScorer, _abi, _native
 from flexmf_assets.flexmf.device import DeviceSettings
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler: the torch engine trains")
@@ -87,9 +87,9 @@ def test_implicit_kernel_matches_torch_engine(ratings, monkeypatch, config):
     common = {"embedding_size": 8, "batch_size": 256, "epochs": 5, "learning_rate": 0.02, **config}
     fast = _fit(FlexMFImplicitScorer, ratings, True, monkeypatch, **common)
     ref = _fit(FlexMFImplicitScorer, ratings, False, monkeypatch, **common)
-    assert set(fast.params_) == set(ref.params_)
-    for name, value in ref.params_.items():
-        torch.testing.assert_close(fast.params_[name], value, atol=5e-5, rtol=1e-4, msg=name)
+    assert set(fast.parameters()) == set(ref.parameters())
+    for name, value in ref.parameters().items():
+        torch.testing.assert_close(fast.parameters()[name], value, atol=5e-5, rtol=1e-4, msg=name)
     for a, b in zip(fast.history, ref.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     assert fast.history[-1]["train_loss"] < fast.history[0]["train_loss"]
@@ -102,8 +102,8 @@ def test_thread_count_does_not_change_the_result(ratings, monkeypatch):
                         (FlexMFImplicitScorer, {"embedding_size": 8, "batch_size": 256, "epochs": 3})):
         one = _fit(cls, ratings, True, monkeypatch, threads=1, **config)
         three = _fit(cls, ratings, True, monkeypatch, threads=3, **config)
-        p1 = one.params_ if cls is FlexMFImplicitScorer else {"u": one.user_table, "i": one.item_table}
-        p3 = three.params_ if cls is FlexMFImplicitScorer else {"u": three.user_table, "i": three.item_table}
+        p1 = one.parameters() if cls is FlexMFImplicitScorer else {"u": one.user_table, "i": one.item_table}
+        p3 = three.parameters() if cls is FlexMFImplicitScorer else {"u": three.user_table, "i": three.item_table}
         for name in p1:
             assert torch.equal(p1[name], p3[name]), (cls.__name__, name)
 
@@ -142,7 +142,7 @@ def test_disabled_by_environment(ratings, monkeypatch):
 
 def test_kernels_reject_strided_tensors():
     with pytest.raises(ValueError, match="contiguous CPU tensors"):
-        _native.ptr(torch.zeros(4, 4)[:, 1])
+        _abi.ptr(torch.zeros(4, 4)[:, 1])
 
 
 @needs_compiler
@@ -184,5 +184,87 @@ def test_a_compiler_without_openmp_builds_serial_kernels(ratings, monkeypatch, t
     fast = _fit(FlexMFImplicitScorer, ratings, True, monkeypatch, threads=2, **common)
     assert _native.status() == "loaded"
     ref = _fit(FlexMFImplicitScorer, ratings, False, monkeypatch, threads=2, **common)
-    for name, value in ref.params_.items():
-        torch.testing.assert_close(fast.params_[name], value, atol=5e-5, rtol=1e-4, msg=name)
+    for name, value in ref.parameters().items():
+        torch.testing.assert_close(fast.parameters()[name], value, atol=5e-5, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# the interface: _kernels.h and its ctypes mirror (_abi.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_compiler
+def test_ctypes_structs_mirror_the_header(tmp_path):
+    """Every struct's size, every field's offset and size, every enum value and constant of
+    _kernels.h, printed by a program compiled against the header, equal the Python mirror's."""
+    import ctypes
+    import subprocess
+
+    from flexmf_assets.flexmf.losses import LOSSES
+    from flexmf_assets.flexmf.optim import ADAM_BETAS, ADAM_EPS
+
+    expected: dict[str, float] = {}
+    lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "_kernels.h"', "int main(void) {"]
+    for struct in _abi.STRUCTS:
+        c = struct.C_NAME
+        lines.append(f'printf("sizeof {c} %zu\\n", sizeof({c}));')
+        expected[f"sizeof {c}"] = ctypes.sizeof(struct)
+        for name, ctype in struct._fields_:
+            lines.append(f'printf("{c}.{name} %zu %zu\\n", offsetof({c}, {name}), sizeof((({c} *)0)->{name}));')
+            expected[f"{c}.{name}"] = (getattr(struct, name).offset, ctypes.sizeof(ctype))
+    constants = {
+        "FLEXMF_OK": _abi.OK, "FLEXMF_UNKNOWN_LOSS": _abi.UNKNOWN_LOSS,
+        "FLEXMF_UNKNOWN_OPTIMIZER": _abi.UNKNOWN_OPTIMIZER, "FLEXMF_BAD_NEGATIVES": _abi.BAD_NEGATIVES,
+        "FLEXMF_SGD": _abi.SGD, "FLEXMF_ADAM": _abi.ADAM, "FLEXMF_MAX_NEGATIVES": _abi.MAX_NEGATIVES,
+        **{f"FLEXMF_LOSS_{name.upper()}": loss.kind for name, loss in LOSSES.items()},
+    }
+    for name, value in constants.items():
+        lines.append(f'printf("{name} %lld\\n", (long long){name});')
+        expected[name] = value
+    floats = {"FLEXMF_ADAM_B1": ADAM_BETAS[0], "FLEXMF_ADAM_B2": ADAM_BETAS[1], "FLEXMF_ADAM_EPS": ADAM_EPS}
+    for name in floats:
+        lines.append(f'printf("{name} %.9g\\n", (double){name});')
+    lines += ["return 0;", "}"]
+    (tmp_path / "layout.c").write_text("\n".join(lines) + "\n")
+    subprocess.run(["cc", "-I", str(_native.SOURCE.parent), "-o", str(tmp_path / "layout"), str(tmp_path / "layout.c")],
+                   check=True)
+    printed = subprocess.run([str(tmp_path / "layout")], check=True, capture_output=True, text=True).stdout
+    got: dict[str, object] = {}
+    for line in printed.splitlines():
+        key, *values = line.rsplit(" ", 2) if "." in line.split(" ")[0] else line.rsplit(" ", 1)
+        got[key] = tuple(int(v) for v in values) if len(values) == 2 else float(values[0])
+    for key, want in expected.items():
+        assert got[key] == (want if isinstance(want, tuple) else float(want)), key
+    for name, value in floats.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name
+    assert len(got) == len(expected) + len(floats)
+
+
+@needs_compiler
+def test_kernels_refuse_unknown_kinds():
+    """A loss kind or optimizer the kernels do not know is an error status, never a silent default."""
+    assert _native.kernels() is not None
+    with pytest.raises(RuntimeError, match="flexmf_implicit_batches: unknown loss kind"):
+        _native.run("flexmf_implicit_batches", _abi.ImplicitArgs(
+            train=_abi.Train(optimizer=_abi.ADAM), loss_kind=99, negatives=1))
+    with pytest.raises(RuntimeError, match="flexmf_explicit_epoch: unknown optimizer"):
+        _native.run("flexmf_explicit_epoch", _abi.ExplicitArgs(train=_abi.Train(optimizer=7)))
+    with pytest.raises(RuntimeError, match="flexmf_implicit_batches: negatives per positive"):
+        _native.run("flexmf_implicit_batches", _abi.ImplicitArgs(
+            train=_abi.Train(optimizer=_abi.ADAM), loss_kind=2, negatives=3))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_an_unknown_loss_is_an_error_in_every_engine(ratings, monkeypatch, native):
+    """A loss name that reaches an engine without a config check (here forged into a valid config)
+    fails naming it; it never trains as some other loss."""
+    from flexmf_assets.errors import ConfigError
+    from flexmf_assets.flexmf import FlexMFImplicitConfig
+
+    monkeypatch.setenv("FLEXMF_NATIVE", "1" if native else "0")
+    if native and _native.kernels() is None:
+        pytest.skip(_native.status())
+    config = FlexMFImplicitConfig(embedding_size=4, epochs=1)
+    object.__setattr__(config, "loss", "hinge")
+    with pytest.raises(ConfigError, match=r"^loss: 'hinge' is not one of 'logistic', 'pairwise', 'warp'$"):
+        FlexMFImplicitScorer(config, device="cpu").fit(ratings)

@@ -217,18 +217,19 @@ needs_archive = pytest.mark.skipif(not _archive_module_ready(), reason="datasets
 
 
 @needs_archive
-def test_load_real_movielens_zip(movielens_zip, tmp_path):
+def test_load_real_movielens_zip(movielens_archive, tmp_path):
+    archive = movielens_archive  # ml-latest-small: 100,836 ratings, 610 users, 9,724 of 9,742 movies rated
     spec = builtin_catalog(env={})["ml-latest-small"]
-    data = load_dataset(spec, movielens_zip, tmp_path)
+    data = load_dataset(spec, archive.path, tmp_path)
     r = data.ratings
     assert dict(r.schema) == RATINGS_SCHEMA
-    assert r.height == 100_836
-    assert r["user_id"].n_unique() == 610
-    assert r["item_id"].n_unique() == 9_724
+    assert r.height == archive.ratings
+    assert r["user_id"].n_unique() == archive.users
+    assert r["item_id"].n_unique() == archive.rated_items
     assert r.null_count().sum_horizontal()[0] == 0
     assert r["rating"].min() == 0.5 and r["rating"].max() == 5.0
-    assert data.items is not None and data.items.height == 9_742
-    assert data.items.filter(pl.col("item_id") == 1)["title"][0] == "Toy Story (1995)"
+    assert data.items is not None and data.items.height == archive.movies
+    assert data.items.filter(pl.col("item_id") == 1)["title"][0] == archive.title_1  # "Toy Story (1995)"
 
 
 @needs_archive

@@ -140,7 +140,8 @@ def test_sampled_negatives_are_never_positives(n_users, n_items, density, strate
     positives = PositiveSet(users, items, n_items, dense_limit=(1 << 20) if dense else 0)
     sampler = make_sampler(strategy, positives, items, candidates=4)
     table = torch.randn(n_users, n_items, generator=g)
-    out = sampler.sample(users, count, score_fn=lambda us, its: table[us.unsqueeze(1), its], generator=g)
+    rows, inv = torch.unique(users, return_inverse=True)  # the engine's pooled scorer
+    out = sampler.sample(users, count, pool_scores=lambda pool: (table[rows][:, pool], inv), generator=g)
     assert out.items.shape == out.valid.shape == (users.numel(), count)
     assert ((out.items >= 0) & (out.items < n_items)).all()
     is_positive = mask[users.unsqueeze(1), out.items]

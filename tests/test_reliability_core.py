@@ -16,7 +16,7 @@ import pytest
 
 from flexmf_assets.datasets.split import SplitConfig, split_ratings
 from flexmf_assets.errors import ConfigError, DataValidationError, TrainingError
-from flexmf_assets.flexmf._common import sha256_file
+from flexmf_assets.files import sha256_file
 from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
 from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer
 
@@ -154,7 +154,7 @@ def test_model_file_carrying_a_pickle_is_rejected_without_running_it(tmp_path):
 def test_model_metadata_cannot_name_another_class(tmp_path):
     from upath import UPath
 
-    from flexmf_assets.defs.io_managers import VersionedStore, current_version
+    from flexmf_assets.storage import VersionedStore, current_version
 
     store = VersionedStore()
     model = FlexMFExplicitScorer(device="cpu", embedding_size=4, epochs=1).fit(

@@ -7,7 +7,8 @@ import torch
 
 from flexmf_assets.errors import ConfigError
 from flexmf_assets.flexmf.implicit_config import FlexMFImplicitConfig
-from flexmf_assets.flexmf.sampling import PositiveSet, make_sampler, warp_rank_weights
+from flexmf_assets.flexmf.losses import warp_rank_weights
+from flexmf_assets.flexmf.sampling import PositiveSet, make_sampler
 
 
 def _dense_positives(n_users=50, n_items=40, seed=0):
@@ -35,35 +36,28 @@ def _pool_scores(table: torch.Tensor, users: torch.Tensor):
     return lambda pool: (table[rows][:, pool], inv)
 
 
-@pytest.mark.parametrize("strategy, pooled", [("uniform", False), ("popular", False),
-                                              ("misranked", False), ("misranked", True)])
-def test_sampled_negatives_are_never_positives(strategy, pooled):
+@pytest.mark.parametrize("strategy", ["uniform", "popular", "misranked"])
+def test_sampled_negatives_are_never_positives(strategy):
     mask, u, i = _dense_positives()
     ps = PositiveSet(u, i, mask.shape[1])
     sampler = make_sampler(strategy, ps, i, candidates=8)
     table = torch.randn(mask.shape)
-    score_fn = lambda us, its: table[us.unsqueeze(1), its]  # noqa: E731
     users = u.repeat(4)
     gen = torch.Generator().manual_seed(1)
-    if pooled:
-        out = sampler.sample(users, 3, pool_scores=_pool_scores(table, users), generator=gen)
-    else:
-        out = sampler.sample(users, 3, score_fn=score_fn, generator=gen)
+    out = sampler.sample(users, 3, pool_scores=_pool_scores(table, users), generator=gen)
     assert out.items.shape == (users.numel(), 3)
     is_pos = mask[users.unsqueeze(1), out.items]
     assert not (is_pos & out.valid).any()
     assert out.valid.float().mean() > 0.5  # masking is the exception, not the rule
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_misranked_picks_hardest_and_warp_first_violator(pooled):
+def test_misranked_picks_hardest_and_warp_first_violator():
     n_items = 20
     ps = PositiveSet(torch.tensor([0]), torch.tensor([19]), n_items)
     score = torch.arange(n_items, dtype=torch.float32)  # item 19 (positive) scores highest
-    score_fn = lambda us, its: score[its]  # noqa: E731
     sampler = make_sampler("misranked", ps, torch.tensor([19]), candidates=n_items * 3)
     users = torch.zeros(200, dtype=torch.long)
-    kw = ({"pool_scores": _pool_scores(score.unsqueeze(0), users)} if pooled else {"score_fn": score_fn})
+    kw = {"pool_scores": _pool_scores(score.unsqueeze(0), users)}
     gen = torch.Generator().manual_seed(0)
     out = sampler.sample(users, 1, generator=gen, **kw)
     assert out.valid.all() and (out.items == 18).float().mean() > 0.9  # 18: best non-positive
@@ -87,6 +81,13 @@ def test_pooled_candidates_cover_the_catalogue():
     seen = torch.cat([sampler.sample(users, 1, pool_scores=_pool_scores(flat, users),
                                      generator=gen).items.reshape(-1) for _ in range(60)])
     assert seen.unique().numel() > 0.95 * (n_items - 1) and not (seen == 0).any()
+
+
+def test_unknown_sampler_is_a_config_error():
+    ps = PositiveSet(torch.tensor([0]), torch.tensor([1]), 3)
+    with pytest.raises(ConfigError, match=r"negative_strategy: 'hardest' is not one of 'uniform', 'popular', "
+                                          r"'misranked'"):
+        make_sampler("hardest", ps, torch.tensor([1]))
 
 
 def test_warp_rank_weights():

@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 
 from flexmf_assets.datasets.synthetic import SyntheticConfig, generate
-from flexmf_assets.defs.automation import _report_once, latest_materialization, model_partition_key, sweep_plan
+from flexmf_assets.defs.automation import _report_once, sweep_plan
+from flexmf_assets.defs.records import latest_materialization, model_partition_key
 from flexmf_assets.defs.definitions import build_definitions
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.project import load_project
@@ -95,7 +96,8 @@ def context(env, sensor: str) -> tuple[dg.SensorDefinition, dg.SensorEvaluationC
 def test_nothing_trains_unasked_sweep_sensor_is_opt_in(env):
     sensors = {s.name: s.default_status for s in env.defs.sensors}
     assert sensors == {"register_sets": dg.DefaultSensorStatus.RUNNING, "sweep": dg.DefaultSensorStatus.STOPPED,
-                       "automation": dg.DefaultSensorStatus.RUNNING}
+                       "automation": dg.DefaultSensorStatus.RUNNING,
+                       "free_dead_run_slots": dg.DefaultSensorStatus.RUNNING}
     # the running registration sensor adds the file's sets as partitions and launches nothing
     sensor, ctx = context(env, "register_sets")
     first = sensor.evaluate_tick(ctx)
@@ -122,6 +124,10 @@ def test_sweep_trains_each_configuration_once_never_twice_never_invalid_keys(env
     plan = sweep_plan(env.project, env.instance)
     wanted = {(r.job_name, str(r.partition_key)) for r in plan.runs}
     assert ("explicit_job", "mine|default") in wanted and ("explicit_job", "mine|short") in wanted
+    # each run records the assets it targets (automation then does not refresh them a second time)
+    assert all(sorted(k.to_user_string() for k in r.asset_selection) == sorted(
+        f"{r.job_name.removesuffix('_job')}_{a}" for a in ("evaluation", "model", "recommendations"))
+        for r in plan.runs)
     # one run per configuration: the duplicates of `default` are named, not trained
     assert plan.same_as == {"explicit:mine|same_as_default": "default",
                             "explicit:mine|patience=none;epochs=12;embedding_size=8": "default"}
@@ -239,7 +245,7 @@ def test_leaderboard_champion_by_validation_and_lineage(env):
     store_dir = env.project.storage_dir / "champion_recommendations" / "mine"
     from upath import UPath
 
-    from flexmf_assets.defs.io_managers import VersionedStore
+    from flexmf_assets.storage import VersionedStore
 
     table = VersionedStore().read(UPath(store_dir))
     explicit_rows = table.filter(pl.col("track") == "explicit")

@@ -1,4 +1,4 @@
-"""GX validation of ratings: the real ml-latest-small passes, one corruption per check fails."""
+"""GX validation of ratings: ml-latest-small (or its synthetic stand-in) passes, one corruption per check fails."""
 
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ from flexmf_assets.datasets.validation import (
     validate_ratings,
 )
 from flexmf_assets.errors import ConfigError, DataValidationError
-
-N_RATINGS = 100_836  # rows of ml-latest-small/ratings.csv
-
 
 @pytest.fixture(scope="module")
 def ratings(movielens_zip) -> pl.DataFrame:
@@ -46,14 +43,15 @@ def _assert_json(report: ValidationReport) -> None:
         json.dumps([o.details, o.unexpected_examples], allow_nan=False)
 
 
-def test_real_movielens_passes_every_check(ratings):
-    assert ratings.height == N_RATINGS
+def test_real_movielens_passes_every_check(ratings, movielens_archive):
+    n_ratings = movielens_archive.ratings  # 100,836 rows of ml-latest-small/ratings.csv
+    assert ratings.height == n_ratings
     report = validate_ratings(ratings)
     assert [o.check_name for o in report.outcomes] == list(CHECK_NAMES)
     assert report.success, report.summary()
     assert all(o.unexpected_count == 0 and o.unexpected_examples == [] for o in report.outcomes)
-    assert report["min_rows"].details["observed_value"] == N_RATINGS
-    assert report["rating_in_scale"].details["element_count"] == N_RATINGS
+    assert report["min_rows"].details["observed_value"] == n_ratings
+    assert report["rating_in_scale"].details["element_count"] == n_ratings
     assert report["timestamp_plausible"].details["min_value"] == 631_152_000
     assert len(set(CHECK_NAMES)) == len(CHECK_NAMES) == 7
     _assert_json(report)
@@ -159,7 +157,7 @@ def test_step_tolerance_absorbs_float32_rounding():
     assert off["rating_on_step"].unexpected_examples == [{"row": 50, "rating": 5.05}]
 
 
-def test_duplicated_pair_fails_unique_user_item(ratings):
+def test_duplicated_pair_fails_unique_user_item(ratings, movielens_archive):
     again = ratings[5:6].with_columns(pl.lit(1.0, dtype=pl.Float32).alias("rating"))
     bad = pl.concat([ratings, again])
     pair = (ratings[5, "user_id"], ratings[5, "item_id"])
@@ -169,7 +167,7 @@ def test_duplicated_pair_fails_unique_user_item(ratings):
     assert unique.unexpected_count == 2  # both rows of the duplicated pair
     assert unique.unexpected_examples == [
         {"row": 5, "user_id": pair[0], "item_id": pair[1]},
-        {"row": N_RATINGS, "user_id": pair[0], "item_id": pair[1]},
+        {"row": movielens_archive.ratings, "user_id": pair[0], "item_id": pair[1]},
     ]
 
 

@@ -214,7 +214,7 @@ def _type_name(value: object) -> str:
 
 def _columns(at: str, fmt: str, columns: object) -> dict[str, str] | None:
     """The validated column mapping of a csv/parquet entry (None for archive layouts)."""
-    from flexmf_assets.flexmf._config import suggest
+    from flexmf_assets.flexmf.config_base import suggest
 
     if fmt not in PLAIN_FORMATS:
         if columns is not None:
@@ -250,7 +250,7 @@ def user_dataset(name: str, entry: Mapping[str, object], *, where: str = "flexmf
     Every field has a strict type (a boolean is a YAML boolean, a list a list, a number a finite
     number); any violation is a one-line :class:`ConfigError` naming the field.
     """
-    from flexmf_assets.flexmf._config import suggest
+    from flexmf_assets.flexmf.config_base import suggest
 
     check_dataset_name(name, where)
     at = f"{where} datasets.{name}"

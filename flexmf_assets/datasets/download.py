@@ -28,6 +28,7 @@ from urllib.request import url2pathname
 import requests
 
 from flexmf_assets.errors import ChecksumError, DownloadError
+from flexmf_assets.files import atomic_write_text, sha256_file
 
 ALLOWED_SCHEMES = ("http", "https", "file")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -81,15 +82,6 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(4 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -109,17 +101,6 @@ def _scrub(text: str, url: str) -> str:
 
 def _cause(exc: BaseException, url: str) -> str:
     return _one_line(_scrub(f"{type(exc).__name__}: {exc}", url))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_sidecar(path: Path) -> dict:
@@ -200,7 +181,7 @@ def _over_cap(name: str, shown: str, what: str, max_bytes: int) -> DownloadError
 
 def _finalize(tmp: Path, target: Path, info: dict) -> None:
     os.replace(tmp, target)
-    _atomic_write_text(target.with_name(target.name + ".json"), json.dumps(info, indent=2) + "\n")
+    atomic_write_text(target.with_name(target.name + ".json"), json.dumps(info, indent=2) + "\n")
 
 
 def _temp_in(target: Path) -> tuple[IO[bytes], Path]:

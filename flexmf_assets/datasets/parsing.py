@@ -22,19 +22,15 @@ from __future__ import annotations
 import csv
 import io
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import polars as pl
 
 from flexmf_assets.datasets.catalog import ArchiveLayout, DatasetSpec
+from flexmf_assets.datasets.frames import ITEMS_SCHEMA, RATINGS_SCHEMA, ParsedDataset
+from flexmf_assets.datasets.synthetic import generate
 from flexmf_assets.errors import ArchiveError, ParseError
-
-RATINGS_SCHEMA: dict[str, pl.DataType] = {
-    "user_id": pl.Int64(), "item_id": pl.Int64(), "rating": pl.Float32(), "timestamp": pl.Int64(),
-}
-ITEMS_SCHEMA: dict[str, pl.DataType] = {"item_id": pl.Int64(), "title": pl.String(), "genres": pl.String()}
 
 #: header of the MovieLens CSV ratings files (ml-latest*, ml-20m and later)
 CSV_RATINGS_HEADER = ("userId", "movieId", "rating", "timestamp")
@@ -46,14 +42,6 @@ ML100K_GENRES = (
     "War", "Western",
 )
 _CHUNK = 1 << 25  # bytes per block of the error-locating pass
-
-
-@dataclass
-class ParsedDataset:
-    """The canonical frames of one dataset; ``items`` is None when the source has no item file."""
-
-    ratings: pl.DataFrame
-    items: pl.DataFrame | None = None
 
 
 # --------------------------------------------------------------------------- error location
@@ -704,8 +692,6 @@ def load_dataset(spec: DatasetSpec, source: Path | None, workdir: Path) -> Parse
     member is found by base name; synthetic specs ignore ``source`` and generate their preset.
     """
     if spec.is_synthetic:
-        from flexmf_assets.datasets.synthetic import generate
-
         return generate(spec.preset or spec.name)
     if source is None:
         raise ParseError(f"dataset {spec.name!r}: no source file to parse")

@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from flexmf_assets.errors import ConfigError, DataValidationError
-from flexmf_assets.flexmf._config import ConfigBase
+from flexmf_assets.flexmf.config_base import ConfigBase
 
 _PAIR = ["user_id", "item_id"]
 

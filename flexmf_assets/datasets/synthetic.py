@@ -10,19 +10,27 @@ Everything is vectorised numpy (25M ratings in well under 3 GB). The true parame
 their own random stream, so :func:`planted_truth` recovers them without generating ratings, and
 :meth:`SyntheticTruth.expected` gives the noise-free rating of any (user, item) pair: a model that
 recovers the structure reaches an RMSE near :meth:`SyntheticTruth.noise_rmse`.
+
+:func:`write_movielens_archive` writes a dataset as a zip in the ml-latest-small layout (``ratings.csv``,
+``movies.csv``, ``tags.csv``, ``links.csv``, ``README.txt`` under one top folder), which the built-in
+``ml-latest-small`` format parses: a stand-in for MovieLens where it cannot be downloaded.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+import zipfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from flexmf_assets.datasets.parsing import ITEMS_SCHEMA, ParsedDataset
+from flexmf_assets.datasets.frames import ITEMS_SCHEMA, ParsedDataset
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import ConfigBase, suggest
+from flexmf_assets.flexmf.config_base import ConfigBase, suggest
 
 _EPOCH_2000 = 946_684_800  # 2000-01-01T00:00:00Z
 _EPOCH_2021 = 1_609_459_200  # 2021-01-01T00:00:00Z
@@ -84,7 +92,8 @@ class SyntheticConfig(ConfigBase):
         return max(1, int(self.max_user_fraction * self.n_items))
 
 
-PRESETS: dict[str, SyntheticConfig] = {
+#: the named synthetic datasets (``generate("synthetic-1m")``), shaped like the MovieLens releases
+SYNTHETIC_DATASETS: dict[str, SyntheticConfig] = {
     # like ml-latest-small: 100,836 ratings, 610 users, 9,724 rated of 9,742 movies
     "synthetic-100k": SyntheticConfig(n_users=610, n_items=9_742, n_ratings=100_000),
     # like ml-1m: 1,000,209 ratings, 6,040 users, 3,706 movies
@@ -99,10 +108,11 @@ PRESETS: dict[str, SyntheticConfig] = {
 def resolve_config(config_or_preset: SyntheticConfig | str, seed: int | None = None) -> SyntheticConfig:
     """A config from a preset name (or the config itself), with ``seed`` applied when given."""
     if isinstance(config_or_preset, str):
-        if config_or_preset not in PRESETS:
-            raise ConfigError(f"synthetic preset {config_or_preset!r} is unknown"
-                              f"{suggest(config_or_preset, list(PRESETS))}; presets: {', '.join(PRESETS)}")
-        config = PRESETS[config_or_preset]
+        names = list(SYNTHETIC_DATASETS)
+        if config_or_preset not in names:
+            raise ConfigError(f"synthetic preset {config_or_preset!r} is unknown{suggest(config_or_preset, names)}; "
+                              f"presets: {', '.join(names)}")
+        config = SYNTHETIC_DATASETS[config_or_preset]
     else:
         config = config_or_preset
     return config if seed is None else replace(config, seed=seed)
@@ -348,4 +358,111 @@ def generate(config_or_preset: SyntheticConfig | str, *, seed: int | None = None
     return ParsedDataset(ratings, items)
 
 
-__all__ = ["SyntheticConfig", "SyntheticTruth", "PRESETS", "generate", "planted_truth", "resolve_config"]
+#: MovieLens' genre vocabulary (movies.csv); a movie gets 1-3 of them, or ``(no genres listed)``
+GENRES = ("Action", "Adventure", "Animation", "Children", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
+          "Film-Noir", "Horror", "IMAX", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+_GENRE_WEIGHTS = (1450, 1060, 500, 530, 3760, 1200, 440, 4360, 780, 90, 980, 160, 330, 570, 1600, 980, 1900, 380, 170)
+_TAGS = ("atmospheric", "funny", "thought-provoking", "twist ending", "dark comedy", "visually appealing",
+         "classic", "Highly quotable", "superhero", "surreal", "based on a book", "great soundtrack")
+_ZIP_TIME = (2000, 1, 1, 0, 0, 0)  # fixed member times: same config, same bytes (with the same zlib)
+
+
+def _movies(config: SyntheticConfig, rng: np.random.Generator) -> pl.DataFrame:
+    """movies.csv: ``Movie 17 (1995)`` titles (every tenth ``Movie 20, The (1987)``, quoted as in MovieLens)
+    and alphabetically ordered pipe-separated genres."""
+    ids = np.arange(1, config.n_items + 1, dtype=np.int64)
+    years = rng.integers(1920, 2019, config.n_items)
+    weights = np.asarray(_GENRE_WEIGHTS, dtype=np.float64) / sum(_GENRE_WEIGHTS)
+    counts = rng.choice([0, 1, 2, 3], size=config.n_items, p=[0.005, 0.4, 0.35, 0.245])
+    titles, genres = [], []
+    for i, year, k in zip(ids.tolist(), years.tolist(), counts.tolist()):
+        titles.append(f"Movie {i}, The ({year})" if i % 10 == 0 else f"Movie {i} ({year})")
+        picked = sorted(rng.choice(len(GENRES), size=k, replace=False, p=weights).tolist()) if k else []
+        genres.append("|".join(GENRES[g] for g in picked) or "(no genres listed)")
+    return pl.DataFrame({"movieId": ids, "title": titles, "genres": genres})
+
+
+def _tags(ratings: pl.DataFrame, rng: np.random.Generator) -> pl.DataFrame:
+    """tags.csv: one tag on about one rating in 27 (as in ml-latest-small), a few minutes after it."""
+    rows = np.sort(rng.choice(ratings.height, size=ratings.height // 27, replace=False))
+    picked = ratings[rows]
+    return pl.DataFrame({
+        "userId": picked["user_id"], "movieId": picked["item_id"],
+        "tag": [_TAGS[t] for t in rng.integers(0, len(_TAGS), len(rows)).tolist()],
+        "timestamp": picked["timestamp"] + rng.integers(1, 600, len(rows)),
+    })
+
+
+def _readme(folder: str, config: SyntheticConfig, ratings: pl.DataFrame, n_tags: int) -> str:
+    fields = ", ".join(f"{k}={v!r}" for k, v in config.to_dict().items())
+    return f"""Summary
+=======
+
+This dataset ({folder}) is SYNTHETIC: it was written by flexmf_assets.datasets.synthetic.write_movielens_archive
+in the layout of MovieLens ml-latest-small. It contains {ratings.height} ratings and {n_tags} tag applications
+across {config.n_items} movies, by {ratings["user_id"].n_unique()} users. No rating comes from a real person.
+
+Ratings follow a planted biased matrix-factorization model:
+SyntheticConfig({fields})
+
+Files
+=====
+
+ratings.csv  userId,movieId,rating,timestamp, sorted by userId then movieId
+             (ratings {config.rating_low}..{config.rating_high} in steps of {config.rating_step}; seconds since 1970 UTC)
+movies.csv   movieId,title,genres (titles "Movie <id> (<year>)"; genres pipe-separated)
+tags.csv     userId,movieId,tag,timestamp
+links.csv    movieId,imdbId,tmdbId (made-up identifiers)
+"""
+
+
+def write_movielens_archive(path: str | os.PathLike[str], config_or_preset: SyntheticConfig | str = "synthetic-100k",
+                            *, seed: int | None = None, folder: str | None = None) -> Path:
+    """Write :func:`generate`'s dataset as a zip in the MovieLens ml-latest-small layout; returns the path.
+
+    The zip holds ``<folder>/`` (default: the file name without ``.zip``) with ``ratings.csv``
+    (``userId,movieId,rating,timestamp``, exactly :func:`generate`'s ratings), ``movies.csv``
+    (``movieId,title,genres``, every item), ``tags.csv``, ``links.csv`` and ``README.txt``; CSV lines end
+    in CRLF as in the GroupLens file. The same config, seed and folder give the same bytes (with the same
+    zlib). Written to a temporary file beside ``path`` and moved into place (``os.replace``).
+    """
+    config = resolve_config(config_or_preset, seed)
+    path = Path(path)
+    folder = folder or (path.name[:-4] if path.name.endswith(".zip") else path.name)
+    ratings = generate(config).ratings
+    meta_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(3)[2])  # not generate()'s streams
+    movies = _movies(config, meta_rng)
+    tags = _tags(ratings, meta_rng)
+    links = pl.DataFrame({"movieId": movies["movieId"],
+                          "imdbId": [f"{i:07d}" for i in (movies["movieId"] + 110_000).to_list()],
+                          "tmdbId": movies["movieId"] + 800})
+    ratings_csv = ratings.rename({"user_id": "userId", "item_id": "movieId"})
+    members = (("movies.csv", movies), ("ratings.csv", ratings_csv), ("tags.csv", tags),
+               ("README.txt", _readme(folder, config, ratings, tags.height)), ("links.csv", links))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w") as zf:
+            top = zipfile.ZipInfo(f"{folder}/", _ZIP_TIME)
+            top.external_attr = (0o40755 << 16) | 0x10  # a directory, as in the GroupLens file
+            zf.writestr(top, b"")
+            for name, content in members:
+                info = zipfile.ZipInfo(f"{folder}/{name}", _ZIP_TIME)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
+                big = isinstance(content, pl.DataFrame) and content.height * 40 > zipfile.ZIP64_LIMIT
+                with zf.open(info, "w", force_zip64=big) as out:
+                    if isinstance(content, str):
+                        out.write(content.encode("utf-8"))
+                    else:
+                        content.write_csv(out, line_terminator="\r\n")
+        tmp.chmod(0o644)  # mkstemp made it private; the archive is plain data
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+__all__ = ["SyntheticConfig", "SyntheticTruth", "SYNTHETIC_DATASETS", "GENRES", "generate", "planted_truth",
+           "resolve_config", "write_movielens_archive"]

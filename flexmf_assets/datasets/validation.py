@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import polars as pl
 
 from flexmf_assets.errors import ConfigError, DataValidationError
+from flexmf_assets.files import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import great_expectations as gx
@@ -360,27 +361,6 @@ def _iso(ts: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON values: numpy scalars unwrapped; NaN/inf as the strings 'NaN', 'inf', '-inf'."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if hasattr(value, "item") and not isinstance(value, (list, dict, tuple)):
-        value = value.item()
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return str(value)
-
-
 def _row_examples(ratings: pl.DataFrame, rows: Iterable[int], columns: list[str]) -> list[dict]:
     rows = [int(i) for i in list(rows)[:MAX_EXAMPLES]]
     if not rows:
@@ -393,7 +373,7 @@ def _row_examples(ratings: pl.DataFrame, rows: Iterable[int], columns: list[str]
         if picked.schema[c] == pl.Float32
     )
     return [
-        {"row": i, **{c: _jsonable(picked[j, c]) for c in columns}} for j, i in enumerate(rows)
+        {"row": i, **{c: jsonable(picked[j, c]) for c in columns}} for j, i in enumerate(rows)
     ]
 
 
@@ -421,7 +401,7 @@ def _column_outcome(
         **extra,
         "element_count": int(res.get("element_count") or 0),
         "missing_count": int(res.get("missing_count") or 0),
-        "unexpected_percent": _jsonable(res.get("unexpected_percent")),
+        "unexpected_percent": jsonable(res.get("unexpected_percent")),
     }
     if error:
         details["error"] = error
@@ -605,7 +585,7 @@ def _unique_outcome(description: str, ratings: pl.DataFrame, result) -> Expectat
     error = _error_of(result)
     details: dict[str, Any] = {
         "element_count": int(res.get("element_count") or 0),
-        "unexpected_percent": _jsonable(res.get("unexpected_percent")),
+        "unexpected_percent": jsonable(res.get("unexpected_percent")),
     }
     if error:
         details["error"] = error

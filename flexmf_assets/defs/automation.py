@@ -26,29 +26,18 @@ from typing import Iterable
 
 import dagster as dg
 
-from flexmf_assets.defs.partitions import DATASET_DIM, HPARAMS_DIM, HPARAMS_PARTITIONS
+from flexmf_assets.defs.partitions import HPARAMS_PARTITIONS
+from flexmf_assets.defs.records import DATA_VERSION_TAG, latest_materialization, model_partition_key
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.errors import ConfigError
 from flexmf_assets.project import TRACKS, ProjectConfig
 
 DEFAULT_CRON = "0 3 * * 1"  # Mondays 03:00
-#: model metadata key holding the data version of the split it was trained on
-SPLIT_VERSION_KEY = "split_data_version"
-DATA_VERSION_TAG = "dagster/data_version"
+#: the assets of a track's job, in the order they materialize
+TRACK_ASSETS = ("model", "evaluation", "recommendations")
 #: run statuses that count as "already on its way" for a partition
 PENDING_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                     dg.DagsterRunStatus.STARTED]
-
-
-def latest_materialization(instance: dg.DagsterInstance, asset: str, partition: str):
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
-    ).records
-    return records[0] if records else None
-
-
-def model_partition_key(dataset: str, hparams: str) -> dg.MultiPartitionKey:
-    return dg.MultiPartitionKey({DATASET_DIM: dataset, HPARAMS_DIM: hparams})
 
 
 def pending_partitions(instance: dg.DagsterInstance) -> set[str]:
@@ -147,7 +136,10 @@ def sweep_plan(project: ProjectConfig, instance: dg.DagsterInstance) -> SweepPla
                 if str(partition) in pending:
                     plan.pending.append(f"{track}:{partition}")
                     continue
+                # the asset selection is recorded on the run: automation then knows the evaluation and
+                # recommendations were made with the model in this run (a job name alone records none)
                 plan.runs.append(dg.RunRequest(job_name=f"{track}_job", partition_key=partition,
+                                               asset_selection=[dg.AssetKey(f"{track}_{a}") for a in TRACK_ASSETS],
                                                run_key=f"train:{track}:{partition}:{version}"))
     return plan
 

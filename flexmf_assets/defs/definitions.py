@@ -16,7 +16,9 @@ from flexmf_assets.defs.io_managers import FlexMFIOManager
 from flexmf_assets.defs.partitions import dataset_partitions
 from flexmf_assets.defs.profiles import select_profile, uses_cuda
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
+from flexmf_assets.defs.slots import build_slots_sensor
 from flexmf_assets.project import ProjectConfig, load_project
+from flexmf_assets.tracks import TRACKS
 
 DATA_GROUP = "data"
 
@@ -30,8 +32,8 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
     # two trainings never share a GPU: CUDA training steps take the `gpu` pool (set its limit with
     # `dagster instance concurrency set gpu 1`); CPU training uses `flexmf_training`
     pool = "gpu" if uses_cuda(project) else "flexmf_training"
-    model_assets = [a for track in ("explicit", "implicit") for a in build_track_assets(project, track, pool=pool,
-                                                                              op_tags=profile.training_tags)]
+    model_assets = [a for track in TRACKS for a in build_track_assets(project, track, pool=pool,
+                                                                      op_tags=profile.training_tags)]
     board_assets = build_leaderboard_assets(datasets)
     resources = {
         "project_config": ProjectResource(config_path=config_path or (str(project.path) if project.path else None)),
@@ -47,12 +49,10 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
         "data_job": dg.define_asset_job(
             "data_job", selection=dg.AssetSelection.groups(DATA_GROUP),
             description="Download, parse, validate and split one dataset partition."),
-        "explicit_job": dg.define_asset_job(
-            "explicit_job", selection=dg.AssetSelection.groups("explicit"),
-            description="Train, evaluate and publish one dataset|hparams explicit partition."),
-        "implicit_job": dg.define_asset_job(
-            "implicit_job", selection=dg.AssetSelection.groups("implicit"),
-            description="Train, evaluate and publish one dataset|hparams implicit partition."),
+        **{f"{name}_job": dg.define_asset_job(
+            f"{name}_job", selection=dg.AssetSelection.groups(name),
+            description=f"Train, evaluate and publish one dataset|hparams {name} partition.")
+           for name in TRACKS},
         "leaderboard_job": dg.define_asset_job(
             "leaderboard_job", selection=dg.AssetSelection.groups("leaderboard"),
             description="Rank every trained hparams partition of a dataset and publish the champions."),
@@ -64,7 +64,7 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
         assets=assets,
         resources=resources,
         jobs=list(jobs.values()),
-        sensors=sensors,
+        sensors=[*sensors, build_slots_sensor()],
         schedules=schedules,
         executor=profile.executor,
     )

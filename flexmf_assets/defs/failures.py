@@ -13,9 +13,6 @@ def as_failure(exc: FlexMFError) -> dg.Failure:
     return dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False)
 
 
-_failure = as_failure
-
-
 def user_errors(fn):
     """Decorator (below ``@asset``): a :class:`FlexMFError` fails the step with its one-line message."""
     if inspect.isgeneratorfunction(fn):
@@ -25,7 +22,7 @@ def user_errors(fn):
             try:
                 yield from fn(*args, **kwargs)
             except FlexMFError as exc:
-                raise _failure(exc) from None
+                raise as_failure(exc) from None
 
         return gen_wrapper
 
@@ -34,6 +31,6 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FlexMFError as exc:
-            raise _failure(exc) from None
+            raise as_failure(exc) from None
 
     return wrapper

@@ -40,45 +40,6 @@ def column_schema(frame: pl.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(n, str(t)) for n, t in frame.schema.items()])
 
 
-def jsonable(value: Any) -> Any:
-    """Recursively convert numpy scalars/tuples so a value fits MetadataValue.json."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    try:
-        return value.item()
-    except AttributeError:
-        return str(value)
-
-
-def figure_markdown(fig, title: str) -> dg.MarkdownMetadataValue:
-    """Render a matplotlib figure as an inline PNG in a Markdown metadata value (closes the figure)."""
-    import base64
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode()
-    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
-
-
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def rounded(value: Any, digits: int = 4) -> Any:
     """``value`` to ``digits`` significant digits when it is a float (what the UI shows); the raw values
     stay in the stored tables and in a JSON entry beside."""

@@ -10,17 +10,13 @@ import warnings
 import dagster as dg
 
 from flexmf_assets.project import ProjectConfig
+from flexmf_assets.tracks import TRACK_NAMES
 
 DATASET_DIM = "dataset"
 HPARAMS_DIM = "hparams"
 
-explicit_hparams_partitions = dg.DynamicPartitionsDefinition(name="explicit_hparams")
-implicit_hparams_partitions = dg.DynamicPartitionsDefinition(name="implicit_hparams")
-
-HPARAMS_PARTITIONS = {
-    "explicit": explicit_hparams_partitions,
-    "implicit": implicit_hparams_partitions,
-}
+#: one dynamic hyperparameter-set dimension per registered track: ``<track>_hparams``
+HPARAMS_PARTITIONS = {name: dg.DynamicPartitionsDefinition(name=f"{name}_hparams") for name in TRACK_NAMES}
 
 
 def dataset_partitions(project: ProjectConfig) -> dg.StaticPartitionsDefinition:

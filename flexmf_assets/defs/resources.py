@@ -35,7 +35,3 @@ class DeviceResource(dg.ConfigurableResource):
             matmul_precision=self.matmul_precision,
             allow_fallback=self.allow_fallback,
         )
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.device.startswith("cuda")

@@ -14,6 +14,9 @@ from typing import Sequence
 #: the UI's limit for drawing Markdown in place is 1,000 characters; stay under it
 MAX_MARKDOWN = 990
 WIDTH, HEIGHT = 300, 130
+#: the drawn size over the viewBox size. Without width and height the UI lays the image out at 0 x 0
+#: (a metadata cell shrinks to its content, and an SVG with only a viewBox has no size of its own)
+SCALE = 1.5
 LEFT, RIGHT, TOP, BOTTOM = 34, 294, 16, 112
 COLORS = ("#d9480f", "#1c7ed6", "#868e96", "#2b8a3e")
 
@@ -29,12 +32,17 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _size(width: int, height: int) -> str:
+    return f"width='{round(width * SCALE)}' height='{round(height * SCALE)}' viewBox='0 0 {width} {height}'"
+
+
 def _encode(svg: str) -> str:
     return svg.replace("%", "%25").replace("#", "%23").replace("<", "%3C").replace(">", "%3E").replace('"', "'")
 
 
 def line_chart(title: str, x: Sequence[float], series: Sequence[Series], *, x_label: str = "",
-               y_range: tuple[float, float] | None = None, diagonal: bool = False, y_labels: bool = True) -> str:
+               y_range: tuple[float, float] | None = None, diagonal: bool = False, y_labels: bool = True,
+               x_ends: tuple[str, str] | None = None) -> str:
     """A Markdown image of ``series`` over ``x`` (shared y axis, zoomed to the data), under the UI's
     inline limit. ``None`` values are gaps; ``diagonal`` draws y = x (predicted vs actual)."""
     n = len(x)
@@ -62,12 +70,12 @@ def line_chart(title: str, x: Sequence[float], series: Sequence[Series], *, x_la
         if idx[-1] != n - 1:
             idx.append(n - 1)
         parts = [
-            f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {WIDTH} {HEIGHT}' font-size='9' "
+            f"<svg xmlns='http://www.w3.org/2000/svg' {_size(WIDTH, HEIGHT)} font-size='9' "
             "font-family='sans-serif'>",
             f"<path d='M{LEFT},{TOP}V{BOTTOM}H{RIGHT}' stroke='#adb5bd' fill='none'/>",
             f"<text y='{TOP + 3}'>{_fmt(hi)}</text><text y='{BOTTOM}'>{_fmt(lo)}</text>" if y_labels else "",
-            f"<text x='{LEFT}' y='{HEIGHT - 6}'>{_fmt(x_lo)}</text>"
-            f"<text x='{RIGHT}' y='{HEIGHT - 6}' text-anchor='end'>{_fmt(x_hi)}</text>",
+            f"<text x='{LEFT}' y='{HEIGHT - 6}'>{x_ends[0] if x_ends else _fmt(x_lo)}</text>"
+            f"<text x='{RIGHT}' y='{HEIGHT - 6}' text-anchor='end'>{x_ends[1] if x_ends else _fmt(x_hi)}</text>",
         ]
         if x_label:
             parts.append(f"<text x='{(LEFT + RIGHT) // 2}' y='{HEIGHT - 6}' text-anchor='middle'>{x_label}</text>")
@@ -117,7 +125,7 @@ def bar_chart(title: str, labels: Sequence[str], values: Sequence[float | None],
                     paths[r == highlight] += f"M{left},{y}h{max(1, px(v) - left)}v{bar_h - 2}h-{max(1, px(v) - left)}z"
                 label = labels[r] if len(labels[r]) <= cut else labels[r][: cut - 1] + "~"
                 texts += f"<text y='{y + bar_h - 3}'>{label}</text>"
-            parts = [f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {WIDTH} {height}' font-size='9' "
+            parts = [f"<svg xmlns='http://www.w3.org/2000/svg' {_size(WIDTH, height)} font-size='9' "
                      f"font-family='sans-serif'><g text-anchor='end' transform='translate({left - 3})'>{texts}</g>"]
             for hot, d in paths.items():
                 if d:

@@ -151,7 +151,7 @@ def explicit_report(model, train: pl.DataFrame, test: pl.DataFrame) -> Report:
             "RMSE by the user's training ratings", list(range(1, by_activity.height + 1)),
             [Series("model", by_activity["rmse"].to_list()),
              Series("bias baseline", by_activity["baseline_rmse"].to_list(), dashed=True)],
-            x_label=f"ratings in train: {by_activity['bucket'][0]} .. {by_activity['bucket'][-1]}"),
+            x_label="the user's ratings in train", x_ends=(by_activity["bucket"][0], by_activity["bucket"][-1])),
     }
     curves = {"by_rating": by_rating.to_dicts(), "by_activity": by_activity.drop("order").to_dicts()}
     return Report(per_user_table(test, preds), metrics, figures, curves)

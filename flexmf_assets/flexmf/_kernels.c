@@ -1,20 +1,14 @@
 /*
- * Fused CPU training steps for FlexMF (explicit and implicit), operating in place on the storage of
- * the torch tensors the Python engine owns. Loaded through ctypes by _native.py (compiled on first
- * use with the system C compiler and cached); the eager-torch engine in explicit.py / implicit.py
- * is the reference these kernels are tested against, and stays the path on GPUs.
+ * Fused CPU training steps for FlexMF, in place on the storage of the torch tensors the Python engine
+ * owns. Interface: _kernels.h (mirrored by _abi.py); built and checked by _native.py. The eager-torch
+ * strategies of explicit.py and implicit.py are the reference these kernels are tested against.
  *
  * Semantics are those of the torch engine, batch by batch: every gradient of a minibatch is taken
  * at the parameters before the batch (pass 1 reads, pass 2 writes), gradients are summed per
  * distinct row, and only the rows touched by the batch are stepped. What the fusion removes is the
  * dozen full passes over batch x width temporaries that eager ops make, and the per-op dispatch.
  *
- * Tables are row-major float32. With Adam(W), a row's parameters and moments are interleaved
- * (row = [p | m | v], stride 3w): one contiguous stretch per touched row. Plain SGD rows are w apart.
- * Scratch (gradient slots, counts, touched rows, slot map) is owned by the caller; the slot map is
- * all -1 on entry and on exit.
- *
- * Threads (`nthreads`, OpenMP): pass 1a computes the batch's errors / score gradients split by
+ * Threads (`threads`, OpenMP): pass 1a computes the batch's errors / score gradients split by
  * rating; pass 1b sums them into per-row gradients, each thread summing only the rows it owns
  * (blocks of 16 rows dealt round-robin, so threads never share a cache line of counts), in rating
  * order; pass 2 steps each thread's own rows. So a row's gradient is summed in the same order
@@ -22,6 +16,9 @@
  */
 #include <math.h>
 #include <stdint.h>
+
+#include "_kernels.h"
+#include "_kernels_rows.h"
 #ifdef _OPENMP
 #include <omp.h>
 #else /* built without OpenMP (a compiler without it): one thread, same results */
@@ -29,130 +26,26 @@ static inline int omp_get_thread_num(void) { return 0; }
 static inline int omp_get_num_threads(void) { return 1; }
 #endif
 
-#define B1 0.9
-#define B2 0.999
-#define EPS 1e-8f
-
-static inline float dotf(const float *restrict a, const float *restrict b, int64_t w) {
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < w; c++) s += a[c] * b[c];
-    return s;
-}
-
-static inline void axpyf(float *restrict y, float a, const float *restrict x, int64_t w) {
-#pragma omp simd
-    for (int64_t c = 0; c < w; c++) y[c] += a * x[c];
-}
-
-/* sigmoid(x) and log(1 + e^x), stable, sharing one exp */
-static inline float sigmoid_softplus(float x, double *softplus) {
-    float e = expf(-fabsf(x));
-    if (softplus) *softplus = (double)fmaxf(x, 0.0f) + (double)logf(1.0f + e);
-    return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-}
-
-/* Per-batch gradient accumulator of one table for one thread. A row touched by the batch gets the
- * thread's next free slot (slot[r], -1 when untouched): its gradient and count live at that slot, so
- * a batch's gradients sit contiguous and cache-hot whatever the table size. The slot map is shared
- * by the threads (rows are disjoint by ownership); gradients, counts and the touched list are per
- * thread stretches. */
-typedef struct {
-    float *g;      /* [slots, w] */
-    float *cnt;    /* [slots] */
-    int64_t *list; /* [slots]: the row of each slot */
-    int32_t *slot; /* [rows] */
-    int64_t n;
-    int64_t w;
-} Acc;
-
-#define OWN_SHIFT 4 /* rows are owned in blocks of 16 (one cache line of the slot map) */
-#define OWNS(r, tid, nt) ((nt) == 1 || (((r) >> OWN_SHIFT) % (nt)) == (tid))
-#define PF 6        /* software prefetch distance, in ratings */
-
-/* Scratch sizes (see _native.Scratch): slots >= rows + 16 * (nthreads + 1). */
-static inline Acc acc_for(float *g, float *cnt, int64_t *list, int32_t *slot, int64_t rows, int64_t w, int tid,
-                          int nt) {
-    int64_t blocks = (rows >> OWN_SHIFT) + 1, base = (int64_t)tid * (((blocks + nt - 1) / nt) << OWN_SHIFT);
-    Acc a = {g + base * w, cnt + base, list + base, slot, 0, w};
-    return a;
-}
-
-/* Count row r once more and add s * x to its gradient (the first touch in a batch overwrites).
- * Returns the gradient row. */
-static inline float *acc_add(Acc *a, int64_t r, float s, const float *restrict x, const int64_t w) {
-    int32_t sl = a->slot[r];
-    float *restrict g;
-    if (sl < 0) {
-        sl = (int32_t)a->n++;
-        a->slot[r] = sl;
-        a->list[sl] = r;
-        a->cnt[sl] = 1.0f;
-        g = a->g + (int64_t)sl * w;
-#pragma omp simd
-        for (int64_t c = 0; c < w; c++) g[c] = s * x[c];
-    } else {
-        a->cnt[sl] += 1.0f;
-        g = a->g + (int64_t)sl * w;
-        axpyf(g, s, x, w);
+/* Catch every row of both tables up to step a->step (end of an epoch: dense AdamW's values). */
+int64_t flexmf_adam_flush(flexmf_train *a) {
+    Adam o = adam_at(a->lr, a->decay, a->step + 1); /* step_prev = step size at a->step */
+    const int64_t w = a->width, t = a->step;
+    for (int side = 0; side < 2; side++) {
+        const flexmf_table *tb = side ? &a->item : &a->user;
+        if (!tb->last) continue;
+#pragma omp parallel for num_threads(threads_of(a->threads)) schedule(static)
+        for (int64_t r = 0; r < tb->n_rows; r++) {
+            adam_row(tb->rows + r * 3 * w, 0, 1.0f, 0.0f, w, tb->const_col, t - tb->last[r], &o);
+            tb->last[r] = t;
+        }
     }
-    return g;
-}
-
-/* The gradient row of r, counted once more; *fresh says the row was untouched in this batch (its
- * slot holds stale values: overwrite, do not add). */
-static inline float *acc_slot(Acc *a, int64_t r, int *fresh, const int64_t w) {
-    int32_t sl = a->slot[r];
-    *fresh = sl < 0;
-    if (sl < 0) {
-        sl = (int32_t)a->n++;
-        a->slot[r] = sl;
-        a->list[sl] = r;
-        a->cnt[sl] = 0.0f;
-    }
-    a->cnt[sl] += 1.0f;
-    return a->g + (int64_t)sl * w;
-}
-
-static inline void prefetch_row(const float *row, int64_t floats) {
-    for (int64_t c = 0; c < floats; c += 16) __builtin_prefetch(row + c);
-}
-
-static double adam_step_size(double lr, int64_t t) {
-    if (t < 1) t = 1;
-    return lr * sqrt(1.0 - pow(B2, (double)t)) / (1.0 - pow(B1, (double)t));
+    return FLEXMF_OK;
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Explicit: prediction = user_row . item_row (biases ride in the rows), squared error.
- * mode 0: SGD, a row's step scaled by 1/sqrt(its ratings in the batch) (rows w apart);
- * mode 1: lazy sparse Adam, rows [p | m | v] (L2 `l2` in the gradient, decoupled decay `decay`).
- * `*t` is Adam's step counter (one per batch). `err` is [batch] scratch. Returns the summed
- * squared error of the pass.
+ * Explicit: prediction = user_row . item_row (biases ride in the rows), squared error, SGD or lazy
+ * sparse Adam (l2 in the gradient, decoupled decay). Returns the summed squared error in train.loss.
  * ------------------------------------------------------------------------------------------------ */
-static void explicit_update_row(float *restrict p, const float *restrict g, float cnt, int64_t w, int64_t cst,
-                                int mode, double lr, double l2, double decay, double step) {
-    float keep = cst >= 0 ? p[cst] : 0.0f; /* every column is updated (vectorisable), then restored */
-    if (mode == 0) {
-        float s = (float)lr / sqrtf(cnt), reg = (float)l2 * cnt;
-#pragma omp simd
-        for (int64_t c = 0; c < w; c++) p[c] += s * (g[c] - reg * p[c]);
-    } else {
-        float *restrict m = p + w, *restrict v = p + 2 * w;
-        float reg = (float)l2 * cnt, st = (float)step, dec = (float)(lr * decay);
-        float keep_m = cst >= 0 ? m[cst] : 0.0f, keep_v = cst >= 0 ? v[cst] : 0.0f;
-#pragma omp simd
-        for (int64_t c = 0; c < w; c++) {
-            float gc = g[c] - reg * p[c];
-            m[c] = (float)B1 * m[c] + (float)(1.0 - B1) * gc;
-            v[c] = (float)B2 * v[c] + (float)(1.0 - B2) * gc * gc;
-            p[c] += st * m[c] / (sqrtf(v[c]) + EPS) - dec * p[c];
-        }
-        if (cst >= 0) m[cst] = keep_m, v[cst] = keep_v;
-    }
-    if (cst >= 0) p[cst] = keep;
-}
-
 static inline void explicit_accumulate(Acc *au, Acc *ai, const float *P, const float *Q, int64_t stride,
                                        int64_t u, int64_t i, float e, int tid, int T) {
     int64_t w = au->w;
@@ -160,26 +53,24 @@ static inline void explicit_accumulate(Acc *au, Acc *ai, const float *P, const f
     if (OWNS(i, tid, T)) acc_add(ai, i, e, P + u * stride, w);
 }
 
-double flexmf_explicit_epoch(
-    float *P, float *Q, int64_t nu, int64_t ni, int64_t w, int64_t mode,
-    const int64_t *users, const int64_t *items, const float *resid, int64_t n,
-    int64_t batch, double lr, double l2, double decay, int64_t *t, int64_t u_const, int64_t i_const,
-    float *gu, float *cu, int64_t *lu, int32_t *su, float *gi, float *ci, int64_t *li, int32_t *si, float *err,
-    int64_t nthreads) {
-    int nt = nthreads < 1 ? 1 : (int)nthreads;
-    int64_t stride = mode == 0 ? w : 3 * w;
+int64_t flexmf_explicit_epoch(flexmf_explicit_args *A) {
+    flexmf_train *tr = &A->train;
+    if (tr->optimizer != FLEXMF_SGD && tr->optimizer != FLEXMF_ADAM) return FLEXMF_UNKNOWN_OPTIMIZER;
+    const int nt = threads_of(tr->threads);
+    const int64_t w = tr->width, n = A->n, batch = A->batch, stride = tr->optimizer == FLEXMF_SGD ? w : 3 * w;
+    const float *P = tr->user.rows, *Q = tr->item.rows, *resid = A->resid;
+    const int64_t *users = A->users, *items = A->items;
+    float *err = A->err;
     double loss = 0.0;
     for (int64_t start = 0; start < n; start += batch) {
         int64_t end = start + batch < n ? start + batch : n;
-        double step = 0.0;
-        if (mode == 1) {
-            *t += 1;
-            step = adam_step_size(lr, *t);
-        }
+        Adam opt = {0};
+        if (tr->optimizer == FLEXMF_ADAM) opt = adam_at(tr->lr, tr->decay, ++tr->step);
+        RowStep rs = {tr, stride, -1.0f, 0, 0.0f, &opt, tr->step};
 #pragma omp parallel num_threads(nt) reduction(+ : loss)
         {
             int tid = omp_get_thread_num(), T = omp_get_num_threads();
-            Acc au = acc_for(gu, cu, lu, su, nu, w, tid, T), ai = acc_for(gi, ci, li, si, ni, w, tid, T);
+            Acc au = acc_for(&tr->user, w, tid, T), ai = acc_for(&tr->item, w, tid, T);
 #pragma omp for schedule(static)
             for (int64_t j = start; j < end; j++) {
                 if (j + PF < end) {
@@ -196,75 +87,62 @@ double flexmf_explicit_epoch(
                     explicit_accumulate(&au, &ai, P, Q, stride, users[j], items[j], err[j - start], tid, T);
 #pragma omp barrier
             }
-            for (int side = 0; side < 2; side++) {
-                Acc *a = side ? &ai : &au;
-                float *Tb = side ? Q : P;
-                int64_t cst = side ? i_const : u_const;
-                for (int64_t x = 0; x < a->n; x++) {
-                    int64_t r = a->list[x];
-                    if (x + PF < a->n) prefetch_row(Tb + a->list[x + PF] * stride, stride);
-                    explicit_update_row(Tb + r * stride, a->g + x * w, a->cnt[x], w, cst, (int)mode, lr, l2,
-                                        decay, step);
-                    a->slot[r] = -1;
-                }
-            }
+            step_rows(&au, &tr->user, &rs);
+            step_rows(&ai, &tr->item, &rs);
         }
     }
-    return loss;
+    tr->loss = loss;
+    return FLEXMF_OK;
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Implicit: lazy AdamW whose idle steps are caught up in closed form (see implicit._LazyAdamW).
+ * Implicit: positives and sampled negatives, Adam(W) whose idle steps are caught up in closed form.
+ * A loss is one function: d(pair loss)/d(score) of the positive (dj[0]) and of each negative
+ * (dj[1 + x]), divided by the batch size, and the pair's loss. Masked negatives add nothing.
  * ------------------------------------------------------------------------------------------------ */
 typedef struct {
-    double lr, wd, step_prev, step_t, log_a, log_q, q, log_b1, log_b2;
-} AdamW;
+    float s0;                   /* the positive's score */
+    const float *sn;            /* [c] the negatives' scores */
+    const uint8_t *vj;          /* [c] valid negatives */
+    int64_t c;
+    float inv_b, weight;        /* 1 / batch size, WARP's rank weight */
+    double pos_weight;          /* logistic */
+} PairScores;
 
-static AdamW adamw_at(double lr, double wd, int64_t t) {
-    double a = 1.0 - lr * wd, q = B1 / sqrt(B2) / a;
-    AdamW o = {lr, wd, adam_step_size(lr, t - 1), adam_step_size(lr, t), log(a), log(q), q, log(B1), log(B2)};
-    return o;
+static inline double loss_logistic(const PairScores *s, float *dj) {
+    double sp = 0.0, total;
+    dj[0] = (sigmoid_softplus(s->s0, &sp) - 1.0f) * (float)s->pos_weight * s->inv_b;
+    total = s->pos_weight * (sp - (double)s->s0); /* softplus(-x) = softplus(x) - x */
+    for (int64_t x = 0; x < s->c; x++) {
+        dj[1 + x] = s->vj[x] ? sigmoid_softplus(s->sn[x], &sp) * s->inv_b : 0.0f;
+        if (s->vj[x]) total += sp;
+    }
+    return total;
 }
 
-/* `idle` zero-gradient steps in closed form: idle step j does p <- a p - step q^j a^j m / sqrt(v)
- * with a = 1 - lr wd and q a = b1 / sqrt(b2); after d steps p a^d - step m / sqrt(v) a^d
- * sum_{j=1..d} q^j, m b1^d, v b2^d. Then (g != NULL) one AdamW step with gradient g. */
-static void lazy_adamw_row(float *restrict p, const float *restrict g, int64_t w, int64_t cst, int64_t idle,
-                           const AdamW *o) {
-    float *restrict m = p + w, *restrict v = p + 2 * w;
-    if (idle > 0) {
-        double d = (double)idle, decay = exp(d * o->log_a);
-        double tail = (1.0 - exp(d * o->log_q)) * decay * o->step_prev * o->q / (1.0 - o->q);
-        float fdecay = o->wd != 0.0 ? (float)decay : 1.0f, ftail = (float)tail;
-        float mb = (float)exp(d * o->log_b1), vb = (float)exp(d * o->log_b2);
-#pragma omp simd
-        for (int64_t c = 0; c < w; c++) {
-            p[c] = p[c] * fdecay - m[c] * ftail / (sqrtf(v[c]) + EPS);
-            m[c] *= mb;
-            v[c] *= vb;
+static inline double loss_pairwise(const PairScores *s, float *dj) {
+    double sp = 0.0, total = 0.0;
+    float sum = 0.0f;
+    for (int64_t x = 0; x < s->c; x++) {
+        float g = 0.0f;
+        if (s->vj[x]) {
+            g = sigmoid_softplus(s->sn[x] - s->s0, &sp);
+            total += sp;
         }
+        dj[1 + x] = g * s->inv_b;
+        sum += g;
     }
-    if (g != 0) {
-        float keep = (float)(1.0 - o->lr * o->wd), st = (float)o->step_t;
-#pragma omp simd
-        for (int64_t c = 0; c < w; c++) {
-            m[c] += (float)(1.0 - B1) * (g[c] - m[c]);
-            v[c] = (float)B2 * v[c] + (float)(1.0 - B2) * g[c] * g[c];
-            p[c] = p[c] * keep - st * m[c] / (sqrtf(v[c]) + EPS);
-        }
-    }
-    if (cst >= 0) p[cst] = 1.0f; /* the constant column (its moments are never read) */
+    dj[0] = -sum * s->inv_b;
+    return total;
 }
 
-/* Catch every row of a [p | m | v] table up to step t (end of an epoch: dense AdamW's values). */
-void flexmf_adamw_flush(float *S, int64_t *last, int64_t rows, int64_t w, int64_t cst, double lr, double wd,
-                        int64_t t, int64_t nthreads) {
-    AdamW o = adamw_at(lr, wd, t + 1); /* step_prev = step size at t */
-#pragma omp parallel for num_threads(nthreads < 1 ? 1 : (int)nthreads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        lazy_adamw_row(S + r * 3 * w, 0, w, cst, t - last[r], &o);
-        last[r] = t;
-    }
+static inline double loss_warp(const PairScores *s, float *dj) { /* one negative */
+    float margin = 1.0f - s->s0 + s->sn[0];
+    float wt = s->vj[0] ? s->weight : 0.0f;
+    float g = margin > 0.0f ? wt : 0.0f;
+    dj[0] = -g * s->inv_b;
+    dj[1] = g * s->inv_b;
+    return margin > 0.0f ? (double)wt * (double)margin : 0.0;
 }
 
 /* One negative per positive (the common case), fused: the user row takes both item rows in one
@@ -328,34 +206,20 @@ static inline void implicit_accumulate(Acc *au, Acc *ai, const float *U, const f
         if (OWNS(nj[x], tid, T)) acc_add(ai, nj[x], dj[1 + x], pu, w);
 }
 
-/* Everything of one implicit call but the batch bounds and the thread. */
-typedef struct {
-    float *U, *I;
-    int64_t *u_last, *i_last;
-    int64_t nu, ni, k, u_const, i_const, c, loss_kind;
-    const int64_t *users, *pos, *neg;
-    const uint8_t *valid;
-    const float *weight;
-    double pos_weight, l2;
-    float *gu, *cu, *gi, *ci, *ds;
-    int64_t *lu, *li;
-    int32_t *su, *si;
-} ImplicitJob;
-
 /* One batch [start, end) for thread tid of T (T == 1: called outside any parallel region, passes
  * 1a and 1b fused). */
-static inline __attribute__((always_inline)) double implicit_batch(const ImplicitJob *J, const int64_t w,
-                                                                   int64_t start, int64_t end,
-                                                                   const AdamW *opt, int64_t tnow, int tid,
+static inline __attribute__((always_inline)) double implicit_batch(const flexmf_implicit_args *A,
+                                                                   const int64_t w, int64_t start, int64_t end,
+                                                                   const Adam *opt, int64_t tnow, int tid,
                                                                    int T) {
-    const int64_t stride = 3 * w, c = J->c, c1 = c + 1;
-    const float *U = J->U, *I = J->I;
-    const int64_t *users = J->users, *pos = J->pos, *neg = J->neg;
-    const uint8_t *valid = J->valid;
-    float inv_b = 1.0f / (float)(end - start), pw = (float)J->pos_weight;
+    const flexmf_train *tr = &A->train;
+    const int64_t stride = 3 * w, c = A->negatives, c1 = c + 1, kind = A->loss_kind;
+    const float *U = tr->user.rows, *I = tr->item.rows;
+    const int64_t *users = A->users, *pos = A->pos, *neg = A->neg;
+    const uint8_t *valid = A->valid;
+    float inv_b = 1.0f / (float)(end - start);
     double total = 0.0;
-    Acc au = acc_for(J->gu, J->cu, J->lu, J->su, J->nu, w, tid, T);
-    Acc ai = acc_for(J->gi, J->ci, J->li, J->si, J->ni, w, tid, T);
+    Acc au = acc_for(&tr->user, w, tid, T), ai = acc_for(&tr->item, w, tid, T);
     int64_t lo = start + (end - start) * tid / T, hi = start + (end - start) * (tid + 1) / T;
     for (int64_t j = lo; j < hi; j++) {
         if (j + PF < hi) {
@@ -366,8 +230,8 @@ static inline __attribute__((always_inline)) double implicit_batch(const Implici
         const float *pu = U + users[j] * stride;
         const int64_t *nj = neg + j * c;
         const uint8_t *vj = valid + j * c;
-        float *dj = J->ds + (j - start) * c1;
-        float s0, sn[64]; /* c <= 64 (checked by the caller) */
+        float *dj = A->ds + (j - start) * c1;
+        float s0, sn[FLEXMF_MAX_NEGATIVES]; /* c <= FLEXMF_MAX_NEGATIVES (checked on entry) */
         if (c == 1) {
             const float *restrict xp = I + pos[j] * stride, *restrict xq = I + nj[0] * stride;
             float a = 0.0f, b = 0.0f;
@@ -381,35 +245,11 @@ static inline __attribute__((always_inline)) double implicit_batch(const Implici
             s0 = dotf(pu, I + pos[j] * stride, w);
             for (int64_t x = 0; x < c; x++) sn[x] = dotf(pu, I + nj[x] * stride, w);
         }
-        double sp = 0.0;
-        if (J->loss_kind == 0) {
-            dj[0] = (sigmoid_softplus(s0, &sp) - 1.0f) * pw * inv_b;
-            total += J->pos_weight * (sp - (double)s0); /* softplus(-x) = softplus(x) - x */
-            for (int64_t x = 0; x < c; x++) {
-                float s = sn[x];
-                dj[1 + x] = vj[x] ? sigmoid_softplus(s, &sp) * inv_b : 0.0f;
-                if (vj[x]) total += sp;
-            }
-        } else if (J->loss_kind == 1) {
-            float sum = 0.0f;
-            for (int64_t x = 0; x < c; x++) {
-                float diff = sn[x] - s0;
-                float g = 0.0f;
-                if (vj[x]) {
-                    g = sigmoid_softplus(diff, &sp);
-                    total += sp;
-                }
-                dj[1 + x] = g * inv_b;
-                sum += g;
-            }
-            dj[0] = -sum * inv_b;
-        } else {
-            float margin = 1.0f - s0 + sn[0];
-            float wt = vj[0] ? J->weight[j] : 0.0f;
-            float g = margin > 0.0f ? wt : 0.0f;
-            if (margin > 0.0f) total += (double)wt * (double)margin;
-            dj[0] = -g * inv_b;
-            dj[1] = g * inv_b;
+        PairScores ps = {s0, sn, vj, c, inv_b, A->weight ? A->weight[j] : 0.0f, A->positive_weight};
+        switch (kind) { /* checked on entry */
+        case FLEXMF_LOSS_LOGISTIC: total += loss_logistic(&ps, dj); break;
+        case FLEXMF_LOSS_PAIRWISE: total += loss_pairwise(&ps, dj); break;
+        case FLEXMF_LOSS_WARP: total += loss_warp(&ps, dj); break;
         }
         if (T == 1 && c == 1) implicit_accumulate1(&au, &ai, U, I, stride, users[j], pos[j], nj[0], dj, 0, 1, w);
         else if (T == 1) implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], nj, c, dj, 0, 1, w);
@@ -418,99 +258,75 @@ static inline __attribute__((always_inline)) double implicit_batch(const Implici
 #pragma omp barrier
         for (int64_t j = start; j < end; j++) {
             if (c == 1)
-                implicit_accumulate1(&au, &ai, U, I, stride, users[j], pos[j], neg[j], J->ds + (j - start) * 2, tid,
+                implicit_accumulate1(&au, &ai, U, I, stride, users[j], pos[j], neg[j], A->ds + (j - start) * 2, tid,
                                      T, w);
             else
                 implicit_accumulate(&au, &ai, U, I, stride, users[j], pos[j], neg + j * c, c,
-                                    J->ds + (j - start) * c1, tid, T, w);
+                                    A->ds + (j - start) * c1, tid, T, w);
         }
 #pragma omp barrier
     }
-    for (int side = 0; side < 2; side++) {
-        Acc *a = side ? &ai : &au;
-        float *Tb = side ? J->I : J->U;
-        int64_t *last = side ? J->i_last : J->u_last, cst = side ? J->i_const : J->u_const;
-        for (int64_t x = 0; x < a->n; x++) {
-            int64_t r = a->list[x];
-            float *p = Tb + r * stride, *g = a->g + x * w;
-            if (x + PF < a->n) prefetch_row(Tb + a->list[x + PF] * stride, stride);
-            if (J->l2 != 0.0) {
-                float cnt = a->cnt[x], coef = 2.0f * (float)J->l2 * inv_b * cnt;
-                double sq = 0.0;
-                for (int64_t col = 0; col < J->k; col++) {
-                    g[col] += coef * p[col];
-                    sq += (double)p[col] * (double)p[col];
-                }
-                total += J->l2 * (double)cnt * sq;
-            }
-            lazy_adamw_row(p, g, w, cst, (tnow - 1) - last[r], opt);
-            last[r] = tnow;
-            a->slot[r] = -1;
-        }
-    }
+    RowStep rs = {tr, stride, 1.0f, A->k, inv_b, opt, tnow};
+    total += step_rows(&au, &tr->user, &rs);
+    total += step_rows(&ai, &tr->item, &rs);
     return total;
 }
 
-/* loss: 0 logistic, 1 pairwise (BPR), 2 WARP (c == 1, `weight[j]` = the rank weight of row j).
- * neg is [n, c]; valid[n, c] masks negatives that are positives of their user (no violator for
- * WARP). Tables are [p | m | v] rows of width w. Batches
- * of `batch` rows, one AdamW step each; `*t` is the global step. `ds` is [batch, 1 + c] scratch.
- * Returns the summed loss (L2 term included). */
-double flexmf_implicit_batches(
-    float *U, int64_t *u_last, int64_t nu, float *I, int64_t *i_last, int64_t ni,
-    int64_t w, int64_t k, int64_t u_const, int64_t i_const,
-    const int64_t *users, const int64_t *pos, const int64_t *neg, const uint8_t *valid,
-    const float *weight, int64_t n, int64_t c, int64_t batch, int64_t loss_kind, double pos_weight,
-    double l2, double lr, double wd, int64_t *t,
-    float *gu, float *cu, int64_t *lu, int32_t *su, float *gi, float *ci, int64_t *li, int32_t *si, float *ds,
-    int64_t nthreads) {
-    int nt = nthreads < 1 ? 1 : (int)nthreads;
-    ImplicitJob J = {U, I, u_last, i_last, nu, ni, k, u_const, i_const, c, loss_kind, users, pos, neg, valid,
-                     weight, pos_weight, l2, gu, cu, gi, ci, ds, lu, li, su, si};
+/* Batches of `batch` pairs, one Adam(W) step each (train.step counts them); the summed loss, L2 term
+ * included, in train.loss. */
+int64_t flexmf_implicit_batches(flexmf_implicit_args *A) {
+    flexmf_train *tr = &A->train;
+    const int64_t kind = A->loss_kind, c = A->negatives;
+    if (kind != FLEXMF_LOSS_LOGISTIC && kind != FLEXMF_LOSS_PAIRWISE && kind != FLEXMF_LOSS_WARP)
+        return FLEXMF_UNKNOWN_LOSS;
+    if (tr->optimizer != FLEXMF_ADAM) return FLEXMF_UNKNOWN_OPTIMIZER;
+    if (c < 1 || c > FLEXMF_MAX_NEGATIVES || (kind == FLEXMF_LOSS_WARP && c != 1)) return FLEXMF_BAD_NEGATIVES;
+    const int nt = threads_of(tr->threads);
+    const int64_t w = tr->width, n = A->n, batch = A->batch;
     double total = 0.0;
     for (int64_t start = 0; start < n; start += batch) {
         int64_t end = start + batch < n ? start + batch : n;
-        *t += 1;
-        AdamW opt = adamw_at(lr, wd, *t);
-        int64_t tnow = *t;
+        Adam opt = adam_at(tr->lr, tr->decay, ++tr->step);
+        int64_t tnow = tr->step;
         if (nt == 1) {
-            total += implicit_batch(&J, w, start, end, &opt, tnow, 0, 1);
+            total += implicit_batch(A, w, start, end, &opt, tnow, 0, 1);
         } else {
             double part = 0.0;
 #pragma omp parallel num_threads(nt) reduction(+ : part)
-            part += implicit_batch(&J, w, start, end, &opt, tnow, omp_get_thread_num(), omp_get_num_threads());
+            part += implicit_batch(A, w, start, end, &opt, tnow, omp_get_thread_num(), omp_get_num_threads());
             total += part;
         }
     }
-    return total;
+    tr->loss = total;
+    return FLEXMF_OK;
 }
 
 /* out[j * c + x] = is (users[j], items[j * c + x]) a training pair? Membership in a dense bit table
- * of `cells` = users x n_items cells (bits != NULL; 8x smaller than a bool table, so it stays in
- * cache), else in the sorted unique keys user * n_items + item (binary search). A row outside the
- * table has no positives. */
-void flexmf_contains(const uint8_t *bits, int64_t cells, const int64_t *keys, int64_t nkeys, int64_t n_items,
-                     const int64_t *users, const int64_t *items, int64_t n, int64_t c, uint8_t *out) {
+ * (8x smaller than a bool table, so it stays in cache), else in the sorted unique keys (binary
+ * search). A row outside the table has no positives. */
+int64_t flexmf_contains(const flexmf_contains_args *a) {
+    const uint8_t *bits = a->bits; /* locals: stores to out (bytes) may alias the struct */
+    const int64_t *keys = a->keys, *users = a->users, *items = a->items, nkeys = a->n_keys, c = a->c;
+    const int64_t n = a->n, n_items = a->n_items, cells = a->cells;
+    uint8_t *out = a->out;
     for (int64_t j = 0; j < n; j++) {
-        int64_t base = users[j] * n_items;
         for (int64_t x = 0; x < c; x++) {
-            int64_t key = base + items[j * c + x];
+            int64_t u = users[j], i = items[j * c + x], key = u * n_items + i;
             uint8_t hit = 0;
-            if (users[j] >= 0 && items[j * c + x] >= 0) {
-                if (bits) {
-                    hit = key < cells ? (bits[key >> 3] >> (key & 7)) & 1 : 0;
-                } else {
-                    int64_t lo = 0, hi = nkeys;
-                    while (lo < hi) {
-                        int64_t mid = lo + (hi - lo) / 2;
-                        if (keys[mid] < key) lo = mid + 1; else hi = mid;
-                    }
-                    hit = lo < nkeys && keys[lo] == key;
+            if (u >= 0 && i >= 0 && bits) {
+                hit = key < cells ? (bits[key >> 3] >> (key & 7)) & 1 : 0;
+            } else if (u >= 0 && i >= 0) {
+                int64_t lo = 0, hi = nkeys;
+                while (lo < hi) {
+                    int64_t mid = lo + (hi - lo) / 2;
+                    if (keys[mid] < key) lo = mid + 1; else hi = mid;
                 }
+                hit = lo < nkeys && keys[lo] == key;
             }
             out[j * c + x] = hit;
         }
     }
+    return FLEXMF_OK;
 }
 
 /* ------------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
-"""The fused CPU training kernels (``_kernels.c``): compiled on first use, cached, called via ctypes.
+"""The fused CPU training kernels (``_kernels.c``): compiled on first use, checked, cached and loaded;
+:mod:`._abi` calls them through ctypes.
 
 Why: an eager PyTorch minibatch step on CPU is a dozen full passes over ``batch x width``
 temporaries plus per-op dispatch; on a 2-core machine that caps MF training near 1M updates/s, far
 from the memory-bound ceiling. The kernels do the same minibatch step (same gradients, same
 optimizers, same batch semantics) in two passes, in place on the torch tensors' storage.
 
-How: ``_kernels.c`` is compiled once per machine with the system C compiler (``$CC`` or ``cc``;
-``-O3 -march=native -fopenmp``, about a second; at most ``$FLEXMF_NATIVE_BUILD_TIMEOUT`` seconds,
-default 120) into ``$FLEXMF_NATIVE_CACHE`` (default ``~/.cache/flexmf-assets/native``), keyed by the
-source, the flags and the CPU. No compiler, a failed build or ``FLEXMF_NATIVE=0`` means the
+How: ``_kernels.c`` (including ``_kernels.h``, the interface, and ``_kernels_rows.h``) is compiled
+once per machine with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
+a second; at most ``$FLEXMF_NATIVE_BUILD_TIMEOUT`` seconds, default 120) into
+``$FLEXMF_NATIVE_CACHE`` (default ``~/.cache/flexmf-assets/native``), keyed by the source, the
+headers, the flags and the CPU. No compiler, a failed build or ``FLEXMF_NATIVE=0`` means the
 eager-torch engine trains instead (same results up to float rounding, slower): :func:`kernels`
 returns None and :func:`status` says why. GPUs always use the torch engine.
 
@@ -45,9 +47,13 @@ from pathlib import Path
 
 import torch
 
+from flexmf_assets.flexmf import _abi
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_kernels.c")
+#: the interface (_kernels.h, mirrored by _abi.py) and the row machinery the kernels share
+HEADERS = (Path(__file__).with_name("_kernels.h"), Path(__file__).with_name("_kernels_rows.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
 #: seconds a build may take (``$FLEXMF_NATIVE_BUILD_TIMEOUT`` overrides) before the torch engine trains
 BUILD_TIMEOUT = 120.0
@@ -56,24 +62,6 @@ _lock = threading.Lock()
 _loaded: ctypes.CDLL | None = None
 _loaded_status = "loaded"
 _status = "not loaded yet"
-
-_P = ctypes.c_void_p
-_I = ctypes.c_int64
-_D = ctypes.c_double
-
-#: every entry point the engine calls: name -> (restype, argtypes)
-_SIGNATURES = {
-    "flexmf_explicit_epoch": (_D, [_P, _P, _I, _I, _I, _I, _P, _P, _P, _I, _I, _D, _D, _D, _P, _I, _I,
-                                   *[_P] * 8, _P, _I]),
-    "flexmf_implicit_batches": (_D, [_P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, _I, _I,
-                                     _I, _D, _D, _D, _D, _P, *[_P] * 8, _P, _I]),
-    "flexmf_contains": (None, [_P, _I, _P, _I, _I, _P, _P, _I, _I, _P]),
-    "flexmf_adamw_flush": (None, [_P, _P, _I, _I, _I, _D, _D, _I, _I]),
-    # alternating least squares (als.py): one argument struct each, passed by address
-    "flexmf_als_explicit_half": (None, [_P]),
-    "flexmf_als_implicit_half": (None, [_P]),
-}
-
 
 class _Refused(Exception):
     """A cache directory or file this process must not trust (the message says why)."""
@@ -99,8 +87,9 @@ def cache_dir() -> Path:
 
 
 def _key(cc: str) -> str:
-    """The cache key of a build: the source, the flags, the compiler and the CPU."""
-    return hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), cc.encode(),
+    """The cache key of a build: the source and headers, the flags, the compiler and the CPU."""
+    sources = [p.read_bytes() for p in (SOURCE, *HEADERS)]
+    return hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), cc.encode(),
                                       platform.machine().encode(), _cpu_key().encode()])).hexdigest()[:20]
 
 
@@ -159,35 +148,42 @@ def _read(fd: int) -> bytes:
 
 def _validate(lib: ctypes.CDLL) -> None:
     """Declare every entry point the engine calls and run a tiny computation whose answer is known."""
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        try:
-            fn = getattr(lib, name)
-        except AttributeError:
-            raise RuntimeError(f"it lacks the entry point {name}") from None
-        fn.restype, fn.argtypes = restype, argtypes
+    for name in _abi.KERNELS:
+        if not hasattr(lib, name):
+            raise RuntimeError(f"it lacks the entry point {name}")
+    _abi.declare(lib)
     # explicit SGD, one rating 5 of user 0 for item 0, learning rate 0.1, two threads: the prediction
     # [1, 2] . [3, 0.5] = 4 misses by 1, so the loss is 1, P += 0.1 * Q = [1.3, 2.05] and
     # Q += 0.1 * P = [3.1, 0.7] (both gradients taken before either row moves)
     # (every tensor is bound to a name: a temporary would be freed before the call reads it)
     P, Q, rating, err = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 0.5]]), torch.tensor([5.0]), torch.empty(1)
-    zero, step = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-    su, si = Scratch(1, 2), Scratch(1, 2)
-    loss = lib.flexmf_explicit_epoch(ptr(P), ptr(Q), 1, 1, 2, 0, ptr(zero), ptr(zero), ptr(rating), 1, 1, 0.1, 0.0,
-                                     0.0, ptr(step), -1, -1, *su.args(), *si.args(), ptr(err), 2)
-    got, want = [loss, *P.flatten().tolist(), *Q.flatten().tolist()], [1.0, 1.3, 2.05, 3.1, 0.7]
+    zero = torch.zeros(1, dtype=torch.int64)
+    su, si = _abi.Scratch(1, 2), _abi.Scratch(1, 2)
+    train = _abi.Train(user=_abi.table(P, su, None), item=_abi.table(Q, si, None), width=2, optimizer=_abi.SGD,
+                       lr=0.1, threads=2)
+    args = _abi.ExplicitArgs(train=train, users=_abi.ptr(zero), items=_abi.ptr(zero), resid=_abi.ptr(rating), n=1,
+                             batch=1, err=_abi.ptr(err))
+    _abi.call(lib, "flexmf_explicit_epoch", args)
+    got, want = [args.train.loss, *P.flatten().tolist(), *Q.flatten().tolist()], [1.0, 1.3, 2.05, 3.1, 0.7]
     # membership of 2 users x 3 items holding (0, 1) and (1, 2): bits 1 and 5, or the sorted keys 1, 5;
     # user 5 is outside the table
     users, items, keys = torch.tensor([0, 1, 5]), torch.tensor([[1, 2], [2, 0], [1, 1]]), torch.tensor([1, 5])
     for bits in (torch.tensor([0b00100010], dtype=torch.uint8), None):
         out = torch.empty(3, 2, dtype=torch.uint8)
-        lib.flexmf_contains(ptr(bits), 6, ptr(keys), 2, 3, ptr(users), ptr(items), 3, 2, ptr(out))
+        _abi.call(lib, "flexmf_contains", _abi.ContainsArgs(
+            bits=_abi.ptr(bits), cells=6, keys=_abi.ptr(keys), n_keys=2, n_items=3, users=_abi.ptr(users),
+            items=_abi.ptr(items), n=3, c=2, out=_abi.ptr(out)))
         got, want = got + out.flatten().tolist(), want + [1, 0, 1, 0, 0, 0]
-    # AdamW catch-up of one idle step at t = 1 (lr 0.1, no decay) of p, m, v = 1, 0.5, 0.25:
+    # Adam catch-up of one idle step at t = 1 (lr 0.1, no decay) of p, m, v = 1, 0.5, 0.25:
     # p -= step * q * m / sqrt(v) with step = 0.1 sqrt(1 - 0.999) / (1 - 0.9) and q = 0.9 / sqrt(0.999)
     # (= 0.9715255), m *= 0.9, v *= 0.999
-    state, last = torch.tensor([1.0, 0.5, 0.25]), torch.zeros(1, dtype=torch.int64)
-    lib.flexmf_adamw_flush(ptr(state), ptr(last), 1, 1, -1, 0.1, 0.0, 1, 1)
-    got, want = got + [*state.tolist(), float(last)], want + [0.9715255, 0.45, 0.24975, 1.0]
+    state, last = torch.tensor([[1.0, 0.5, 0.25]]), torch.zeros(1, dtype=torch.int64)
+    none = torch.empty(0, 1)
+    flush = _abi.Train(user=_abi.table(state, _abi.Scratch(1, 1), None, last),
+                       item=_abi.table(none, _abi.Scratch(0, 1), None), width=1, optimizer=_abi.ADAM, lr=0.1,
+                       step=1, threads=1)
+    _abi.call(lib, "flexmf_adam_flush", flush)
+    got, want = got + [*state.flatten().tolist(), float(last)], want + [0.9715255, 0.45, 0.24975, 1.0]
     if not all(math.isclose(g, w, rel_tol=1e-5, abs_tol=1e-6) for g, w in zip(got, want)):
         raise RuntimeError(f"its self-test computed {[round(g, 6) for g in got]}, expected {want}")
 
@@ -256,7 +252,8 @@ def _compile(cc: str, out: Path) -> None:
     failure = ""
     for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):
         with tempfile.TemporaryFile() as err:  # a file, not a pipe: an orphaned child cannot block the read
-            proc = subprocess.Popen([cc, *flags, "-o", str(out), str(SOURCE), "-lm"], stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen([cc, *flags, "-I", str(SOURCE.parent), "-o", str(out), str(SOURCE), "-lm"],
+                                    stdin=subprocess.DEVNULL,
                                     stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 if proc.wait(timeout=max(0.0, deadline - time.monotonic())) == 0:
@@ -355,7 +352,7 @@ def status() -> str:
 
 def threads() -> int:
     """Threads the kernels use: torch's intra-op count (the engine sets it around its hot loop)."""
-    return max(1, min(torch.get_num_threads(), MAX_THREADS))
+    return max(1, min(torch.get_num_threads(), _abi.MAX_THREADS))
 
 
 def usable(device: torch.device) -> bool:
@@ -363,38 +360,12 @@ def usable(device: torch.device) -> bool:
     return device.type == "cpu" and kernels() is not None
 
 
-def ptr(t: torch.Tensor | None) -> int | None:
-    """Address of a contiguous CPU tensor's first element (None passes NULL)."""
-    if t is None:
-        return None
-    if t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError("native kernels need contiguous CPU tensors")
-    return t.data_ptr()
+def run(name: str, args: ctypes.Structure) -> None:
+    """Run kernel ``name`` of the loaded library on ``args`` (see :func:`._abi.call`)."""
+    lib = kernels()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU kernels are not loaded ({status()})")
+    _abi.call(lib, name, args)
 
 
-#: most threads the kernels use (bounds the scratch's per-thread padding)
-MAX_THREADS = 64
-
-
-class Scratch:
-    """Per-table scratch of the kernels: gradient slots, their counts and rows, and the row -> slot map
-    (all -1 between calls)."""
-
-    def __init__(self, rows: int, width: int):
-        slots = rows + 16 * (MAX_THREADS + 2)  # per-thread stretches are rounded up to 16 rows
-        self.grad = torch.empty(slots, width)
-        self.count = torch.empty(slots)
-        self.touched = torch.empty(slots, dtype=torch.int64)
-        self.slot = torch.full((rows,), -1, dtype=torch.int32)
-
-    def buffer(self, size: int) -> torch.Tensor:
-        """A float scratch vector of at least ``size`` elements (kept for the next call)."""
-        if getattr(self, "_buffer", None) is None or self._buffer.numel() < size:
-            self._buffer = torch.empty(size)
-        return self._buffer
-
-    def args(self) -> list[int]:
-        return [ptr(self.grad), ptr(self.count), ptr(self.touched), ptr(self.slot)]
-
-
-__all__ = ["Scratch", "cache_dir", "kernels", "ptr", "status", "threads", "usable"]
+__all__ = ["cache_dir", "kernels", "run", "status", "threads", "usable"]

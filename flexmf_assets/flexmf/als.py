@@ -52,7 +52,7 @@ import torch
 from flexmf_assets.errors import ConfigError, DataValidationError, TrainingError
 from flexmf_assets.flexmf import _als_torch, _native
 from flexmf_assets.flexmf._als_torch import Side
-from flexmf_assets.flexmf._common import make_generator
+from flexmf_assets.flexmf.training import make_generator
 
 BIAS_MODES = ("damped", "learned")
 CONFIDENCES = ("linear", "log")

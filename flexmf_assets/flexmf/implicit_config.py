@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import ConfigBase
+from flexmf_assets.flexmf.config_base import ConfigBase, RegMethod
+from flexmf_assets.flexmf.losses import LOSSES
+from flexmf_assets.flexmf.sampling import SAMPLERS
 
-Loss = Literal["logistic", "pairwise", "warp"]
-Strategy = Literal["uniform", "popular", "misranked"]
-Preset = Literal["bpr", "warp"]
-RegMethod = Literal["L2", "AdamW"]
-
-#: what a preset fills in (fields the caller sets explicitly win)
-PRESETS: dict[str, dict[str, Any]] = {
+#: what a loss preset (the ``preset`` field) fills in (fields the caller sets explicitly win)
+LOSS_PRESETS: dict[str, dict[str, Any]] = {
     "bpr": {"loss": "pairwise", "negative_strategy": "uniform"},
     "warp": {"loss": "warp", "negative_strategy": "misranked", "misranked_candidates": 64},
 }
@@ -34,7 +31,8 @@ class FlexMFImplicitConfig(ConfigBase):
         ``"L2"`` ``regularization * ||row||^2`` of the batch's rows added to the loss, ``None`` none.
     seed: seeds initialisation, shuffling and sampling (same seed and device -> identical model).
     patience: early stopping on validation NDCG@``eval_k``: stop after this many epochs without
-        improvement and restore the best epoch; ``None`` trains all epochs.
+        improvement; ``None`` trains all epochs. With validation data the best epoch's parameters
+        are kept.
     init_scale: embeddings start as N(0, init_scale); biases start at 0.
     loss: ``"logistic"`` (BCE on positives and sampled negatives, Johnson 2014), ``"pairwise"``
         (BPR, Rendle 2009) or ``"warp"`` (Weston 2011; needs the ``misranked`` strategy).
@@ -64,22 +62,28 @@ class FlexMFImplicitConfig(ConfigBase):
     seed: int = 42
     patience: int | None = None
     init_scale: float = 0.1
-    loss: Loss | None = None
-    negative_strategy: Strategy | None = None
+    loss: str | None = None
+    negative_strategy: str | None = None
     negative_count: int | None = None
     misranked_candidates: int | None = None
     positive_weight: float = 1.0
     user_bias: bool | None = None
     item_bias: bool = True
-    preset: Preset | None = None
+    preset: str | None = None
     min_rating: float | None = None
     eval_k: int = 10
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ConfigError(f"{name}.preset: {self.preset!r} is not one of 'bpr', 'warp', None")
-        fill = {**_BASE, **PRESETS.get(self.preset or "", {})}
+
+        def choice(field: str, valid: Any) -> None:
+            value = getattr(self, field)
+            if value not in valid:
+                raise ConfigError(f"{name}.{field}: {value!r} is not one of {', '.join(map(repr, valid))}")
+
+        if self.preset is not None:
+            choice("preset", LOSS_PRESETS)
+        fill = {**_BASE, **LOSS_PRESETS.get(self.preset or "", {})}
         for field, value in fill.items():
             if getattr(self, field) is None:
                 object.__setattr__(self, field, value)
@@ -87,35 +91,24 @@ class FlexMFImplicitConfig(ConfigBase):
             object.__setattr__(self, "user_bias", self.loss == "logistic")
 
         self._check_common()
-        if self.loss not in ("logistic", "pairwise", "warp"):
+        choice("loss", LOSSES)
+        choice("negative_strategy", SAMPLERS)
+        if LOSSES[self.loss].rank_weighted and not SAMPLERS[self.negative_strategy].needs_model:
             raise ConfigError(
-                f"{name}.loss: {self.loss!r} is not one of 'logistic', 'pairwise', 'warp'"
-            )
-        if self.negative_strategy not in ("uniform", "popular", "misranked"):
-            raise ConfigError(
-                f"{name}.negative_strategy: {self.negative_strategy!r} is not one of "
-                "'uniform', 'popular', 'misranked'"
-            )
-        if self.loss == "warp" and self.negative_strategy != "misranked":
-            raise ConfigError(
-                f"{name}.negative_strategy: loss 'warp' needs negative_strategy 'misranked', "
+                f"{name}.negative_strategy: loss {self.loss!r} needs negative_strategy 'misranked', "
                 f"got {self.negative_strategy!r}"
             )
-        if self.loss == "warp" and self.negative_count != 1:
+        if LOSSES[self.loss].rank_weighted and self.negative_count != 1:
             raise ConfigError(
-                f"{name}.negative_count: loss 'warp' takes one violating negative per positive, "
+                f"{name}.negative_count: loss {self.loss!r} takes one violating negative per positive, "
                 f"got {self.negative_count}"
             )
 
 
-#: Named hyperparameter sets measured on ml-latest-small (LensKit's crossfold_users protocol);
-#: see benchmarks/implicit_movielens.py and docs/metrics.md.
-#: Fold 0, NDCG@10 (log2 discount), autograd engine: default 0.125, bpr 0.138, warp 0.156, best 0.177.
-#: 5 folds, hand-derived engine (2026-11-29): default 0.130, bpr 0.122, warp 0.144, best 0.172;
-#: popularity 0.075. Seeds alone move bpr by +-0.02 (fold 0: 0.099 to 0.138), so compare means.
-#: bpr retuned (5 folds): k=64, 40 epochs, lr 0.005 -> 0.139 (k=32/30/0.01 gave 0.122).
-#: warp retuned (5 folds): k=32, 30 epochs -> 0.153 (0.148 in LensKit's discount; k=64/20 gave 0.144).
-IMPLICIT_PRESETS: dict[str, dict[str, Any]] = {
+#: Named hyperparameter sets (flexmf.yaml's ``implicit_hparams`` adds to and overrides them).
+#: Their measured quality: docs/metrics.md (current table) and docs/benchmarks.md ("Named
+#: hyperparameter sets": how they were chosen), made by benchmarks/implicit_movielens.py.
+IMPLICIT_HPARAM_SETS: dict[str, dict[str, Any]] = {
     "default": {},
     "bpr": {"preset": "bpr", "embedding_size": 64, "epochs": 40, "learning_rate": 0.005},
     "warp": {"preset": "warp", "embedding_size": 32, "epochs": 30},

@@ -7,10 +7,15 @@ so the loss never treats a positive as a negative. Membership is one gather in a
 (small catalogues) or a ``searchsorted`` in sorted ``user * n_items + item`` keys: no Python loop
 per sample and, on accelerators, no device sync per try.
 
-The misranked sampler can score its candidates in *pooled* mode: the batch draws one pool of
-items, every row draws its candidates from that pool, and the engine scores the batch's distinct
-users against the pool in one matrix product (``pool_scores``), instead of gathering
-``batch x candidates`` item rows. Marginally each candidate is still a uniform item.
+The misranked sampler scores its candidates with the current model in *pooled* mode: the batch
+draws one pool of items, every row draws its candidates from that pool, and the engine scores the
+batch's distinct users against the pool in one matrix product (``pool_scores``), instead of
+gathering ``batch x candidates`` item rows. Marginally each candidate is still a uniform item.
+
+A sampler is declared once, in :data:`SAMPLERS` (the config's ``negative_strategy`` names it): adding
+one is a class with ``build`` and ``sample`` (and ``needs_model = True`` when it scores candidates
+with the current model, so the engine passes ``pool_scores`` and draws its negatives batch by batch)
+and one entry there. The fused kernels only see the sampled items, so a sampler has no C side.
 """
 
 from __future__ import annotations
@@ -21,10 +26,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from flexmf_assets.flexmf import _native
-
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``score_fn(users[B], items[B, T]) -> scores[B, T]`` with the current model (called under no_grad)."""
+from flexmf_assets.errors import ConfigError
+from flexmf_assets.flexmf import _abi, _native
 
 PoolScoreFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """``pool_scores(pool[C]) -> (scores[R, C], row[B])``: scores of the batch's R distinct users
@@ -73,11 +76,10 @@ class PositiveSet:
             out = torch.empty(items.shape, dtype=torch.bool)
             if self.table is not None and self._bits is None:
                 self._bits = torch.from_numpy(np.packbits(self.table.numpy(), bitorder="little"))
-            _native.kernels().flexmf_contains(
-                _native.ptr(self._bits), 0 if self.table is None else self.table.numel(),
-                _native.ptr(self.keys), self.keys.numel(), self.n_items, _native.ptr(u), _native.ptr(it),
-                u.numel(), 1 if it.dim() == 1 else it.shape[1], _native.ptr(out),
-            )
+            _native.run("flexmf_contains", _abi.ContainsArgs(
+                bits=_abi.ptr(self._bits), cells=0 if self.table is None else self.table.numel(),
+                keys=_abi.ptr(self.keys), n_keys=self.keys.numel(), n_items=self.n_items, users=_abi.ptr(u),
+                items=_abi.ptr(it), n=u.numel(), c=1 if it.dim() == 1 else it.shape[1], out=_abi.ptr(out)))
             return out
         u = users.to(torch.int64)
         while u.dim() < items.dim():
@@ -93,20 +95,24 @@ class PositiveSet:
 
 
 class NegativeSampler(Protocol):
-    def sample(
-        self,
-        users: torch.Tensor,
-        count: int,
-        *,
-        pos_scores: torch.Tensor | None = None,
-        score_fn: ScoreFn | None = None,
-        generator: torch.Generator | None = None,
-        pool_scores: PoolScoreFn | None = None,
-    ) -> NegativeSample: ...
+    #: scores candidates with the current model: ``sample`` needs ``pool_scores``
+    needs_model: bool
+
+    def sample(self, users: torch.Tensor, count: int, *, pos_scores: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, pool_scores: PoolScoreFn | None = None) -> NegativeSample:
+        """``count`` negatives for each of ``users`` (``pos_scores``: WARP's positive scores;
+        ``pool_scores``: the current model, for samplers that need it)."""
 
 
 class _RandomSampler:
     """Shared redraw-and-mask loop of the uniform and popularity samplers."""
+
+    needs_model = False
+
+    @classmethod
+    def build(cls, positives: PositiveSet, train_items: torch.Tensor, **options) -> "_RandomSampler":
+        """The sampler for training pairs ``positives`` (``options``: :func:`make_sampler`'s)."""
+        return cls(positives)
 
     def __init__(self, positives: PositiveSet, max_rounds: int = 8) -> None:
         self.positives = positives
@@ -115,16 +121,8 @@ class _RandomSampler:
     def _draw(self, shape: tuple[int, ...], device: torch.device, generator) -> torch.Tensor:
         raise NotImplementedError
 
-    def sample(
-        self,
-        users: torch.Tensor,
-        count: int,
-        *,
-        pos_scores: torch.Tensor | None = None,
-        score_fn: ScoreFn | None = None,
-        generator: torch.Generator | None = None,
-        pool_scores: PoolScoreFn | None = None,
-    ) -> NegativeSample:
+    def sample(self, users: torch.Tensor, count: int, *, pos_scores: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, pool_scores: PoolScoreFn | None = None) -> NegativeSample:
         items = self._draw((users.shape[0], count), users.device, generator)
         bad = self.positives.contains(users, items)
         if users.device.type == "cpu":
@@ -160,6 +158,10 @@ class UniformSampler(_RandomSampler):
 class PopularSampler(_RandomSampler):
     """Items drawn proportionally to their training popularity (a random training interaction's item)."""
 
+    @classmethod
+    def build(cls, positives: PositiveSet, train_items: torch.Tensor, **options) -> "PopularSampler":
+        return cls(positives, train_items)
+
     def __init__(self, positives: PositiveSet, train_items: torch.Tensor, max_rounds: int = 8) -> None:
         super().__init__(positives, max_rounds)
         self.train_items = train_items.to(torch.int64)
@@ -177,10 +179,17 @@ class MisrankedSampler:
     violates the margin (``score > pos_score - margin``) and ``trials`` = its 1-based position;
     rows with no violator are marked invalid.
 
-    Candidates are scored either per row with ``score_fn(users, items[B, T])`` or, when the caller
-    passes ``pool_scores``, drawn from one batch-wide pool of ``pool_size`` uniform items
-    (default ``max(8 * T, 512)``, at most the catalogue) and scored in one matrix product.
+    Candidates are drawn from one batch-wide pool of ``pool_size`` uniform items (default
+    ``max(8 * T, 512)``, at most the catalogue), scored by the caller's ``pool_scores`` in one matrix
+    product.
     """
+
+    needs_model = True
+
+    @classmethod
+    def build(cls, positives: PositiveSet, train_items: torch.Tensor, *, candidates: int = 20, margin: float = 1.0,
+              pool_size: int | None = None) -> "MisrankedSampler":
+        return cls(positives, candidates=candidates, margin=margin, pool_size=pool_size)
 
     def __init__(self, positives: PositiveSet, candidates: int = 20, margin: float = 1.0,
                  pool_size: int | None = None) -> None:
@@ -193,34 +202,20 @@ class MisrankedSampler:
         size = self.pool_size or max(8 * self.candidates * count, 512)
         return max(1, min(size, self.positives.n_items))
 
-    def sample(
-        self,
-        users: torch.Tensor,
-        count: int,
-        *,
-        pos_scores: torch.Tensor | None = None,
-        score_fn: ScoreFn | None = None,
-        generator: torch.Generator | None = None,
-        pool_scores: PoolScoreFn | None = None,
-    ) -> NegativeSample:
+    def sample(self, users: torch.Tensor, count: int, *, pos_scores: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, pool_scores: PoolScoreFn | None = None) -> NegativeSample:
+        if pool_scores is None:
+            raise ValueError("MisrankedSampler.sample needs pool_scores (the current model)")
         b, t = users.shape[0], self.candidates
         dev = users.device
-        n_items = self.positives.n_items
-        if pool_scores is not None:
-            size = self._pool(count)
-            pool = torch.randint(0, n_items, (size,), device=dev, generator=generator)
-            slot = torch.randint(0, size, (b, count * t), device=dev, generator=generator)
-            with torch.no_grad():
-                table, row = pool_scores(pool)
-                flat = (row.to(torch.int64) * size).unsqueeze(1) + slot
-                scores = table.reshape(-1)[flat.reshape(-1)].reshape(b, count, t)
-            cand = pool[slot]
-        elif score_fn is not None:
-            cand = torch.randint(0, n_items, (b, count * t), device=dev, generator=generator)
-            with torch.no_grad():
-                scores = score_fn(users, cand).reshape(b, count, t)
-        else:
-            raise ValueError("MisrankedSampler.sample needs score_fn or pool_scores (the current model)")
+        size = self._pool(count)
+        pool = torch.randint(0, self.positives.n_items, (size,), device=dev, generator=generator)
+        slot = torch.randint(0, size, (b, count * t), device=dev, generator=generator)
+        with torch.no_grad():
+            table, row = pool_scores(pool)
+            flat = (row.to(torch.int64) * size).unsqueeze(1) + slot
+            scores = table.reshape(-1)[flat.reshape(-1)].reshape(b, count, t)
+        cand = pool[slot]
         is_pos = self.positives.contains(users, cand).reshape(b, count, t)
         cand = cand.reshape(b, count, t)
         if pos_scores is None:
@@ -236,6 +231,14 @@ class MisrankedSampler:
         return NegativeSample(items=items, valid=valid, trials=first.squeeze(2) + 1)
 
 
+#: negative_strategy -> the sampler class (``build(positives, train_items, **options)`` makes one)
+SAMPLERS: dict[str, type] = {
+    "uniform": UniformSampler,
+    "popular": PopularSampler,
+    "misranked": MisrankedSampler,
+}
+
+
 def make_sampler(
     strategy: str,
     positives: PositiveSet,
@@ -245,23 +248,11 @@ def make_sampler(
     margin: float = 1.0,
     pool_size: int | None = None,
 ) -> NegativeSampler:
-    """The sampler for a config's ``negative_strategy`` ("uniform", "popular", "misranked")."""
-    if strategy == "uniform":
-        return UniformSampler(positives)
-    if strategy == "popular":
-        return PopularSampler(positives, train_items)
-    if strategy == "misranked":
-        return MisrankedSampler(positives, candidates=candidates, margin=margin, pool_size=pool_size)
-    raise ValueError(f"negative_strategy: {strategy!r} is not one of 'uniform', 'popular', 'misranked'")
-
-
-def warp_rank_weights(n_items: int, device: torch.device | None = None) -> torch.Tensor:
-    """``table[t] = L(floor((n_items - 1) / t))`` with ``L(r) = sum_{j<=r} 1/j`` (index 0 unused)."""
-    n = max(int(n_items) - 1, 1)
-    harmonic = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(1.0 / torch.arange(1, n + 1, dtype=torch.float64), 0)])
-    trials = torch.arange(0, n + 1, dtype=torch.int64).clamp_(min=1)
-    table = harmonic[torch.div(n, trials, rounding_mode="floor")]
-    return table.to(dtype=torch.float32, device=device)
+    """The sampler named by a config's ``negative_strategy`` (:data:`SAMPLERS`); an unknown name is a
+    :class:`ConfigError` listing the valid ones."""
+    if strategy not in SAMPLERS:
+        raise ConfigError(f"negative_strategy: {strategy!r} is not one of {', '.join(map(repr, SAMPLERS))}")
+    return SAMPLERS[strategy].build(positives, train_items, candidates=candidates, margin=margin, pool_size=pool_size)
 
 
 __all__ = [
@@ -271,7 +262,7 @@ __all__ = [
     "PoolScoreFn",
     "PopularSampler",
     "PositiveSet",
+    "SAMPLERS",
     "UniformSampler",
     "make_sampler",
-    "warp_rank_weights",
 ]

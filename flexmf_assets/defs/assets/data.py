@@ -11,8 +11,9 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from flexmf_assets.defs.metadata import column_schema, frame_stats, jsonable, md_table, rating_histogram
-from flexmf_assets.defs.automation import DATA_VERSION_TAG, latest_materialization
+from flexmf_assets.defs.metadata import column_schema, frame_stats, md_table, rating_histogram
+from flexmf_assets.files import jsonable
+from flexmf_assets.defs.records import DATA_VERSION_TAG, latest_materialization
 from flexmf_assets.defs.failures import user_errors
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.project import ProjectConfig
@@ -25,7 +26,7 @@ def synthetic_fingerprint(preset: str) -> str:
     """A stable sha256 for a synthetic preset: its generator parameters (no download involved)."""
     from flexmf_assets.datasets import synthetic
 
-    params = dataclasses.asdict(synthetic.PRESETS[preset])
+    params = dataclasses.asdict(synthetic.SYNTHETIC_DATASETS[preset])
     blob = json.dumps({"preset": preset, "params": params}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

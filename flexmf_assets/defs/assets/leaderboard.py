@@ -3,44 +3,21 @@ the validation metric) and the champions' recommendations. Both refresh themselv
 automation) after any evaluation of their dataset materializes."""
 
 
-from dataclasses import dataclass
-
 import dagster as dg
 import polars as pl
 
-from flexmf_assets.defs.assets.models import TRACKS, lineage_metadata
-from flexmf_assets.defs.automation import follow_any_partition, follow_upstream, latest_materialization, model_partition_key
+from flexmf_assets.defs.assets.models import lineage_metadata
+from flexmf_assets.defs.automation import follow_any_partition, follow_upstream
+from flexmf_assets.defs.records import latest_materialization, model_partition_key
 from flexmf_assets.defs.failures import user_errors
-from flexmf_assets.defs.metadata import jsonable, rounded, table
+from flexmf_assets.defs.metadata import rounded, table
 from flexmf_assets.defs.partitions import BY_DATASET, HPARAMS_PARTITIONS
+from flexmf_assets.files import jsonable
 from flexmf_assets.errors import DataValidationError
 from flexmf_assets.evaluation.charts import bar_chart
+from flexmf_assets.tracks import TRACKS, Track
 
 CODE_VERSIONS = {"leaderboard": "2", "champion": "2"}
-
-
-@dataclass(frozen=True)
-class Board:
-    track: str
-    lower_is_better: bool
-    test_metrics: tuple[str, ...]
-
-    @property
-    def validation_key(self) -> str:  # the evaluation's metadata entry of the validation metric
-        return f"validation_{TRACKS[self.track].val_key}"
-
-    @property
-    def headline(self) -> str:
-        return TRACKS[self.track].headline
-
-
-BOARDS = {
-    "explicit": Board("explicit", True,
-                      ("rmse", "mae", "baseline_rmse", "rmse_delta_vs_baseline", "user_rmse")),
-    "implicit": Board("implicit", False,
-                      ("ndcg@10", "recall@10", "precision@10", "hit@10", "mrr@10", "map@10", "ndcg@20",
-                       "recall@20", "baseline_ndcg@10", "ndcg@10_delta_vs_baseline", "coverage@20")),
-}
 
 
 def _value(meta, key):
@@ -56,21 +33,21 @@ def _raw(meta, key):
     return _value(meta, key)
 
 
-def leaderboard_frame(instance: dg.DagsterInstance, board: Board, dataset: str) -> pl.DataFrame:
+def leaderboard_frame(instance: dg.DagsterInstance, board: Track, dataset: str) -> pl.DataFrame:
     """One row per materialized evaluation of ``dataset``, best validation score first.
 
     Keys that resolve to the same configuration (``config_fingerprint``) train the same model: every
     such row but one (the first registered) names that one in ``same_as`` and ranks after it, so the
     champion is never a duplicate."""
     rows = []
-    for name in instance.get_dynamic_partitions(HPARAMS_PARTITIONS[board.track].name):
-        record = latest_materialization(instance, f"{board.track}_evaluation", str(model_partition_key(dataset, name)))
+    for name in instance.get_dynamic_partitions(HPARAMS_PARTITIONS[board.name].name):
+        record = latest_materialization(instance, f"{board.name}_evaluation", str(model_partition_key(dataset, name)))
         if record is None or record.asset_materialization is None:
             continue
         meta = record.asset_materialization.metadata
         row = {"hparams": name, "partition": f"{dataset}|{name}",
-               "validation": _raw(meta, board.validation_key)}
-        row.update({m: _raw(meta, m) for m in board.test_metrics})
+               "validation": _raw(meta, board.validation_metric)}
+        row.update({m: _raw(meta, m) for m in board.board_columns})
         row.update({"epochs_run": _value(meta, "epochs_run"), "best_epoch": _value(meta, "best_epoch"),
                     "train_seconds": _value(meta, "train_seconds"),
                     "fingerprint": _value(meta, "config_fingerprint"), "run_id": record.run_id})
@@ -97,7 +74,7 @@ def leaderboard_frame(instance: dg.DagsterInstance, board: Board, dataset: str) 
     )
 
 
-def leaderboard_chart(frame: pl.DataFrame, board: Board) -> str:
+def leaderboard_chart(frame: pl.DataFrame, board: Track) -> str:
     """The test metric of every set in board order, zoomed to the data, the baseline drawn, the champion
     highlighted."""
     base = frame[f"baseline_{board.headline}"].drop_nulls()
@@ -120,13 +97,13 @@ def short_key(key: str) -> str:
 
 
 def build_leaderboard_assets(dataset_partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
-    assets = [_leaderboard_asset(board, dataset_partitions) for board in BOARDS.values()]
-    recommendations = [f"{t}_recommendations" for t in BOARDS]
+    assets = [_leaderboard_asset(board, dataset_partitions) for board in TRACKS.values()]
+    recommendations = [f"{t}_recommendations" for t in TRACKS]
 
     @dg.asset(
         name="champion_recommendations",
         partitions_def=dataset_partitions,
-        deps=[*(f"{t}_leaderboard" for t in BOARDS),
+        deps=[*(f"{t}_leaderboard" for t in TRACKS),
               *(dg.AssetDep(name, partition_mapping=BY_DATASET) for name in recommendations)],
         required_resource_keys={"io_manager"},
         group_name="leaderboard",
@@ -143,7 +120,7 @@ def build_leaderboard_assets(dataset_partitions: dg.PartitionsDefinition) -> lis
         dataset = context.partition_key
         io = context.resources.io_manager
         tables, provenance = [], {}
-        for track in BOARDS:
+        for track in TRACKS:
             try:
                 frame = io.read_partition(f"{track}_leaderboard", dataset)
             except FileNotFoundError:
@@ -174,18 +151,18 @@ def build_leaderboard_assets(dataset_partitions: dg.PartitionsDefinition) -> lis
     return [*assets, champion_recommendations]
 
 
-def _leaderboard_asset(board: Board, dataset_partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    metric = TRACKS[board.track].val_key
+def _leaderboard_asset(board: Track, dataset_partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    metric = board.val_key
 
     @dg.asset(
-        name=f"{board.track}_leaderboard",
+        name=f"{board.name}_leaderboard",
         partitions_def=dataset_partitions,
-        deps=[dg.AssetDep(f"{board.track}_evaluation", partition_mapping=BY_DATASET)],
+        deps=[dg.AssetDep(f"{board.name}_evaluation", partition_mapping=BY_DATASET)],
         group_name="leaderboard",
         kinds={"polars"},
         code_version=CODE_VERSIONS["leaderboard"],
         automation_condition=follow_any_partition(),
-        description=f"Every materialized {board.track} hparams partition of the dataset side by side; the "
+        description=f"Every materialized {board.name} hparams partition of the dataset side by side; the "
         f"champion is the best validation score ({metric}), never the test metric. Keys that resolve to the "
         "same configuration are marked `same_as`. Refreshes itself after any evaluation of the dataset.",
     )
@@ -194,10 +171,10 @@ def _leaderboard_asset(board: Board, dataset_partitions: dg.PartitionsDefinition
         dataset = context.partition_key
         frame = leaderboard_frame(context.instance, board, dataset)
         if frame.is_empty():
-            context.log.warning(f"no {board.track}_evaluation is materialized for {dataset}: the board is "
-                                f"empty until a {board.track} hparams partition is trained")
+            context.log.warning(f"no {board.name}_evaluation is materialized for {dataset}: the board is "
+                                f"empty until a {board.name} hparams partition is trained")
         champion = frame.filter(pl.col("champion"))
-        shown = [c for c in ("position", "hparams", "validation", *board.test_metrics, "same_as", "champion",
+        shown = [c for c in ("position", "hparams", "validation", *board.board_columns, "same_as", "champion",
                              "epochs_run", "best_epoch", "train_seconds") if c in frame.columns]
         metadata = {
             "champion": champion["partition"][0] if champion.height else "none",

@@ -9,79 +9,30 @@ What differs between the explicit and implicit tracks lives in a small :class:`T
 import os
 import platform
 import socket
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import dagster as dg
 import polars as pl
 
-from flexmf_assets.defs.automation import (
-    DATA_VERSION_TAG,
-    SPLIT_VERSION_KEY,
-    follow_upstream,
-    latest_materialization,
-    model_partition_key,
-    retrain_on_new_split,
-)
+from flexmf_assets.defs.automation import follow_upstream, retrain_on_new_split
+from flexmf_assets.defs.records import DATA_VERSION_TAG, SPLIT_VERSION_KEY, latest_materialization, model_partition_key
 from flexmf_assets.defs.failures import user_errors
-from flexmf_assets.defs.metadata import jsonable, rounded, table
+from flexmf_assets.defs.metadata import rounded, table
 from flexmf_assets.defs.partitions import BY_DATASET, model_partitions, split_key
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
+from flexmf_assets.files import jsonable
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.project import ProjectConfig, config_class, config_fingerprint
+from flexmf_assets.project import ProjectConfig, config_fingerprint
+from flexmf_assets.tracks import track as get_track
 
 CODE_VERSIONS = {"model": "1", "evaluation": "2", "recommendations": "2"}
 #: longest storage path a partition may need (version folder and model files included)
 MAX_PATH = 4000
 
 
-@dataclass(frozen=True)
-class Track:
-    """What one model track does at each asset."""
-
-    name: str
-    scorer_class: Callable[[], type]
-    val_key: str  # the validation metric in scorer.history
-    report: Callable[[Any, dict, Any], Any]  # (model, split, config) -> evaluation.reports.Report
-    headline: str  # the test metric the UI and the terminal lead with
-    description: str
-
-
-def _explicit_scorer():
-    from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
-
-    return FlexMFExplicitScorer
-
-
-def _implicit_scorer():
-    from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer
-
-    return FlexMFImplicitScorer
-
-
-def _explicit_report(model, split: dict, config):
-    from flexmf_assets.evaluation.reports import explicit_report
-
-    return explicit_report(model, split["train"], split["test"])
-
-
-def _implicit_report(model, split: dict, config):
-    from flexmf_assets.evaluation.reports import implicit_report
-
-    return implicit_report(model, split["train"], split["test"], min_rating=config.min_rating)
-
-
-TRACKS = {
-    "explicit": Track("explicit", _explicit_scorer, "val_rmse", _explicit_report, "rmse",
-                      "Biased MF trained with MSE (rating prediction)"),
-    "implicit": Track("implicit", _implicit_scorer, "val_ndcg", _implicit_report, "ndcg@10",
-                      "Implicit MF (logistic / BPR / WARP) for top-N ranking"),
-}
-
-
 def key_grammar(track: str) -> str:
     """How a set is named in a partition key: shown in the model assets' descriptions."""
-    fields = ", ".join(config_class(track).field_names())
+    fields = ", ".join(get_track(track).config_class.field_names())
     return (
         f"**Partition key** `<dataset>|<set>`. The set is a name from `flexmf.yaml` (`default`, ...) or "
         f"overrides of `default` typed as `field=value` pairs separated by `;`, e.g. "
@@ -140,7 +91,7 @@ def _check_storage_path(cfg: ProjectConfig, asset: str, dataset: str, hparams: s
 
 def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "flexmf_training",
                        op_tags: dict[str, str] | None = None) -> list[dg.AssetsDefinition]:
-    track = TRACKS[track_name]
+    track = get_track(track_name)
     partitions = model_partitions(project, track_name)
     model_name = f"{track_name}_model"
     split_in = {"split": dg.AssetIn("split", partition_mapping=BY_DATASET)}
@@ -167,7 +118,7 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         config = cfg.resolve_hparams(track_name, hparams)
         _check_storage_path(cfg, model_name, dataset, hparams)
         context.log.info(f"training {track_name} {dataset}|{hparams}: {config.to_dict()}")
-        scorer = track.scorer_class()(config, device=device.settings())
+        scorer = track.scorer_class(config, device=device.settings())
 
         def log_epoch(rec: dict) -> None:
             context.log.info(f"epoch {rec.get('epoch')}: " + ", ".join(
@@ -223,20 +174,20 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
     @user_errors
     def evaluation(context: dg.AssetExecutionContext, model, split: dict):
         dataset, hparams = split_key(context)
-        report = track.report(model, split, model.config)
+        report = track.report(model, split["train"], split["test"])
         best = next((h for h in model.history if h.get("epoch") == model.best_epoch), {})
         metadata: dict[str, Any] = {k: rounded(v) for k, v in report.metrics.items()}
         metadata.update({
             "dataset": dataset,
             "hparams_set": hparams,
             "config_fingerprint": config_fingerprint(track_name, model.config),
-            f"validation_{track.val_key}": rounded(best.get(track.val_key)),
+            track.validation_metric: rounded(best.get(track.val_key)),
             "epochs_run": model.epochs_run,
             "best_epoch": model.best_epoch,
             "train_seconds": round(model.train_seconds, 3),
             **{name: dg.MetadataValue.md(markdown) for name, markdown in report.figures.items()},
             "metrics": dg.MetadataValue.json(jsonable({**report.metrics,
-                                                        f"validation_{track.val_key}": best.get(track.val_key)})),
+                                                        track.validation_metric: best.get(track.val_key)})),
             "curves": dg.MetadataValue.json(jsonable(report.curves)),
             "per_user": table(report.per_user, 10),
             "dagster/row_count": report.per_user.height,

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf._config import ConfigBase
+from flexmf_assets.flexmf.config_base import ConfigBase, RegMethod
 
-RegMethod = Literal["L2", "AdamW"]
 Optimizer = Literal["sgd", "adam"]
 
 
@@ -33,8 +32,8 @@ class FlexMFExplicitConfig(ConfigBase):
         row is in the batch, like torch's SparseAdam).
     lr_decay: the learning rate is multiplied by this after every epoch (1.0 = constant).
     seed: seeds initialisation and shuffling (same seed and device -> identical model).
-    patience: early stopping: stop after this many epochs without a better validation RMSE and
-        restore the best epoch; ``None`` trains all epochs (the best epoch is still reported).
+    patience: early stopping: stop after this many epochs without a better validation RMSE;
+        ``None`` trains all epochs. With validation data the best epoch's parameters are kept.
     init_scale: embeddings start as N(0, init_scale); biases start at 0.
     bias: learn user and item biases (the global mean is always used). Biases share
         ``regularization`` with the embeddings.
@@ -62,11 +61,10 @@ class FlexMFExplicitConfig(ConfigBase):
             raise ConfigError(f"{name}.optimizer: {self.optimizer!r} is not one of 'sgd', 'adam'")
 
 
-#: Hyperparameter sets measured on ml-latest-small (random 80/20 split, seed 42); see
-#: benchmarks/explicit_movielens.py. ``default`` is what flexmf.yaml's explicit_hparams.default uses.
-EXPLICIT_PRESETS: dict[str, dict[str, object]] = {
-    # = the class defaults; test RMSE 0.855 (0.850 before the 1/sqrt(count) step scaling), ~3 s on
-    # a loaded 2-core machine. At LensKit's config (batch 8192, 10 epochs): sgd 0.874, adam 0.860.
+#: Named hyperparameter sets (flexmf.yaml's ``explicit_hparams`` adds to and overrides them);
+#: ``default`` is the class defaults. Their measured quality and speed: docs/benchmarks.md
+#: ("Explicit hyperparameter sets"), made by benchmarks/explicit_movielens.py.
+EXPLICIT_HPARAM_SETS: dict[str, dict[str, object]] = {
     "default": {
         "embedding_size": 64,
         "batch_size": 1024,
@@ -76,7 +74,6 @@ EXPLICIT_PRESETS: dict[str, dict[str, object]] = {
         "reg_method": "L2",
         "optimizer": "sgd",
     },
-    # test RMSE 0.845, ~16 s on a loaded 2-core machine
     "tuned": {
         "embedding_size": 128,
         "batch_size": 1024,

@@ -1,4 +1,6 @@
-"""Shared machinery of the typed, validated config classes (explicit and implicit)."""
+"""The base of every typed, validated settings class (scorer configs, split, synthetic data):
+:class:`ConfigBase` (``from_dict`` with typo suggestions, range checks, ``to_dict``), the ranges
+the scorer configs enforce, and the partition-key grammar (``field=value;...``)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ import math
 import re
 import types
 import typing
-from typing import Any, Mapping, TypeVar
+from typing import Any, Literal, Mapping, TypeVar
 
 from flexmf_assets.errors import ConfigError
 
 T = TypeVar("T", bound="ConfigBase")
+
+#: how ``regularization`` applies (see the scorer configs); ``None`` disables it
+RegMethod = Literal["L2", "AdamW"]
 
 
 def suggest(name: str, valid: list[str]) -> str:
@@ -45,23 +50,25 @@ def _coerce(cls_name: str, field: str, annotation: Any, value: Any) -> Any:
         )
     # strict: flexmf.yaml gives typed YAML scalars (a boolean is true/false, not "false"); keys are
     # parsed to typed values by parse_overrides before they get here
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{cls_name}.{field}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{cls_name}.{field}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise ConfigError(f"{cls_name}.{field}: expected a finite number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{cls_name}.{field}: expected a string, got {value!r}")
+    if annotation in _SCALARS:
+        expected, ok = _SCALARS[annotation]
+        if not ok(value):
+            raise ConfigError(f"{cls_name}.{field}: expected {expected}, got {value!r}")
+        return float(value) if annotation is float else value
     return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: annotation -> (what a value must be, the check): booleans are not integers, numbers are finite
+_SCALARS: dict[Any, tuple[str, Any]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: _is_number(v) and math.isfinite(v)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
 
 
 #: field -> (lower bound, upper bound, lower bound excluded): the ranges every scorer config enforces
@@ -82,6 +89,8 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "eval_k": (1, 1000, False),
     "min_rating": (-1e6, 1e6, False),
 }
+
+
 def _bound(value: float) -> str:
     return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
 
@@ -144,8 +153,9 @@ class ConfigBase:
             if too_low or value > high:
                 bound = f"> {_bound(low)}" if low_open else f">= {_bound(low)}"
                 raise ConfigError(f"{name}.{field}: must be {bound} and <= {_bound(high)}, got {value!r}")
-        if self.reg_method not in ("L2", "AdamW", None):  # type: ignore[attr-defined]
-            raise ConfigError(f"{name}.reg_method: {self.reg_method!r} is not one of 'L2', 'AdamW', None")  # type: ignore[attr-defined]
+        reg_method = getattr(self, "reg_method", None)
+        if reg_method not in (*typing.get_args(RegMethod), None):
+            raise ConfigError(f"{name}.reg_method: {reg_method!r} is not one of 'L2', 'AdamW', None")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]

@@ -1,0 +1,116 @@
+"""The Python side of ``_kernels.h``: each kernel's argument struct as a ``ctypes.Structure``, the enums,
+the scratch a table needs, and :func:`call`, which runs a kernel and turns a bad status into an error.
+
+Every struct names its C typedef in ``C_NAME``; tests/test_native.py compiles a program against the
+header and checks every size, offset and value here against it. A struct field holding a tensor takes
+:func:`ptr` of it (the tensor must stay referenced until the call returns).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+
+#: enum flexmf_status
+OK, UNKNOWN_LOSS, UNKNOWN_OPTIMIZER, BAD_NEGATIVES = 0, 1, 2, 3
+STATUS = {
+    UNKNOWN_LOSS: "unknown loss kind",
+    UNKNOWN_OPTIMIZER: "unknown optimizer",
+    BAD_NEGATIVES: "negatives per positive outside 1..MAX_NEGATIVES (WARP: not 1)",
+}
+#: enum flexmf_optimizer
+SGD, ADAM = 0, 1
+#: FLEXMF_MAX_NEGATIVES
+MAX_NEGATIVES = 64
+#: most threads the kernels use (bounds the scratch's per-thread padding)
+MAX_THREADS = 64
+
+
+class Table(ctypes.Structure):
+    C_NAME = "flexmf_table"
+    _fields_ = [("rows", _P), ("last", _P), ("n_rows", _I), ("const_col", _I),
+                ("grad", _P), ("count", _P), ("touched", _P), ("slot", _P)]
+
+
+class Train(ctypes.Structure):
+    C_NAME = "flexmf_train"
+    _fields_ = [("user", Table), ("item", Table), ("width", _I), ("optimizer", _I), ("lr", _D), ("l2", _D),
+                ("decay", _D), ("step", _I), ("threads", _I), ("loss", _D)]
+
+
+class ExplicitArgs(ctypes.Structure):
+    C_NAME = "flexmf_explicit_args"
+    _fields_ = [("train", Train), ("users", _P), ("items", _P), ("resid", _P), ("n", _I), ("batch", _I),
+                ("err", _P)]
+
+
+class ImplicitArgs(ctypes.Structure):
+    C_NAME = "flexmf_implicit_args"
+    _fields_ = [("train", Train), ("loss_kind", _I), ("k", _I), ("negatives", _I), ("users", _P), ("pos", _P),
+                ("neg", _P), ("valid", _P), ("weight", _P), ("n", _I), ("batch", _I), ("positive_weight", _D),
+                ("ds", _P)]
+
+
+class ContainsArgs(ctypes.Structure):
+    C_NAME = "flexmf_contains_args"
+    _fields_ = [("bits", _P), ("cells", _I), ("keys", _P), ("n_keys", _I), ("n_items", _I), ("users", _P),
+                ("items", _P), ("n", _I), ("c", _I), ("out", _P)]
+
+
+STRUCTS = (Table, Train, ExplicitArgs, ImplicitArgs, ContainsArgs)
+#: every entry point: name -> its argument struct (each kernel returns an enum flexmf_status)
+KERNELS: dict[str, type[ctypes.Structure]] = {
+    "flexmf_explicit_epoch": ExplicitArgs,
+    "flexmf_implicit_batches": ImplicitArgs,
+    "flexmf_contains": ContainsArgs,
+    "flexmf_adam_flush": Train,
+}
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """Set every entry point's signature (AttributeError naming the first one missing)."""
+    for name, struct in KERNELS.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.POINTER(struct)]
+
+
+def call(lib: ctypes.CDLL, name: str, args: ctypes.Structure) -> None:
+    """Run kernel ``name`` on ``args``; a status other than OK is a RuntimeError naming it."""
+    status = getattr(lib, name)(ctypes.byref(args))
+    if status != OK:
+        raise RuntimeError(f"{name}: {STATUS.get(status, f'status {status}')}")
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    """Address of a contiguous CPU tensor's first element (None passes NULL)."""
+    if t is None:
+        return None
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("native kernels need contiguous CPU tensors")
+    return t.data_ptr()
+
+
+class Scratch:
+    """Per-table scratch of the kernels: gradient slots, their counts and rows, and the row -> slot map
+    (all -1 between calls)."""
+
+    def __init__(self, rows: int, width: int):
+        slots = rows + 16 * (MAX_THREADS + 2)  # per-thread stretches are rounded up to 16 rows
+        self.grad = torch.empty(slots, width)
+        self.count = torch.empty(slots)
+        self.touched = torch.empty(slots, dtype=torch.int64)
+        self.slot = torch.full((rows,), -1, dtype=torch.int32)
+
+
+def table(rows: torch.Tensor, scratch: Scratch, const_col: int | None, last: torch.Tensor | None = None) -> Table:
+    """The :class:`Table` of parameter rows ``rows`` (``[n, w]`` or Adam's ``[n, 3, w]``)."""
+    return Table(rows=ptr(rows), last=ptr(last), n_rows=rows.shape[0], const_col=-1 if const_col is None else const_col,
+                 grad=ptr(scratch.grad), count=ptr(scratch.count), touched=ptr(scratch.touched),
+                 slot=ptr(scratch.slot))
+
+
+__all__ = ["ContainsArgs", "ExplicitArgs", "ImplicitArgs", "KERNELS", "Scratch", "Table", "Train", "call", "declare",
+           "ptr", "table"]

@@ -1,0 +1,111 @@
+/*
+ * The interface of the fused CPU kernels (_kernels.c): one argument struct per kernel, the enums and
+ * the optimizer constants. Python mirrors every struct and enum in _abi.py (ctypes.Structure);
+ * tests/test_native.py compiles a program against this header and checks every size, offset and
+ * value of the mirror. Change both together.
+ *
+ * Tables are row-major float32. With Adam a row holds its parameters and both moments side by side,
+ * [p | m | v] (stride 3 * width); with SGD rows are `width` apart. Every kernel returns an
+ * enum flexmf_status; anything but FLEXMF_OK means nothing was computed.
+ */
+#ifndef FLEXMF_KERNELS_H
+#define FLEXMF_KERNELS_H
+
+#include <stdint.h>
+
+/* Adam's constants (optim.py ADAM_BETAS, ADAM_EPS) */
+#define FLEXMF_ADAM_B1 0.9
+#define FLEXMF_ADAM_B2 0.999
+#define FLEXMF_ADAM_EPS 1e-8f
+/* the most negatives per positive the implicit kernel takes */
+#define FLEXMF_MAX_NEGATIVES 64
+
+enum flexmf_status {
+    FLEXMF_OK = 0,
+    FLEXMF_UNKNOWN_LOSS = 1,
+    FLEXMF_UNKNOWN_OPTIMIZER = 2,
+    FLEXMF_BAD_NEGATIVES = 3, /* negatives outside 1..FLEXMF_MAX_NEGATIVES, or not 1 for WARP */
+};
+
+/* the implicit losses (losses.py LOSSES: each entry names its kind) */
+enum flexmf_loss {
+    FLEXMF_LOSS_LOGISTIC = 0, /* softplus(-s+) * positive_weight + sum softplus(s-) */
+    FLEXMF_LOSS_PAIRWISE = 1, /* BPR: sum softplus(s- - s+) */
+    FLEXMF_LOSS_WARP = 2,     /* weight * relu(1 - s+ + s-), one negative */
+};
+
+enum flexmf_optimizer {
+    FLEXMF_SGD = 0,  /* explicit only: a row's step scaled by 1/sqrt(its ratings in the batch) */
+    FLEXMF_ADAM = 1, /* sparse Adam(W) over the rows of a batch */
+};
+
+/* One parameter table and the caller-owned scratch of its per-batch gradients (_abi.Scratch). */
+typedef struct {
+    float *rows;       /* [n_rows, stride] */
+    int64_t *last;     /* [n_rows] Adam step of each row's last update: idle steps are caught up in
+                          closed form (implicit); NULL: lazy Adam, idle rows do not move (explicit) */
+    int64_t n_rows;
+    int64_t const_col; /* the column held at 1 (the other side's bias meets it), or -1 */
+    float *grad;       /* [slots, width], slots >= n_rows + 16 * (threads + 2) */
+    float *count;      /* [slots] */
+    int64_t *touched;  /* [slots] */
+    int32_t *slot;     /* [n_rows] row -> slot, all -1 on entry and on exit */
+} flexmf_table;
+
+/* What every training kernel shares: both tables, the optimizer and its state. */
+typedef struct {
+    flexmf_table user, item;
+    int64_t width;     /* parameters per row */
+    int64_t optimizer; /* enum flexmf_optimizer */
+    double lr;
+    double l2;         /* L2 penalty in the gradient */
+    double decay;      /* decoupled weight decay (AdamW) */
+    int64_t step;      /* in/out: Adam's step counter, one per batch */
+    int64_t threads;
+    double loss;       /* out: the summed loss of the call */
+} flexmf_train;
+
+/* Explicit feedback: prediction = user_row . item_row (biases ride in the rows), squared error. */
+typedef struct {
+    flexmf_train train;
+    const int64_t *users, *items; /* [n] rows of each rating */
+    const float *resid;           /* [n] rating - global mean */
+    int64_t n, batch;
+    float *err;                   /* [batch] scratch */
+} flexmf_explicit_args;
+
+/* Implicit feedback: positives with sampled negatives, one Adam(W) step per batch. */
+typedef struct {
+    flexmf_train train;
+    int64_t loss_kind;            /* enum flexmf_loss */
+    int64_t k;                    /* embedding columns: the L2 penalty's */
+    int64_t negatives;            /* c, at most FLEXMF_MAX_NEGATIVES (WARP: 1) */
+    const int64_t *users, *pos;   /* [n] */
+    const int64_t *neg;           /* [n, c] */
+    const uint8_t *valid;         /* [n, c]: 0 masks a negative (a positive of the user, no violator) */
+    const float *weight;          /* [n] WARP's rank weight of each pair, or NULL */
+    int64_t n, batch;
+    double positive_weight;
+    float *ds;                    /* [batch, 1 + c] scratch */
+} flexmf_implicit_args;
+
+/* Membership of (users[j], items[j, x]) in the training pairs. */
+typedef struct {
+    const uint8_t *bits; /* a dense users x n_items bit table of `cells` cells, or NULL: */
+    int64_t cells;
+    const int64_t *keys; /* else the sorted unique keys user * n_items + item */
+    int64_t n_keys;
+    int64_t n_items;
+    const int64_t *users; /* [n] */
+    const int64_t *items; /* [n, c] */
+    int64_t n, c;
+    uint8_t *out;         /* [n, c] */
+} flexmf_contains_args;
+
+int64_t flexmf_explicit_epoch(flexmf_explicit_args *a);
+int64_t flexmf_implicit_batches(flexmf_implicit_args *a);
+/* catch every row of both tables up to a->step (what dense AdamW's parameters would be now) */
+int64_t flexmf_adam_flush(flexmf_train *a);
+int64_t flexmf_contains(const flexmf_contains_args *a);
+
+#endif
