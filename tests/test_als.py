@@ -354,7 +354,16 @@ def test_settings_from_a_config_object():
 
 @needs_native
 def test_kernels_declare_the_als_entry_points():
+    """The ALS kernels take their argument struct of _kernels.h (layout checked by
+    tests/test_native.py::test_ctypes_structs_mirror_the_header) and return a status."""
+    import ctypes
+
+    from flexmf_assets.flexmf import _abi
+
     lib = _native.kernels()
     assert lib is not None, _native.status()
-    for name in ("flexmf_als_explicit_half", "flexmf_als_implicit_half"):
-        assert name in _native._SIGNATURES and getattr(lib, name).argtypes == [_native.ctypes.c_void_p]
+    for name, struct in (("flexmf_als_explicit_half", _abi.ALSExplicitArgs),
+                         ("flexmf_als_implicit_half", _abi.ALSImplicitArgs)):
+        fn = getattr(lib, name)
+        assert _abi.KERNELS[name] is struct
+        assert fn.argtypes == [ctypes.POINTER(struct)] and fn.restype is ctypes.c_int64

@@ -216,6 +216,7 @@ def test_ctypes_structs_mirror_the_header(tmp_path):
         "FLEXMF_OK": _abi.OK, "FLEXMF_UNKNOWN_LOSS": _abi.UNKNOWN_LOSS,
         "FLEXMF_UNKNOWN_OPTIMIZER": _abi.UNKNOWN_OPTIMIZER, "FLEXMF_BAD_NEGATIVES": _abi.BAD_NEGATIVES,
         "FLEXMF_SGD": _abi.SGD, "FLEXMF_ADAM": _abi.ADAM, "FLEXMF_MAX_NEGATIVES": _abi.MAX_NEGATIVES,
+        "FLEXMF_ALS_LANES": _abi.ALS_LANES, "FLEXMF_ALS_WORK(64, 7)": _abi.als_work(64, 7),
         **{f"FLEXMF_LOSS_{name.upper()}": loss.kind for name, loss in LOSSES.items()},
     }
     for name, value in constants.items():

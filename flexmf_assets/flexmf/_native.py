@@ -6,7 +6,8 @@ temporaries plus per-op dispatch; on a 2-core machine that caps MF training near
 from the memory-bound ceiling. The kernels do the same minibatch step (same gradients, same
 optimizers, same batch semantics) in two passes, in place on the torch tensors' storage.
 
-How: ``_kernels.c`` (including ``_kernels.h``, the interface, and ``_kernels_rows.h``) is compiled
+How: ``_kernels.c`` and ``_kernels_als.c`` (including ``_kernels.h``, the interface, and
+``_kernels_rows.h``) are compiled
 once per machine with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
 a second; at most ``$FLEXMF_NATIVE_BUILD_TIMEOUT`` seconds, default 120) into
 ``$FLEXMF_NATIVE_CACHE`` (default ``~/.cache/flexmf-assets/native``), keyed by the source, the
@@ -52,6 +53,8 @@ from flexmf_assets.flexmf import _abi
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_kernels.c")
+#: every C file of the library (the minibatch kernels, the ALS solvers)
+SOURCES = (SOURCE, Path(__file__).with_name("_kernels_als.c"))
 #: the interface (_kernels.h, mirrored by _abi.py) and the row machinery the kernels share
 HEADERS = (Path(__file__).with_name("_kernels.h"), Path(__file__).with_name("_kernels_rows.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
@@ -88,7 +91,7 @@ def cache_dir() -> Path:
 
 def _key(cc: str) -> str:
     """The cache key of a build: the source and headers, the flags, the compiler and the CPU."""
-    sources = [p.read_bytes() for p in (SOURCE, *HEADERS)]
+    sources = [p.read_bytes() for p in (*SOURCES, *HEADERS)]
     return hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), cc.encode(),
                                       platform.machine().encode(), _cpu_key().encode()])).hexdigest()[:20]
 
@@ -245,14 +248,14 @@ def _build_timeout() -> float:
 
 
 def _compile(cc: str, out: Path) -> None:
-    """Compile ``SOURCE`` into ``out`` (without OpenMP when the compiler refuses it) within the timeout;
+    """Compile ``SOURCES`` into ``out`` (without OpenMP when the compiler refuses it) within the timeout;
     a compiler still running then is killed with every process it started."""
     limit = _build_timeout()
     deadline = time.monotonic() + limit
     failure = ""
     for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):
         with tempfile.TemporaryFile() as err:  # a file, not a pipe: an orphaned child cannot block the read
-            proc = subprocess.Popen([cc, *flags, "-I", str(SOURCE.parent), "-o", str(out), str(SOURCE), "-lm"],
+            proc = subprocess.Popen([cc, *flags, "-I", str(SOURCE.parent), "-o", str(out), *map(str, SOURCES), "-lm"],
                                     stdin=subprocess.DEVNULL,
                                     stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
             try:

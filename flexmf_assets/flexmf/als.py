@@ -29,7 +29,7 @@ steps warm-started from the current row (Takacs et al.), or exactly by Cholesky 
 ``implicit`` (0.7) scales its input by ``alpha`` instead (confidence ``alpha * r``): on binary data
 its ``alpha = a`` is our ``weight = a - 1``.
 
-Engines: the fused C kernels (``_kernels.c``, rows split across OpenMP threads, each row solved by
+Engines: the fused C kernels (``_kernels_als.c``, rows split across OpenMP threads, each row solved by
 one thread in a fixed order, so the factors are bit-identical for any thread count) on CPU when
 they load; else the torch engine, the reference (float64 on CPU) and the GPU path (float32):
 batched Cholesky / CG over rows grouped by their count (``_als_torch.py``).
@@ -40,7 +40,6 @@ training entries; a non-finite one raises :class:`TrainingError` naming the sett
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ import numpy as np
 import torch
 
 from flexmf_assets.errors import ConfigError, DataValidationError, TrainingError
-from flexmf_assets.flexmf import _als_torch, _native
+from flexmf_assets.flexmf import _abi, _als_torch, _native
 from flexmf_assets.flexmf._als_torch import Side
 from flexmf_assets.flexmf.training import make_generator
 
@@ -138,21 +137,16 @@ def _check_rows(rows: torch.Tensor, n: int, name: str) -> None:
         raise ValueError(f"ALS setup: {name} must lie in [0, {n}), got [{int(rows.min())}, {int(rows.max())}]")
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return _abi.ptr(t, strided=True)
+
+
 def _check_table(t: torch.Tensor, shape: tuple[int, ...], device: torch.device, name: str) -> None:
     dense_rows = len(shape) == 1 or t.stride(-1) == 1
     on_device = t.device.type == device.type and device.index in (None, t.device.index)
     if tuple(t.shape) != shape or t.dtype != torch.float32 or not on_device or not dense_rows:
         raise ValueError(f"ALS setup: {name} must be a float32 tensor of shape {shape} on {device} with dense "
                          f"rows, got {t.dtype} {tuple(t.shape)} on {t.device} (strides {t.stride()})")
-
-
-def _addr(t: torch.Tensor | None) -> int | None:
-    """Address of a CPU tensor's first element (rows may be strided; the kernels take the strides)."""
-    if t is None:
-        return None
-    if t.device.type != "cpu" or (t.ndim > 1 and t.stride(-1) != 1):
-        raise ValueError("ALS kernels need CPU tensors with dense rows")
-    return t.data_ptr()
 
 
 def _sum_sq(t: torch.Tensor, weights: torch.Tensor | None = None) -> float:
@@ -168,26 +162,6 @@ def _damped_means(users: np.ndarray, items: np.ndarray, resid: np.ndarray, n_use
     bi = np.bincount(items, resid, n_items) / (np.bincount(items, minlength=n_items) + damping)
     bu = np.bincount(users, resid - bi[items], n_users) / (np.bincount(users, minlength=n_users) + damping)
     return bu, bi
-
-
-# ----------------------------------------------------------------------------------------------
-# the C kernels' argument structs (mirror the typedefs at the end of _kernels.c)
-# ----------------------------------------------------------------------------------------------
-
-_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-
-
-class _ExplicitArgs(ctypes.Structure):
-    _fields_ = [("X", _P), ("ldx", _I), ("xb", _P), ("sxb", _I), ("Y", _P), ("ldy", _I), ("yb", _P), ("syb", _I),
-                ("indptr", _P), ("indices", _P), ("values", _P), ("n_rows", _I), ("k", _I), ("learn_bias", _I),
-                ("nthreads", _I), ("reg", _D), ("reg_exponent", _D), ("bias_reg", _D), ("work", _P),
-                ("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
-
-
-class _ImplicitArgs(ctypes.Structure):
-    _fields_ = [("X", _P), ("ldx", _I), ("Y", _P), ("ldy", _I), ("indptr", _P), ("indices", _P), ("conf", _P),
-                ("gram", _P), ("n_rows", _I), ("k", _I), ("cg_steps", _I), ("nthreads", _I), ("max_count", _I),
-                ("reg", _D), ("work", _P), ("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +197,7 @@ class _ALS:
 
     def _scratch(self, n_rows: int, max_count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.settings.embedding_size
-        per_thread = (k + 1) * (k + 4) + 12 * k + 4 * max_count  # ALS_WORK(k, max_count) of _kernels.c
-        work = torch.empty(self.threads * per_thread, dtype=torch.float64)
+        work = torch.empty(self.threads * _abi.als_work(k, max_count), dtype=torch.float64)
         return work, torch.empty(2 * n_rows, dtype=torch.float64)
 
     def _init_factors(self, gen: torch.Generator, *tables: torch.Tensor) -> None:
@@ -325,14 +298,13 @@ class ExplicitALS(_ALS):
 
     def _half_native(self, this: Side, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor,
                      yb: torch.Tensor) -> tuple[float, float, int]:
-        a = _ExplicitArgs(
-            X=_addr(X), ldx=X.stride(0), xb=_addr(xb), sxb=xb.stride(0), Y=_addr(Y), ldy=Y.stride(0), yb=_addr(yb),
-            syb=yb.stride(0), indptr=_addr(this.indptr), indices=_addr(this.indices), values=_addr(this.values),
+        a = _abi.ALSExplicitArgs(
+            X=_ptr(X), ldx=X.stride(0), xb=_ptr(xb), sxb=xb.stride(0), Y=_ptr(Y), ldy=Y.stride(0), yb=_ptr(yb),
+            syb=yb.stride(0), indptr=_ptr(this.indptr), indices=_ptr(this.indices), values=_ptr(this.values),
             n_rows=this.n_rows, k=X.shape[1], learn_bias=int(self.learn), nthreads=self.threads,
             reg=self.settings.regularization, reg_exponent=self.settings.reg_exponent, bias_reg=self._bias_reg,
-            work=_addr(self._work),
-            row_loss=_addr(self._row_loss))
-        _native.kernels().flexmf_als_explicit_half(ctypes.addressof(a))
+            work=_ptr(self._work), row_loss=_ptr(self._row_loss))
+        _native.run("flexmf_als_explicit_half", a)
         return a.data, a.penalty, a.failed
 
     def _half_torch(self, this: Side, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor,
@@ -410,13 +382,12 @@ class ImplicitALS(_ALS):
     def _half_native(self, this: Side, X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float, int]:
         s = self.settings
         gram = self.gram(Y)
-        a = _ImplicitArgs(
-            X=_addr(X), ldx=X.stride(0), Y=_addr(Y), ldy=Y.stride(0), indptr=_addr(this.indptr),
-            indices=_addr(this.indices), conf=_addr(this.values), gram=_addr(gram), n_rows=this.n_rows,
+        a = _abi.ALSImplicitArgs(
+            X=_ptr(X), ldx=X.stride(0), Y=_ptr(Y), ldy=Y.stride(0), indptr=_ptr(this.indptr),
+            indices=_ptr(this.indices), conf=_ptr(this.values), gram=_ptr(gram), n_rows=this.n_rows,
             k=X.shape[1], cg_steps=0 if s.exact else s.cg_steps, nthreads=self.threads,
-            max_count=self._max_count, reg=s.regularization,
-            work=_addr(self._work), row_loss=_addr(self._row_loss))
-        _native.kernels().flexmf_als_implicit_half(ctypes.addressof(a))
+            max_count=self._max_count, reg=s.regularization, work=_ptr(self._work), row_loss=_ptr(self._row_loss))
+        _native.run("flexmf_als_implicit_half", a)
         return a.data, a.penalty, a.failed
 
     def _half_torch(self, this: Side, X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float, int]:
