@@ -51,7 +51,7 @@ import torch
 from flexmf_assets.errors import ConfigError, DataValidationError, TrainingError
 from flexmf_assets.flexmf import _abi, _als_torch, _native
 from flexmf_assets.flexmf._als_torch import Side
-from flexmf_assets.flexmf.training import make_generator
+from flexmf_assets.flexmf.training import DivergenceGuard, TrainingData, make_generator
 
 BIAS_MODES = ("damped", "learned")
 CONFIDENCES = ("linear", "log")
@@ -241,9 +241,9 @@ class ExplicitALS(_ALS):
 
     ``setup`` takes the user and item row of each rating (0-based), the ratings, the table sizes,
     the factor tables ``P [n_users, k]``, ``Q [n_items, k]`` and bias vectors ``bu``, ``bi`` (float32,
-    on the solver's device, trained in place) and the global mean ``mu`` (held fixed). With ``init``
-    the factors are drawn and the biases set to the damped means; without, the values given are
-    the start.
+    on the solver's device, trained in place) and the global mean ``mu`` (held fixed). The biases
+    start as the damped means (and stay so with ``bias="damped"``); with ``init`` the factors are
+    drawn, without, the values given are the start.
     """
 
     track = "explicit"
@@ -270,9 +270,8 @@ class ExplicitALS(_ALS):
         resid = r - self.mu
         if init:
             self._init_factors(make_generator(s.seed, dev), P, Q)
-            b_u, b_i = _damped_means(u.cpu().numpy(), i.cpu().numpy(), resid.cpu().numpy(), n_users, n_items,
-                                     s.damping)
-            bu.copy_(torch.from_numpy(b_u)), bi.copy_(torch.from_numpy(b_i))
+        b_u, b_i = _damped_means(u.cpu().numpy(), i.cpu().numpy(), resid.cpu().numpy(), n_users, n_items, s.damping)
+        bu.copy_(torch.from_numpy(b_u)), bi.copy_(torch.from_numpy(b_i))
         resid = resid.float()
         self.n = len(r)
         self.sides = {"user": Side(u, i, resid, n_users), "item": Side(i, u, resid, n_items)}
@@ -396,4 +395,59 @@ class ImplicitALS(_ALS):
                                         dtype=self.dtype)
 
 
-__all__ = ["ALSSettings", "ExplicitALS", "ImplicitALS"]
+# ----------------------------------------------------------------------------------------------
+# the training strategies of the scorer core (solver: als)
+# ----------------------------------------------------------------------------------------------
+
+
+class _ALSStrategy:
+    """A :class:`.training.Strategy` running an ALS solver in place on column views of the core's
+    tables (the unknown row left out): one epoch is one iteration; its loss the data term per entry."""
+
+    name = "als"
+    solver: _ALS
+
+    def setup(self, core: Any, data: TrainingData) -> None:
+        cfg = core.config
+        bias = {"bias": "learned" if cfg.bias is True else cfg.bias} if hasattr(cfg, "bias") else {}
+        settings = ALSSettings.from_config(cfg, **bias)
+        self.solver = self._attach(core, data, settings)
+
+    def _attach(self, core: Any, data: TrainingData, settings: ALSSettings) -> _ALS:  # pragma: no cover
+        raise NotImplementedError
+
+    def guard(self, core: Any, data: TrainingData) -> DivergenceGuard:
+        """NaN and overflow checks only: ALS lowers its objective at every half-step (its solver
+        raises on a non-finite one itself)."""
+        reg = core.config.regularization
+        return DivergenceGuard(math.inf, setting=f"regularization={reg:g}", advice="raise regularization")
+
+    def epoch(self, epoch: int) -> float:
+        self.solver.epoch()
+        return self.solver.data_loss
+
+    def finish(self) -> None:
+        pass  # the core's tables were trained in place
+
+
+class ExplicitALSStrategy(_ALSStrategy):
+    """Biased ALS on the explicit tables ``[P | b_u | 1]`` and ``[Q | 1 | b_i]``."""
+
+    def _attach(self, core: Any, data: TrainingData, settings: ALSSettings) -> _ALS:
+        lay, U, I = core.layout, core.user_table[:-1], core.item_table[:-1]
+        return ExplicitALS(settings, core.device).setup(
+            data.users, data.items, data.residuals, core.n_users, core.n_items, U[:, : lay.k], I[:, : lay.k],
+            U[:, lay.user_bias_col], I[:, lay.item_bias_col], 0.0, init=False)
+
+
+class ImplicitALSStrategy(_ALSStrategy):
+    """Weighted ALS on the implicit tables (no biases), every training pair of value 1."""
+
+    def _attach(self, core: Any, data: TrainingData, settings: ALSSettings) -> _ALS:
+        U, I = core.user_table[:-1], core.item_table[:-1]
+        ones = torch.ones(len(data), dtype=torch.float64, device=core.device)
+        return ImplicitALS(settings, core.device).setup(data.users, data.items, ones, core.n_users, core.n_items,
+                                                        U, I, init=False)
+
+
+__all__ = ["ALSSettings", "ExplicitALS", "ExplicitALSStrategy", "ImplicitALS", "ImplicitALSStrategy"]
