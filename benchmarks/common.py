@@ -11,7 +11,8 @@ The split protocols (state them beside every number):
   ``numpy.random.default_rng(42).permutation``; the first 20% of the permuted rows are the test set
   (the same rows ``benchmarks/explicit_movielens.py`` uses).
 * implicit: LensKit's ``crossfold_users(5, SampleN(5))`` with seed 42, written by LensKit itself
-  when its venv exists; otherwise :func:`crossfold_users` below (same design, not the same rows).
+  when its venv exists; otherwise the library's :func:`flexmf_assets.datasets.split.crossfold_users`
+  (same design, not the same rows).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import polars as pl
@@ -62,26 +63,6 @@ def random_split(ratings: pl.DataFrame, seed: int = 42, test_frac: float = 0.2) 
     perm = np.random.default_rng(seed).permutation(ratings.height)
     n_test = int(round(test_frac * ratings.height))
     return ratings[perm[n_test:]], ratings[perm[:n_test]]
-
-
-def crossfold_users(
-    ratings: pl.DataFrame, folds: int = 5, holdout: int = 5, seed: int = 42
-) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
-    """(train, test) per fold: users split into ``folds`` groups; each test user holds out
-    ``holdout`` random ratings, training is every other rating (LensKit's protocol design)."""
-    rng = np.random.default_rng(seed)
-    users = ratings["user_id"].unique().sort().to_numpy().copy()
-    rng.shuffle(users)
-    ratings = ratings.with_columns(pl.Series("_r", rng.random(ratings.height)))
-    for fold_users in np.array_split(users, folds):
-        held = (
-            ratings.filter(pl.col("user_id").is_in(fold_users.tolist()))
-            .with_columns(pl.col("_r").rank("ordinal").over("user_id").alias("_k"))
-            .filter(pl.col("_k") <= holdout)
-        )
-        test = held.select("user_id", "item_id", "rating")
-        train = ratings.join(test, on=["user_id", "item_id"], how="anti").drop("_r")
-        yield train, test
 
 
 def write_parquet(frame: pl.DataFrame, path: Path) -> Path:

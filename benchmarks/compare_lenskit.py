@@ -36,6 +36,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from flexmf_assets.datasets.split import crossfold_users  # noqa: E402
 from flexmf_assets.flexmf.explicit_config import EXPLICIT_HPARAM_SETS  # noqa: E402
 from flexmf_assets.flexmf.implicit_config import IMPLICIT_HPARAM_SETS  # noqa: E402
 
@@ -212,7 +213,7 @@ def write_splits(runner: Runner, folds: int) -> dict[str, Any]:
     common.write_parquet(test.select("user_id", "item_id", "rating"), splits / "explicit-test.parquet")
     info: dict[str, Any] = {"explicit": {"train": str(splits / "explicit-train.parquet"),
                                           "test": str(splits / "explicit-test.parquet")}}
-    made_by = "ours (benchmarks/common.py crossfold_users; LensKit unavailable)"
+    made_by = "ours (flexmf_assets.datasets.split.crossfold_users; LensKit unavailable)"
     if runner.pythons.get("lenskit") is not None:
         full = common.write_parquet(ratings.select("user_id", "item_id", "rating"), splits / "ratings.parquet")
         import subprocess
@@ -224,7 +225,7 @@ def write_splits(runner: Runner, folds: int) -> dict[str, Any]:
         else:
             print(f"LensKit split failed ({proc.stderr.strip().splitlines()[-1:]}); using ours", flush=True)
     if not made_by.startswith("LensKit"):
-        for n, (tr, te) in enumerate(common.crossfold_users(ratings)):
+        for n, (tr, te) in enumerate(crossfold_users(ratings)):
             if n >= folds:
                 break
             common.write_parquet(tr.select("user_id", "item_id", "rating"), splits / f"implicit-fold{n}-train.parquet")

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from common import load_movielens as load_ratings
 from flexmf_assets.evaluation.rating import BiasBaseline, rating_metrics

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from common import crossfold_users
 from common import load_movielens as load_ratings
+from flexmf_assets.datasets.split import crossfold_users
 from flexmf_assets.evaluation.topn import PopularityBaseline, topn_metrics
 from flexmf_assets.flexmf.device import DeviceSettings
 from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer

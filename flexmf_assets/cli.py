@@ -95,7 +95,7 @@ def ensure_pools(instance, say=None) -> None:
             storage.set_concurrency_slots(pool, limit)
 
 
-def register(project: ProjectConfig, instance=None) -> dict[str, list[str]]:
+def register(project: ProjectConfig, instance=None, say=None) -> dict[str, list[str]]:
     """Add every named hparams set of the file as a dynamic partition (what the ``register_sets``
     sensor does); returns the new names per track. A set that does not build is never registered:
     the first one raises its one-line :class:`ConfigError`."""
@@ -104,7 +104,7 @@ def register(project: ProjectConfig, instance=None) -> dict[str, list[str]]:
     from flexmf_assets.defs.automation import registration
 
     instance = instance or dg.DagsterInstance.get()
-    ensure_pools(instance)
+    ensure_pools(instance, say)
     found = registration(project, instance)
     bad = [f"{what}: {why}" for what, why in found.invalid.items() if " set " in what]
     if bad:
@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if args.data_only:
                         sets = {}
                     session.echo(f"flexmf: materialize {dataset}; Dagster's events go to {show(session.log_path)}")
-                    register(project)
+                    register(project, say=session.note)
                     ok = materialize(project, dataset, sets, session)
             return 0 if ok else 1
         if args.command == "leaderboard":

@@ -192,23 +192,23 @@ _short.maxstring = _short.maxother = 60
 _short.maxlevel = 3
 
 
+#: how a value of each YAML type is named in an error (bool before int: a bool is an int)
+_TYPE_WORDS: tuple[tuple[type | tuple[type, ...], Callable[[Any], str]], ...] = (
+    (bool, lambda v: f"the boolean {str(v).lower()}"),
+    (int, lambda v: f"the integer {_short.repr(v)}"),
+    (float, lambda v: f"the number {v!r}"),
+    (str, lambda v: f"the string {_short.repr(v)}"),
+    (list, lambda v: f"a list {_short.repr(v)}"),
+    (Mapping, lambda v: f"a mapping {_short.repr(dict(v))}"),
+)
+
+
 def _describe(value: Any) -> str:
     """``the string '/srv/data'``, ``the integer 3``, ``a list ['x']``: short and on one line."""
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, int):
-        return f"the integer {_short.repr(value)}"
-    if isinstance(value, float):
-        return f"the number {value!r}"
-    if isinstance(value, str):
-        return f"the string {_short.repr(value)}"
-    if isinstance(value, list):
-        return f"a list {_short.repr(value)}"
-    if isinstance(value, Mapping):
-        return f"a mapping {_short.repr(dict(value))}"
-    return f"{type(value).__name__} {_short.repr(value)}"
+    words = next((word for kind, word in _TYPE_WORDS if isinstance(value, kind)), None)
+    return words(value) if words else f"{type(value).__name__} {_short.repr(value)}"
 
 
 def _check_fields(where: str, data: Mapping[str, Any], rules: Mapping[str, Rule], prefix: str = "") -> None:

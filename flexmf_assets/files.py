@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -59,4 +60,13 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["atomic_write_text", "jsonable", "sha256_file"]
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``; {} when the file is missing, unreadable or holds something else."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+__all__ = ["read_json_object", "atomic_write_text", "jsonable", "sha256_file"]

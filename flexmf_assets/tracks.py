@@ -7,8 +7,9 @@ No Dagster import here; torch and the evaluation code are imported only when a t
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from flexmf_assets.errors import ConfigError
 
@@ -33,26 +34,28 @@ class Track:
     lower_is_better: bool
     headline: str
     board_columns: tuple[str, ...]
-    _config: Callable[[], type]
-    _scorer: Callable[[], type]
-    _named_sets: Callable[[], dict[str, dict[str, Any]]]
-    _report: Callable[..., Any]
+    #: ``"module:attribute"`` of the config class, the scorer class, the named sets (a dict of dicts)
+    #: and the report function ``(model, train, test) -> Report``: imported when first used
+    config_ref: str
+    scorer_ref: str
+    sets_ref: str
+    report_ref: str
 
     @property
     def config_class(self) -> type:
-        return self._config()
+        return _load(self.config_ref)
 
     @property
     def scorer_class(self) -> type:
-        return self._scorer()
+        return _load(self.scorer_ref)
 
     def named_sets(self) -> dict[str, dict[str, Any]]:
         """The engine's named sets (a copy): ``flexmf.yaml`` adds to and overrides them."""
-        return {name: dict(values) for name, values in self._named_sets().items()}
+        return {name: dict(values) for name, values in _load(self.sets_ref).items()}
 
     def report(self, model, train, test):
         """The evaluation of a fitted ``model`` on ``test`` (an :class:`evaluation.reports.Report`)."""
-        return self._report(model, train, test)
+        return _load(self.report_ref)(model, train, test)
 
     @property
     def validation_metric(self) -> str:
@@ -60,52 +63,10 @@ class Track:
         return f"validation_{self.val_key}"
 
 
-def _explicit_config():
-    from flexmf_assets.flexmf import FlexMFExplicitConfig
-
-    return FlexMFExplicitConfig
-
-
-def _explicit_scorer():
-    from flexmf_assets.flexmf import FlexMFExplicitScorer
-
-    return FlexMFExplicitScorer
-
-
-def _explicit_sets():
-    from flexmf_assets.flexmf import EXPLICIT_HPARAM_SETS
-
-    return EXPLICIT_HPARAM_SETS
-
-
-def _explicit_report(model, train, test):
-    from flexmf_assets.evaluation.reports import explicit_report
-
-    return explicit_report(model, train, test)
-
-
-def _implicit_config():
-    from flexmf_assets.flexmf import FlexMFImplicitConfig
-
-    return FlexMFImplicitConfig
-
-
-def _implicit_scorer():
-    from flexmf_assets.flexmf import FlexMFImplicitScorer
-
-    return FlexMFImplicitScorer
-
-
-def _implicit_sets():
-    from flexmf_assets.flexmf import IMPLICIT_HPARAM_SETS
-
-    return IMPLICIT_HPARAM_SETS
-
-
-def _implicit_report(model, train, test):
-    from flexmf_assets.evaluation.reports import implicit_report
-
-    return implicit_report(model, train, test, min_rating=model.config.min_rating)
+def _load(ref: str) -> Any:
+    """``"package.module:name"`` -> that attribute (imported on first use)."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 TRACKS: dict[str, Track] = {
@@ -114,8 +75,10 @@ TRACKS: dict[str, Track] = {
         description="Biased MF trained with MSE (rating prediction)",
         val_key="val_rmse", lower_is_better=True, headline="rmse",
         board_columns=("rmse", "mae", "baseline_rmse", "rmse_delta_vs_baseline", "user_rmse"),
-        _config=_explicit_config, _scorer=_explicit_scorer, _named_sets=_explicit_sets,
-        _report=_explicit_report,
+        config_ref="flexmf_assets.flexmf:FlexMFExplicitConfig",
+        scorer_ref="flexmf_assets.flexmf:FlexMFExplicitScorer",
+        sets_ref="flexmf_assets.flexmf:EXPLICIT_HPARAM_SETS",
+        report_ref="flexmf_assets.evaluation.reports:explicit_report",
     ),
     "implicit": Track(
         name="implicit",
@@ -123,8 +86,10 @@ TRACKS: dict[str, Track] = {
         val_key="val_ndcg", lower_is_better=False, headline="ndcg@10",
         board_columns=("ndcg@10", "recall@10", "precision@10", "hit@10", "mrr@10", "map@10", "ndcg@20",
                        "recall@20", "baseline_ndcg@10", "ndcg@10_delta_vs_baseline", "coverage@20"),
-        _config=_implicit_config, _scorer=_implicit_scorer, _named_sets=_implicit_sets,
-        _report=_implicit_report,
+        config_ref="flexmf_assets.flexmf:FlexMFImplicitConfig",
+        scorer_ref="flexmf_assets.flexmf:FlexMFImplicitScorer",
+        sets_ref="flexmf_assets.flexmf:IMPLICIT_HPARAM_SETS",
+        report_ref="flexmf_assets.evaluation.reports:implicit_report",
     ),
 }
 

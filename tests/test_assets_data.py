@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import zipfile
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
 
+from flexmf_assets.datasets.synthetic import synthetic_fingerprint
 from flexmf_assets.defs.definitions import build_definitions
 from flexmf_assets.errors import ConfigError
 from flexmf_assets.project import load_project
@@ -164,6 +163,7 @@ def test_synthetic_dataset_needs_no_network(tmp_path, instance):
     meta = latest(instance, "ratings", "synthetic-100k").metadata
     assert 80_000 <= meta["rows"].value <= 120_000
     first = latest(instance, "archive", "synthetic-100k").tags["dagster/data_version"]
+    assert first == synthetic_fingerprint("synthetic-100k")  # the library's fingerprint of the preset
     assert run(defs, "data_job", "synthetic-100k", instance).success
     assert latest(instance, "archive", "synthetic-100k").tags["dagster/data_version"] == first
 

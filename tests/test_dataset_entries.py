@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from flexmf_assets.datasets.catalog import builtin_catalog, check_dataset_name, user_dataset
+from flexmf_assets.datasets.catalog import (
+    ARCHIVE_FORMATS,
+    ARCHIVE_LAYOUTS,
+    PLAIN_FORMATS,
+    SYNTHETIC_FORMAT,
+    USER_FORMATS,
+    builtin_catalog,
+    check_dataset_name,
+    user_dataset,
+)
 from flexmf_assets.errors import ConfigError
 from flexmf_assets.project import load_project
 
@@ -134,3 +143,27 @@ def test_valid_entries_keep_their_values():
     assert spec.columns == {"user_id": "u", "item_id": "i", "rating": "r", "timestamp": "t"}
     archive = user_dataset("ml-copy", ZIP)
     assert archive.rating_scale == (0.5, 5.0) and archive.rating_step == 0.5 and archive.columns is None
+
+
+def test_formats_and_layouts_are_named_for_what_they_hold():
+    """Layouts are keyed by layout name, formats by what an entry writes; a spec finds its layout."""
+    catalog = builtin_catalog(env={})
+    assert not set(ARCHIVE_LAYOUTS) & set(catalog)  # a layout name is not a dataset name
+    assert all(any(layout is known for known in ARCHIVE_LAYOUTS.values()) for layout in ARCHIVE_FORMATS.values())
+    assert {id(layout) for layout in ARCHIVE_FORMATS.values()} == {id(layout) for layout in ARCHIVE_LAYOUTS.values()}
+    assert ARCHIVE_FORMATS["ml-100k"].ratings_file == "u.data" and ARCHIVE_FORMATS["ml-1m"].encoding == "latin-1"
+    assert ARCHIVE_FORMATS["ml-10m"].encoding == "utf-8" and ARCHIVE_FORMATS["ml-32m"].ratings_file == "ratings.csv"
+    assert USER_FORMATS == (*ARCHIVE_FORMATS, *PLAIN_FORMATS) and SYNTHETIC_FORMAT not in USER_FORMATS
+    for spec in catalog.values():
+        if spec.is_synthetic:
+            assert spec.format == SYNTHETIC_FORMAT and spec.layout is None
+        else:  # a built-in MovieLens entry's format is its own name
+            assert spec.layout is ARCHIVE_FORMATS[spec.name]
+            assert (spec.rating_scale, spec.rating_step) == (spec.layout.rating_scale, spec.layout.rating_step)
+    assert user_dataset("mine", CSV).layout is None
+    assert user_dataset("ml-copy", {**ZIP, "format": "ml-1m"}).layout is ARCHIVE_FORMATS["ml-1m"]
+    assert _refused(lambda: user_dataset("mine", {**CSV, "format": "zip"})) == (
+        "flexmf.yaml datasets.mine.format: 'zip' is not one of ml-latest-small, ml-latest, ml-100k, ml-1m, "
+        "ml-10m, ml-20m, ml-25m, ml-32m, csv, parquet")
+    assert _refused(lambda: user_dataset("mine", {**CSV, "format": SYNTHETIC_FORMAT})).startswith(
+        "flexmf.yaml datasets.mine.format: 'synthetic' is not one of ")

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import LoopbackServer
 from flexmf_assets.datasets.archive import find_member, safe_extract
-from flexmf_assets.datasets.download import fetch, redact_url, sha256_file
+from flexmf_assets.datasets.download import fetch, redact_url
+from flexmf_assets.files import sha256_file
 from flexmf_assets.errors import ChecksumError, DownloadError
 
 FAST = {"backoff": 0.01, "timeout": 5.0}
@@ -318,7 +319,7 @@ def test_credentials_never_appear(scripted, tmp_path):
     assert info.url == f"http://***@127.0.0.1:{server.port}/data.zip"
     assert handler.log[0]["authorization"].startswith("Basic ")  # the credentials were used
     assert "s3cretpw" not in (info.path.parent / "data.zip.json").read_text()
-    for bad in (url.replace("data.zip", "missing.zip"), f"ftp://bob:s3cretpw@127.0.0.1/x.zip",
+    for bad in (url.replace("data.zip", "missing.zip"), "ftp://bob:s3cretpw@127.0.0.1/x.zip",
                 f"http://bob:s3cretpw@127.0.0.1:{_closed_port()}/x.zip"):
         with pytest.raises(DownloadError) as err:
             fetch(bad, tmp_path, name="other", retries=1, backoff=0.01, timeout=2)

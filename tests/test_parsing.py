@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from flexmf_assets.datasets.catalog import LAYOUTS, DatasetSpec, builtin_catalog
+from flexmf_assets.datasets.catalog import ARCHIVE_FORMATS, DatasetSpec, builtin_catalog
 from flexmf_assets.datasets.parsing import (
     ITEMS_SCHEMA,
     RATINGS_SCHEMA,
@@ -43,31 +43,31 @@ def _assert_canonical(df: pl.DataFrame, rows=ROWS) -> None:
 def test_ml100k_tab_separated(tmp_path):
     rows = [(196, 242, 3.0, 881250949), (186, 302, 3.0, 891717742)]
     path = _write(tmp_path / "u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n")
-    _assert_canonical(parse_ratings_file(path, LAYOUTS["ml-100k"]), rows)
+    _assert_canonical(parse_ratings_file(path, ARCHIVE_FORMATS["ml-100k"]), rows)
 
 
 def test_ml1m_and_ml10m_double_colon(tmp_path):
     path = _write(tmp_path / "ratings.dat", _lines("::"))
-    _assert_canonical(parse_ratings_file(path, LAYOUTS["ml-1m"]))
-    _assert_canonical(parse_ratings_file(path, LAYOUTS["ml-10m"]))
+    _assert_canonical(parse_ratings_file(path, ARCHIVE_FORMATS["ml-1m"]))
+    _assert_canonical(parse_ratings_file(path, ARCHIVE_FORMATS["ml-10m"]))
 
 
 def test_csv_with_header_crlf_and_trailing_blank_lines(tmp_path):
     text = "userId,movieId,rating,timestamp\r\n" + _lines(",").replace("\n", "\r\n") + "\n\n"
     path = _write(tmp_path / "ratings.csv", text)
-    _assert_canonical(parse_ratings_file(path, LAYOUTS["ml-latest-small"]))
+    _assert_canonical(parse_ratings_file(path, ARCHIVE_FORMATS["ml-latest-small"]))
 
 
 def test_empty_csv_gives_empty_canonical_frame(tmp_path):
     path = _write(tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n")
-    df = parse_ratings_file(path, LAYOUTS["ml-25m"])
+    df = parse_ratings_file(path, ARCHIVE_FORMATS["ml-25m"])
     assert df.height == 0 and dict(df.schema) == RATINGS_SCHEMA
 
 
 def test_items_csv_quoted_titles(tmp_path):
     path = _write(tmp_path / "movies.csv", 'movieId,title,genres\n1,Toy Story (1995),Animation|Comedy\n'
                   '11,"American President, The (1995)",Comedy|Drama|Romance\n')
-    df = parse_items_file(path, LAYOUTS["ml-latest-small"])
+    df = parse_items_file(path, ARCHIVE_FORMATS["ml-latest-small"])
     assert dict(df.schema) == ITEMS_SCHEMA
     assert df.rows() == [(1, "Toy Story (1995)", "Animation|Comedy"),
                          (11, "American President, The (1995)", "Comedy|Drama|Romance")]
@@ -76,7 +76,7 @@ def test_items_csv_quoted_titles(tmp_path):
 def test_items_ml1m_latin1(tmp_path):
     path = _write(tmp_path / "movies.dat", "1::Toy Story (1995)::Animation|Children's\n"
                   "73::Mis\xe9rables, Les (1995)::Drama|Musical\n".encode("latin-1"))
-    df = parse_items_file(path, LAYOUTS["ml-1m"])
+    df = parse_items_file(path, ARCHIVE_FORMATS["ml-1m"])
     assert df.rows() == [(1, "Toy Story (1995)", "Animation|Children's"),
                          (73, "Misérables, Les (1995)", "Drama|Musical")]
 
@@ -86,7 +86,7 @@ def test_items_ml100k_genre_flags(tmp_path):
     flags[3] = flags[4] = flags[5] = "1"  # Animation, Children's, Comedy
     line = "1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy|" + "|".join(flags)
     path = _write(tmp_path / "u.item", (line + "\n").encode("latin-1"))
-    df = parse_items_file(path, LAYOUTS["ml-100k"])
+    df = parse_items_file(path, ARCHIVE_FORMATS["ml-100k"])
     assert df.rows() == [(1, "Toy Story (1995)", "Animation|Children's|Comedy")]
 
 
@@ -119,7 +119,7 @@ def test_items_ml100k_genre_flags(tmp_path):
 def test_malformed_ratings_name_file_and_line(tmp_path, layout, file, text, expected):
     path = _write(tmp_path / file, text)
     with pytest.raises(ParseError) as info:
-        parse_ratings_file(path, LAYOUTS[layout])
+        parse_ratings_file(path, ARCHIVE_FORMATS[layout])
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
@@ -130,31 +130,31 @@ def test_bad_row_far_into_a_large_file(tmp_path):
     lines[150_000] = "7,8,4.0,2021-01-01"
     path = _write(tmp_path / "ratings.csv", "\n".join(lines) + "\n")
     with pytest.raises(ParseError, match=r"^ratings.csv line 150001: timestamp '2021-01-01' is not an integer$"):
-        parse_ratings_file(path, LAYOUTS["ml-latest-small"])
+        parse_ratings_file(path, ARCHIVE_FORMATS["ml-latest-small"])
 
 
 def test_undecodable_bytes_name_the_line(tmp_path):
     path = _write(tmp_path / "ratings.csv", b"userId,movieId,rating,timestamp\n1,2,3.5,4\n1,2,3\xff5,4\n")
     with pytest.raises(ParseError, match=r"ratings.csv line 3: .*not valid UTF-8"):
-        parse_ratings_file(path, LAYOUTS["ml-latest-small"])
+        parse_ratings_file(path, ARCHIVE_FORMATS["ml-latest-small"])
     items = _write(tmp_path / "movies.csv", b"movieId,title,genres\n1,T\xe9st,Drama\n")
     with pytest.raises(ParseError, match=r"movies.csv line 2: .*not valid utf-8"):
-        parse_items_file(items, LAYOUTS["ml-latest-small"])
+        parse_items_file(items, ARCHIVE_FORMATS["ml-latest-small"])
 
 
 def test_malformed_items(tmp_path):
     path = _write(tmp_path / "movies.dat", "1::A (1995)::Drama\nx::B (1996)::Comedy\n")
     with pytest.raises(ParseError, match=r"movies.dat line 2: item_id 'x' is not an integer"):
-        parse_items_file(path, LAYOUTS["ml-10m"])
+        parse_items_file(path, ARCHIVE_FORMATS["ml-10m"])
     path = _write(tmp_path / "movies.csv", "movieId,title,genres\n1,A,Drama\n2,B\n")
     with pytest.raises(ParseError, match=r"movies.csv line 3: expected 3 fields"):
-        parse_items_file(path, LAYOUTS["ml-latest-small"])
+        parse_items_file(path, ARCHIVE_FORMATS["ml-latest-small"])
 
 
 def test_name_override_is_used_in_messages(tmp_path):
     path = _write(tmp_path / "u.data", "1\t2\t3\n")
     with pytest.raises(ParseError, match=r"^ml-100k/u.data line 1: expected 4 fields"):
-        parse_ratings_file(path, LAYOUTS["ml-100k"], name="ml-100k/u.data")
+        parse_ratings_file(path, ARCHIVE_FORMATS["ml-100k"], name="ml-100k/u.data")
 
 
 # --------------------------------------------------------------------------- plain files
@@ -205,18 +205,6 @@ def test_plain_parquet(tmp_path):
 # --------------------------------------------------------------------------- whole datasets
 
 
-def _archive_module_ready() -> bool:
-    try:
-        from flexmf_assets.datasets.archive import find_member, safe_extract  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_archive = pytest.mark.skipif(not _archive_module_ready(), reason="datasets.archive not available")
-
-
-@needs_archive
 def test_load_real_movielens_zip(movielens_archive, tmp_path):
     archive = movielens_archive  # ml-latest-small: 100,836 ratings, 610 users, 9,724 of 9,742 movies rated
     spec = builtin_catalog(env={})["ml-latest-small"]
@@ -232,7 +220,6 @@ def test_load_real_movielens_zip(movielens_archive, tmp_path):
     assert data.items.filter(pl.col("item_id") == 1)["title"][0] == archive.title_1  # "Toy Story (1995)"
 
 
-@needs_archive
 def test_load_ml1m_style_archive_names_member_in_errors(tmp_path):
     archive = tmp_path / "ml-1m.zip"
     with zipfile.ZipFile(archive, "w") as zf:
@@ -253,16 +240,16 @@ def test_load_plain_and_synthetic(tmp_path):
 
 @pytest.mark.parametrize(("layout", "sep"), [("ml-latest-small", ","), ("ml-10m", "::")])
 def test_error_pass_in_small_blocks_keeps_line_numbers(tmp_path, monkeypatch, layout, sep):
-    import flexmf_assets.datasets.parsing as parsing
+    import flexmf_assets.datasets.line_errors as line_errors
 
-    monkeypatch.setattr(parsing, "_CHUNK", 1000)  # many blocks, lines cut at block edges
+    monkeypatch.setattr(line_errors, "BLOCK_BYTES", 1000)  # many blocks, lines cut at block edges
     header = ["userId,movieId,rating,timestamp"] if sep == "," else []
     lines = header + [sep.join([str(u), str(u % 97), "3.5", str(u)]) for u in range(1, 5_001)]
     bad_index = 4_321
     lines[bad_index] = sep.join(["7", "8", "4..0", "9"])
     path = _write(tmp_path / ("ratings.csv" if sep == "," else "ratings.dat"), "\n".join(lines) + "\n")
     with pytest.raises(ParseError, match=rf"line {bad_index + 1}: rating '4..0' is not a number$"):
-        parse_ratings_file(path, LAYOUTS[layout])
+        parse_ratings_file(path, ARCHIVE_FORMATS[layout])
 
 
 # --------------------------------------------------------------------------- issue 14: line endings,
@@ -279,7 +266,7 @@ def _plain(separator: str = ",", has_header: bool = True, **columns: str) -> Dat
 
 
 def _parse(kind, path: Path) -> pl.DataFrame:
-    return parse_plain(path, kind) if isinstance(kind, DatasetSpec) else parse_ratings_file(path, LAYOUTS[kind])
+    return parse_plain(path, kind) if isinstance(kind, DatasetSpec) else parse_ratings_file(path, ARCHIVE_FORMATS[kind])
 
 
 PARSES = {
@@ -354,9 +341,9 @@ def test_every_parse_error_names_its_line_and_is_printable(tmp_path, case):
 
 @pytest.mark.parametrize("sep", [",", "::"])
 def test_blank_line_at_a_block_edge_is_named(tmp_path, monkeypatch, sep):
-    import flexmf_assets.datasets.parsing as parsing
+    import flexmf_assets.datasets.line_errors as line_errors
 
-    monkeypatch.setattr(parsing, "_CHUNK", 1000)  # blocks cut between the blank line and the next row
+    monkeypatch.setattr(line_errors, "BLOCK_BYTES", 1000)  # blocks cut between the blank line and the next row
     lines = [sep.join(["u", "i", "r", "t"])] + [sep.join([str(k), "1", "3.5", "1"]) for k in range(1, 400)]
     lines.insert(200, "")
     path = _write(tmp_path / "r.csv", "\n".join(lines) + "\n")
@@ -365,7 +352,7 @@ def test_blank_line_at_a_block_edge_is_named(tmp_path, monkeypatch, sep):
     layout_lines = [H] + lines[1:]
     ratings = _write(tmp_path / "ratings.csv", "\n".join(layout_lines).replace("::", ",") + "\n")
     with pytest.raises(ParseError, match=r"^ratings.csv line 201: blank line inside the data$"):
-        parse_ratings_file(ratings, LAYOUTS["ml-latest-small"])
+        parse_ratings_file(ratings, ARCHIVE_FORMATS["ml-latest-small"])
 
 
 def test_incomplete_column_mapping_names_every_missing_column(tmp_path):
@@ -377,7 +364,6 @@ def test_incomplete_column_mapping_names_every_missing_column(tmp_path):
         assert str(info.value) == f"r.csv: the column mapping (columns:) of dataset 'mine' lacks {missing}"
 
 
-@needs_archive
 def test_load_writes_only_the_layout_members(tmp_path):
     archive = tmp_path / "ml-demo.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:

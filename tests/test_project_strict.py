@@ -48,7 +48,7 @@ BAD_CONFIGS = [
     ("download: {retries: -1}", "download.retries: expected an integer >= 0, got the integer -1"),
     ("download: {retries: true}", "download.retries: expected an integer >= 0, got the boolean true"),
     ("download: {retries: 2.5}", "download.retries: expected an integer >= 0, got the number 2.5"),
-    ("download: {max_bytes: 0}", "download.max_bytes: expected a positive integer, got the integer 0"),
+    ("download: {max_bytes: 0}", "download.max_bytes: expected a positive integer (bytes) or null, got the integer 0"),
     # item 3: quoted "false" / "no" were read as true
     ('device: {allow_fallback: "false"}',
      "device.allow_fallback: expected true or false (a YAML boolean, unquoted), got the string 'false'"),

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexmf_assets.datasets.catalog import LAYOUTS
+from flexmf_assets.datasets.catalog import ARCHIVE_FORMATS
 from flexmf_assets.datasets.parsing import parse_ratings_file
 from flexmf_assets.datasets.split import SplitConfig, split_ratings
 from flexmf_assets.errors import ParseError
@@ -21,7 +21,7 @@ from flexmf_assets.evaluation.topn import topn_metrics
 from flexmf_assets.flexmf.sampling import PositiveSet, make_sampler
 
 FEW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-LAYOUT = LAYOUTS["ml-latest-small"]
+LAYOUT = ARCHIVE_FORMATS["ml-latest-small"]
 HEADER = "userId,movieId,rating,timestamp"
 
 # --------------------------------------------------------------------------- parsers
@@ -64,10 +64,10 @@ def test_one_invalid_row_is_named_by_its_line(tmp_path, rows, data):
     fields = lines[at].split(",")
     if kind == "too few":
         fields = fields[:3]
-        expected = f"expected 4 fields separated by ',', found 3"
+        expected = "expected 4 fields separated by ',', found 3"
     elif kind == "too many":
         fields = [*fields, "9"]
-        expected = f"expected 4 fields separated by ',', found 5"
+        expected = "expected 4 fields separated by ',', found 5"
     else:
         col, value, expected = BAD_VALUES[kind]
         fields[col] = value

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 
 from flexmf_assets.datasets.split import SplitConfig, split_ratings
-from flexmf_assets.errors import ConfigError, DataValidationError, TrainingError
+from flexmf_assets.errors import ConfigError, DataValidationError
 from flexmf_assets.files import sha256_file
 from flexmf_assets.flexmf.explicit import FlexMFExplicitScorer
 from flexmf_assets.flexmf.implicit import FlexMFImplicitScorer

@@ -7,7 +7,6 @@ Every dataset here is a tiny MovieLens-style archive or CSV built in ``tmp_path`
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re

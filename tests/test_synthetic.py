@@ -19,6 +19,7 @@ from flexmf_assets.datasets.synthetic import (
     SyntheticConfig,
     generate,
     planted_truth,
+    synthetic_fingerprint,
     write_movielens_archive,
 )
 from flexmf_assets.errors import ConfigError
@@ -192,3 +193,15 @@ def test_preset_archive_is_what_tests_conftest_serves(tmp_path):
     assert r.group_by("user_id").len()["len"].min() >= 20
     report = validate_ratings(r)
     assert report.success, report.summary()
+
+
+def test_synthetic_fingerprint_is_stable():
+    """The archive asset's data version of a synthetic dataset: unchanged since it moved out of defs/."""
+    assert {preset: synthetic_fingerprint(preset) for preset in SYNTHETIC_DATASETS} == {
+        "synthetic-100k": "81482009e19e77505ec37121c4113bc2c33f68070e793297490514e33425812d",
+        "synthetic-1m": "d891b7d876daf689b597812d6a815b9e3bc771c6f6c0a80b2eb137378cd1ee5d",
+        "synthetic-10m": "60a7271718a479187b144ed8ac5ba09c0d93ef1046e38be092e6400758a6388b",
+        "synthetic-25m": "0c37b42f3338744bd066a5ebe373c04c6a870e9f03c28e491eaccbdc63cc7ec8",
+    }
+    with pytest.raises(ConfigError, match=r"synthetic preset 'synthetic-1k' is unknown"):
+        synthetic_fingerprint("synthetic-1k")

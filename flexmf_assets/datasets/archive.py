@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from typing import Collection
 
-from flexmf_assets.datasets.download import sha256_file
+from flexmf_assets.files import read_json_object, sha256_file
 from flexmf_assets.errors import ArchiveError
 
 MARKER = ".flexmf-extracted.json"
@@ -130,14 +130,6 @@ def _extract_into(archive: Path, zf: zipfile.ZipFile, plan, root: Path, max_tota
     return files
 
 
-def _read_marker(dest: Path) -> dict:
-    try:
-        data = json.loads((dest / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def safe_extract(archive: Path, dest: Path, *, max_total_bytes: int = 4 * 2**30,
                  max_members: int = 10_000, max_ratio: float = 200.0,
                  archive_sha256: str | None = None,
@@ -159,7 +151,7 @@ def safe_extract(archive: Path, dest: Path, *, max_total_bytes: int = 4 * 2**30,
     digest = archive_sha256.lower() if archive_sha256 else sha256_file(archive)
     wanted = frozenset(members) if members is not None else None
     selection = sorted(wanted) if wanted is not None else None
-    marker = _read_marker(dest)
+    marker = read_json_object(dest / MARKER)
     if (marker.get("sha256") == digest and marker.get("selection") == selection
             and isinstance(marker.get("files"), list)):
         paths = [dest / f for f in marker["files"]]
@@ -222,7 +214,7 @@ def find_member(root: Path, basename: str) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
-        listed = _read_marker(root).get("members")
+        listed = read_json_object(root / MARKER).get("members")
         if isinstance(listed, list):
             members = [str(m) for m in listed if str(m).split("/")[0] not in _IGNORED_TOP]
         shown = ", ".join(members[:12]) + (f", ... ({len(members)} in all)" if len(members) > 12 else "")

@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass, replace
 from typing import Mapping
 
+from flexmf_assets.datasets.frames import CANONICAL_COLUMNS
+from flexmf_assets.datasets.synthetic import SYNTHETIC_DATASETS
 from flexmf_assets.errors import ConfigError
 
 GROUPLENS_BASE_URL = "https://files.grouplens.org/datasets/movielens/"
 MIRROR_ENV = "FLEXMF_MIRROR_URL"
 MIRROR_SUMS_ENV = "FLEXMF_MIRROR_SHA256SUMS"
-
-CANONICAL_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 
 
 @dataclass(frozen=True)
@@ -40,29 +40,39 @@ class ArchiveLayout:
     rating_step: float | None = 0.5
 
 
-_CSV_LAYOUT = ArchiveLayout("ratings.csv", ",", True, "movies.csv", ",", True)
-
-LAYOUTS: dict[str, ArchiveLayout] = {
-    "ml-latest-small": _CSV_LAYOUT,
-    "ml-latest": _CSV_LAYOUT,
-    "ml-100k": ArchiveLayout(
+#: the layouts of MovieLens-style archives, keyed by layout name
+ARCHIVE_LAYOUTS: dict[str, ArchiveLayout] = {
+    # ratings.csv + movies.csv, comma-separated with a header, UTF-8, half stars (ml-latest*, ml-20m on)
+    "movielens-csv": ArchiveLayout("ratings.csv", ",", True, "movies.csv", ",", True),
+    # u.data (tab) + u.item (pipe, 0/1 genre flags), no header, latin-1, whole stars (ml-100k)
+    "movielens-udata": ArchiveLayout(
         "u.data", "\t", False, "u.item", "|", False, encoding="latin-1",
         rating_scale=(1.0, 5.0), rating_step=1.0,
     ),
-    "ml-1m": ArchiveLayout(
+    # ratings.dat + movies.dat ('::'), no header, latin-1, whole stars (ml-1m)
+    "movielens-dat-latin1": ArchiveLayout(
         "ratings.dat", "::", False, "movies.dat", "::", False, encoding="latin-1",
         rating_scale=(1.0, 5.0), rating_step=1.0,
     ),
-    "ml-10m": ArchiveLayout("ratings.dat", "::", False, "movies.dat", "::", False),
-    "ml-20m": _CSV_LAYOUT,
-    "ml-25m": _CSV_LAYOUT,
-    "ml-32m": _CSV_LAYOUT,
+    # ratings.dat + movies.dat ('::'), no header, UTF-8, half stars (ml-10m)
+    "movielens-dat": ArchiveLayout("ratings.dat", "::", False, "movies.dat", "::", False),
 }
 
-#: formats that are not archives
+#: the archive formats a dataset entry may name: the MovieLens release whose zip it is packed like,
+#: mapped to that release's layout (a built-in entry's format is its own name)
+ARCHIVE_FORMATS: dict[str, ArchiveLayout] = {
+    fmt: ARCHIVE_LAYOUTS[layout] for fmt, layout in (
+        ("ml-latest-small", "movielens-csv"), ("ml-latest", "movielens-csv"), ("ml-100k", "movielens-udata"),
+        ("ml-1m", "movielens-dat-latin1"), ("ml-10m", "movielens-dat"), ("ml-20m", "movielens-csv"),
+        ("ml-25m", "movielens-csv"), ("ml-32m", "movielens-csv"),
+    )
+}
+#: the formats of a single file read with a column mapping
 PLAIN_FORMATS = ("csv", "parquet")
+#: the format of the built-in generated datasets (never a user's)
 SYNTHETIC_FORMAT = "synthetic"
-FORMATS = (*LAYOUTS, *PLAIN_FORMATS, SYNTHETIC_FORMAT)
+#: the formats a user's dataset entry may name
+USER_FORMATS = (*ARCHIVE_FORMATS, *PLAIN_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -71,8 +81,8 @@ class DatasetSpec:
 
     name: partition key.
     url: ``http(s)://`` or ``file://`` location of the archive or file; None for synthetic data.
-    format: a key of :data:`LAYOUTS` (the archive layout), ``csv``/``parquet`` (a plain file read
-        with ``columns``) or ``synthetic``.
+    format: a key of :data:`ARCHIVE_FORMATS` (a zip in that MovieLens release's layout), a plain
+        file format of :data:`PLAIN_FORMATS` (read with ``columns``) or :data:`SYNTHETIC_FORMAT`.
     sha256, size: expected checksum and byte size, when known; a mismatch is an error.
     columns: for csv/parquet, canonical column -> source column (``user_id``, ``item_id``,
         ``rating`` required; ``timestamp`` optional).
@@ -98,7 +108,7 @@ class DatasetSpec:
 
     @property
     def layout(self) -> ArchiveLayout | None:
-        return LAYOUTS.get(self.format)
+        return ARCHIVE_FORMATS.get(self.format)
 
     @property
     def is_synthetic(self) -> bool:
@@ -106,7 +116,7 @@ class DatasetSpec:
 
 
 def _ml(name: str, size: int | None = None, sha256: str | None = None, desc: str = "") -> DatasetSpec:
-    layout = LAYOUTS[name]
+    layout = ARCHIVE_FORMATS[name]
     return DatasetSpec(
         name=name,
         format=name,
@@ -135,8 +145,8 @@ _BUILTIN_MOVIELENS = (
     _ml("ml-32m", desc="MovieLens 32M (2024): 32,000,204 ratings"),
 )
 
-#: synthetic presets: name -> approximate rating count (see datasets.synthetic)
-SYNTHETIC_PRESETS = ("synthetic-100k", "synthetic-1m", "synthetic-10m", "synthetic-25m")
+#: the built-in generated datasets: every named preset of datasets.synthetic
+SYNTHETIC_PRESETS = tuple(SYNTHETIC_DATASETS)
 
 
 def _synthetic(name: str) -> DatasetSpec:
@@ -264,11 +274,9 @@ def user_dataset(name: str, entry: Mapping[str, object], *, where: str = "flexmf
     if not isinstance(url, str) or not url.startswith(("http://", "https://", "file://")):
         raise ConfigError(f"{at}.url: must be an http://, https:// or file:// URL, got {url!r}")
     fmt = entry.get("format")
-    if not isinstance(fmt, str) or (fmt not in LAYOUTS and fmt not in PLAIN_FORMATS):
-        raise ConfigError(
-            f"{at}.format: {fmt!r} is not one of {', '.join([*LAYOUTS, *PLAIN_FORMATS])}"
-            f"{suggest(str(fmt), [*LAYOUTS, *PLAIN_FORMATS])}"
-        )
+    if not isinstance(fmt, str) or fmt not in USER_FORMATS:
+        raise ConfigError(f"{at}.format: {fmt!r} is not one of {', '.join(USER_FORMATS)}"
+                          f"{suggest(str(fmt), list(USER_FORMATS))}")
     sha = entry.get("sha256")
     if sha is not None and (not isinstance(sha, str) or len(sha) != 64
                             or any(c not in "0123456789abcdefABCDEF" for c in sha)):
@@ -277,7 +285,7 @@ def user_dataset(name: str, entry: Mapping[str, object], *, where: str = "flexmf
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
         raise ConfigError(f"{at}.size: expected a positive integer (bytes), got {size!r}")
     columns = _columns(at, fmt, entry.get("columns"))
-    layout = LAYOUTS.get(fmt)
+    layout = ARCHIVE_FORMATS.get(fmt)
     scale = entry.get("rating_scale", layout.rating_scale if layout else (0.5, 5.0))
     if (not isinstance(scale, (list, tuple)) or len(scale) != 2 or not all(map(_is_number, scale))
             or not all(map(math.isfinite, scale)) or scale[0] >= scale[1]):
@@ -314,7 +322,8 @@ def user_dataset(name: str, entry: Mapping[str, object], *, where: str = "flexmf
 
 
 __all__ = [
-    "ArchiveLayout", "DatasetSpec", "LAYOUTS", "FORMATS", "PLAIN_FORMATS", "SYNTHETIC_FORMAT",
+    "ArchiveLayout", "DatasetSpec", "ARCHIVE_LAYOUTS", "ARCHIVE_FORMATS", "PLAIN_FORMATS", "SYNTHETIC_FORMAT",
+    "USER_FORMATS",
     "SYNTHETIC_PRESETS", "CANONICAL_COLUMNS", "GROUPLENS_BASE_URL", "MIRROR_ENV", "MIRROR_SUMS_ENV",
     "DATASET_NAME_RULE", "builtin_catalog", "check_dataset_name", "user_dataset",
 ]

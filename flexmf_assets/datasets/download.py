@@ -12,6 +12,7 @@ ETag, Last-Modified and the (redacted) URL, used for conditional requests when n
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -21,14 +22,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Sequence
+from typing import IO, Callable, Iterator, Sequence
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
 import requests
 
+from flexmf_assets.files import atomic_write_text, read_json_object, sha256_file
 from flexmf_assets.errors import ChecksumError, DownloadError
-from flexmf_assets.files import atomic_write_text, sha256_file
 
 ALLOWED_SCHEMES = ("http", "https", "file")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -103,12 +104,9 @@ def _cause(exc: BaseException, url: str) -> str:
     return _one_line(_scrub(f"{type(exc).__name__}: {exc}", url))
 
 
-def _read_sidecar(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+def _sidecar(target: Path) -> Path:
+    """The metadata file beside a cached ``target``."""
+    return target.with_name(target.name + ".json")
 
 
 def _cache_target(url_path: str, cache_dir: Path, name: str) -> Path:
@@ -162,7 +160,17 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-def _check_final(name: str, shown: str, ver: _Verifier, sha256: str | None, size: int | None) -> str:
+def _over_cap(name: str, shown: str, what: str, max_bytes: int) -> DownloadError:
+    return DownloadError(f"{name}: {shown} {what}; the download size cap (download.max_bytes) is "
+                         f"{max_bytes} bytes; nothing was kept (raise download.max_bytes if the file "
+                         f"really is that large)")
+
+
+def _commit(tmp: Path, target: Path, name: str, shown: str, ver: _Verifier, sha256: str | None,
+            size: int | None, sidecar: dict) -> str:
+    """Check the finished transfer in ``tmp`` (size, sha256), move it to ``target`` and write its
+    sidecar (url, sha256, size, then ``sidecar``); returns its sha256."""
+    ver.finish()
     actual = ver.digest.hexdigest()
     if size is not None and ver.received != size:
         raise ChecksumError(f"{name}: size mismatch for {shown}: expected {size} bytes, "
@@ -170,18 +178,23 @@ def _check_final(name: str, shown: str, ver: _Verifier, sha256: str | None, size
     if sha256 is not None and actual != sha256.lower():
         raise ChecksumError(f"{name}: sha256 mismatch for {shown}: expected {sha256.lower()}, "
                             f"got {actual} ({ver.received} bytes)")
+    os.replace(tmp, target)
+    info = {"url": shown, "sha256": actual, "size": ver.received, **sidecar}
+    atomic_write_text(_sidecar(target), json.dumps(info, indent=2) + "\n")
     return actual
 
 
-def _over_cap(name: str, shown: str, what: str, max_bytes: int) -> DownloadError:
-    return DownloadError(f"{name}: {shown} {what}; the download size cap (download.max_bytes) is "
-                         f"{max_bytes} bytes; nothing was kept (raise download.max_bytes if the file "
-                         f"really is that large)")
-
-
-def _finalize(tmp: Path, target: Path, info: dict) -> None:
-    os.replace(tmp, target)
-    atomic_write_text(target.with_name(target.name + ".json"), json.dumps(info, indent=2) + "\n")
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, what: str) -> Iterator[None]:
+    """Remove ``tmp`` when the block fails; an OSError becomes ``DownloadError(f"{what}: <reason>")``."""
+    try:
+        yield
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DownloadError(f"{what}: {exc.strerror}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _temp_in(target: Path) -> tuple[IO[bytes], Path]:
@@ -219,7 +232,7 @@ def _fetch_file(source: Path, target: Path, name: str, shown: str, sha256: str |
     if st.st_size > max_bytes:
         raise _over_cap(name, shown, f"is {st.st_size} bytes", max_bytes)
     last_modified = email.utils.formatdate(st.st_mtime, usegmt=True)
-    sidecar = _read_sidecar(target.with_name(target.name + ".json"))
+    sidecar = read_json_object(_sidecar(target))
     if (sha256 is None and target.is_file() and sidecar.get("source_mtime_ns") == st.st_mtime_ns
             and sidecar.get("size") == st.st_size == target.stat().st_size
             and (size is None or size == st.st_size)):
@@ -228,23 +241,15 @@ def _fetch_file(source: Path, target: Path, name: str, shown: str, sha256: str |
     ver = _Verifier(progress)
     ver.total = st.st_size
     fh, tmp = _temp_in(target)
-    try:
+    with _removed_on_failure(tmp, f"{name}: cannot copy {source} into {target.parent}"):
         with fh, open(source, "rb") as src:
             while chunk := src.read(CHUNK):
                 if ver.received + len(chunk) > max_bytes:  # the file grew while being copied
                     raise _over_cap(name, shown, f"grew past {max_bytes} bytes", max_bytes)
                 fh.write(chunk)
                 ver.update(chunk)
-        ver.finish()
-        actual = _check_final(name, shown, ver, sha256, size)
-        _finalize(tmp, target, {"url": shown, "sha256": actual, "size": ver.received, "etag": None,
-                                "last_modified": last_modified, "source_mtime_ns": st.st_mtime_ns})
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DownloadError(f"{name}: cannot copy {source} into {target.parent}: {exc.strerror}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        actual = _commit(tmp, target, name, shown, ver, sha256, size, {
+            "etag": None, "last_modified": last_modified, "source_mtime_ns": st.st_mtime_ns})
     return ArchiveInfo(target, shown, actual, ver.received, None, last_modified, cached=False)
 
 
@@ -353,7 +358,7 @@ class _HttpDownload:
 def _fetch_http(url: str, target: Path, name: str, shown: str, sha256: str | None,
                 size: int | None, timeout: float, retries: int, backoff: float,
                 progress: Progress | None, session: requests.Session, max_bytes: int) -> ArchiveInfo:
-    sidecar = _read_sidecar(target.with_name(target.name + ".json"))
+    sidecar = read_json_object(_sidecar(target))
     headers: dict[str, str] = {}
     if sha256 is None and target.is_file() and sidecar.get("sha256"):
         if sidecar.get("etag"):
@@ -364,7 +369,7 @@ def _fetch_http(url: str, target: Path, name: str, shown: str, sha256: str | Non
     fh, tmp = _temp_in(target)
     dl = _HttpDownload(session, url, shown, name, fh, ver, size, timeout, max_bytes)
     attempts = 0
-    try:
+    with _removed_on_failure(tmp, f"{name}: cannot write {tmp}"):
         with fh:
             while True:
                 attempts += 1
@@ -386,16 +391,8 @@ def _fetch_http(url: str, target: Path, name: str, shown: str, sha256: str | Non
                     return ArchiveInfo(target, shown, str(sidecar["sha256"]), target.stat().st_size,
                                        sidecar.get("etag"), sidecar.get("last_modified"), cached=True)
                 headers = {}  # the cached copy is damaged: fetch unconditionally
-        ver.finish()
-        actual = _check_final(name, shown, ver, sha256, size)
-        _finalize(tmp, target, {"url": shown, "sha256": actual, "size": ver.received,
-                                "etag": dl.etag, "last_modified": dl.last_modified})
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise DownloadError(f"{name}: cannot write {tmp}: {exc.strerror}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        actual = _commit(tmp, target, name, shown, ver, sha256, size,
+                         {"etag": dl.etag, "last_modified": dl.last_modified})
     return ArchiveInfo(target, shown, actual, ver.received, dl.etag, dl.last_modified, cached=False)
 
 
@@ -452,7 +449,7 @@ def fetch(url: str, cache_dir: Path, *, name: str, sha256: str | None = None, si
     if sha256 is not None and target.is_file():
         try:
             if sha256_file(target) == sha256.lower():
-                sidecar = _read_sidecar(target.with_name(target.name + ".json"))
+                sidecar = read_json_object(_sidecar(target))
                 return ArchiveInfo(target, shown, sha256.lower(), target.stat().st_size,
                                    sidecar.get("etag"), sidecar.get("last_modified"), cached=True)
         except OSError:
@@ -469,4 +466,4 @@ def fetch(url: str, cache_dir: Path, *, name: str, sha256: str | None = None, si
             sess.close()  # type: ignore[union-attr]
 
 
-__all__ = ["ArchiveInfo", "fetch", "redact_url", "sha256_file", "ALLOWED_SCHEMES", "DEFAULT_MAX_BYTES"]
+__all__ = ["ArchiveInfo", "fetch", "redact_url", "ALLOWED_SCHEMES", "DEFAULT_MAX_BYTES"]

@@ -1,4 +1,11 @@
-"""The canonical frames every dataset format ends in (parsed archives, user files, synthetic data)."""
+"""The canonical frames every dataset ends in, whatever its source.
+
+* ratings: ``user_id: Int64, item_id: Int64, rating: Float32, timestamp: Int64`` (seconds since
+  the epoch; null when the source has none);
+* items: ``item_id: Int64, title: String, genres: String`` (pipe-separated genres).
+
+Parsing produces them, the synthetic generator writes them, validation checks them.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,11 @@ from dataclasses import dataclass
 
 import polars as pl
 
-RATINGS_SCHEMA: dict[str, pl.DataType] = {
-    "user_id": pl.Int64(), "item_id": pl.Int64(), "rating": pl.Float32(), "timestamp": pl.Int64(),
-}
+#: the ratings columns every source is mapped to (a plain file's ``columns:`` maps onto these)
+CANONICAL_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
+RATINGS_SCHEMA: dict[str, pl.DataType] = dict(
+    zip(CANONICAL_COLUMNS, (pl.Int64(), pl.Int64(), pl.Float32(), pl.Int64()), strict=True)
+)
 ITEMS_SCHEMA: dict[str, pl.DataType] = {"item_id": pl.Int64(), "title": pl.String(), "genres": pl.String()}
 
 
@@ -20,4 +29,4 @@ class ParsedDataset:
     items: pl.DataFrame | None = None
 
 
-__all__ = ["RATINGS_SCHEMA", "ITEMS_SCHEMA", "ParsedDataset"]
+__all__ = ["CANONICAL_COLUMNS", "RATINGS_SCHEMA", "ITEMS_SCHEMA", "ParsedDataset"]

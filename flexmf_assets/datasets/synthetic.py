@@ -18,11 +18,13 @@ recovers the structure reaches an RMSE near :meth:`SyntheticTruth.noise_rmse`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import tempfile
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,13 @@ def resolve_config(config_or_preset: SyntheticConfig | str, seed: int | None = N
     else:
         config = config_or_preset
     return config if seed is None else replace(config, seed=seed)
+
+
+def synthetic_fingerprint(preset: str) -> str:
+    """A stable sha256 for a synthetic preset: its generator parameters (no download involved)."""
+    params = asdict(resolve_config(preset))
+    blob = json.dumps({"preset": preset, "params": params}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -464,5 +473,5 @@ def write_movielens_archive(path: str | os.PathLike[str], config_or_preset: Synt
     return path
 
 
-__all__ = ["SyntheticConfig", "SyntheticTruth", "SYNTHETIC_DATASETS", "GENRES", "generate", "planted_truth",
-           "resolve_config", "write_movielens_archive"]
+__all__ = ["SyntheticConfig", "SyntheticTruth", "SYNTHETIC_DATASETS", "GENRES", "generate", "planted_truth", "resolve_config",
+           "synthetic_fingerprint", "write_movielens_archive"]

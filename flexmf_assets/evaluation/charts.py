@@ -32,6 +32,12 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _fitting(title: str, parts: list[str], suffix: str = "") -> str | None:
+    """The Markdown image of the SVG ``parts`` (and ``suffix``), or None when over :data:`MAX_MARKDOWN`."""
+    markdown = f"![{title}](<data:image/svg+xml,{_encode(''.join(parts))}>){suffix}"
+    return markdown if len(markdown) <= MAX_MARKDOWN else None
+
+
 def _size(width: int, height: int) -> str:
     return f"width='{round(width * SCALE)}' height='{round(height * SCALE)}' viewBox='0 0 {width} {height}'"
 
@@ -89,8 +95,7 @@ def line_chart(title: str, x: Sequence[float], series: Sequence[Series], *, x_la
             parts.append(f"<polyline points='{' '.join(pts)}' fill='none' stroke='{color}'{dash}/>")
             parts.append(f"<text x='{LEFT + 6 + 100 * i}' y='9' fill='{color}'>{s.label}</text>")
         parts.append("</svg>")
-        markdown = f"![{title}](<data:image/svg+xml,{_encode(''.join(parts))}>)"
-        if len(markdown) <= MAX_MARKDOWN:
+        if markdown := _fitting(title, parts):
             return markdown
     return f"_{title}: too many series to draw_"
 
@@ -138,7 +143,6 @@ def bar_chart(title: str, labels: Sequence[str], values: Sequence[float | None],
             parts.append(f"<text x='{left}' y='{height - 2}'>{_fmt(lo)}</text>"
                          f"<text x='{right}' y='{height - 2}' text-anchor='end'>{_fmt(hi)}</text></svg>")
             suffix = f" _first {limit} of {len(values)}_" if limit < len(values) else ""
-            markdown = f"![{title}](<data:image/svg+xml,{_encode(''.join(parts))}>){suffix}"
-            if len(markdown) <= MAX_MARKDOWN:
+            if markdown := _fitting(title, parts, suffix):
                 return markdown
     return f"_{title}: too many bars to draw_"

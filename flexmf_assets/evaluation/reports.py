@@ -73,8 +73,10 @@ def metric_curve(recs: pl.DataFrame, test: pl.DataFrame, max_k: int = CURVE_K,
     return {"k": np.arange(1, max_k + 1), "ndcg": (dcg / idcg).mean(axis=0), "recall": (found / n).mean(axis=0)}
 
 
-def implicit_report(model, train: pl.DataFrame, test: pl.DataFrame, *, min_rating: float | None = None) -> Report:
-    """Top-N metrics of ``model`` (a fitted implicit scorer) on ``test``, beside the popularity baseline."""
+def implicit_report(model, train: pl.DataFrame, test: pl.DataFrame) -> Report:
+    """Top-N metrics of ``model`` (a fitted implicit scorer) on ``test``, beside the popularity baseline;
+    with the model's ``min_rating``, only ratings at or above it are relevant (and count as popular)."""
+    min_rating = model.config.min_rating
     if min_rating is not None:
         train = train.filter(pl.col("rating") >= min_rating)
         test = test.filter(pl.col("rating") >= min_rating)

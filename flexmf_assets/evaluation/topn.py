@@ -57,19 +57,14 @@ def _ranked(recs: pl.DataFrame) -> pl.DataFrame:
         low = recs["rank"].min()
         if low is None or low < 1:
             raise DataValidationError(f"recs: rank must be >= 1, found {low}")
-        dup = recs.filter(pl.struct("user_id", "rank").is_duplicated())
-        if dup.height:
-            row = dup.row(0, named=True)
-            raise DataValidationError(
-                f"recs: user {row['user_id']!r} has rank {row['rank']} more than once; "
-                "ranks must be unique per user (break ties before evaluating)"
-            )
-        dup = recs.filter(pl.struct("user_id", "item_id").is_duplicated())
-        if dup.height:
-            row = dup.row(0, named=True)
-            raise DataValidationError(
-                f"recs: user {row['user_id']!r} is recommended item {row['item_id']!r} more than once"
-            )
+        for column, problem in (
+            ("rank", "has rank {rank} more than once; ranks must be unique per user (break ties before evaluating)"),
+            ("item_id", "is recommended item {item_id!r} more than once"),
+        ):
+            dup = recs.filter(pl.struct("user_id", column).is_duplicated())
+            if dup.height:
+                row = dup.row(0, named=True)
+                raise DataValidationError(f"recs: user {row['user_id']!r} " + problem.format(**row))
     return recs
 
 

@@ -1,7 +1,7 @@
 """Data stage: ``archive`` -> ``ratings`` + ``items`` (with GX checks) -> ``split``, per dataset."""
 
 
-import dataclasses
+import functools
 import hashlib
 import json
 import tempfile
@@ -11,32 +11,23 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from flexmf_assets.datasets.synthetic import synthetic_fingerprint
+from flexmf_assets.datasets.validation import DEFAULT_MIN_ROWS
 from flexmf_assets.defs.metadata import column_schema, frame_stats, md_table, rating_histogram
-from flexmf_assets.files import jsonable
 from flexmf_assets.defs.records import DATA_VERSION_TAG, latest_materialization
+from flexmf_assets.files import jsonable
 from flexmf_assets.defs.failures import user_errors
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.project import ProjectConfig
 
 CODE_VERSIONS = {"archive": "1", "ratings": "1", "split": "1"}
-DEFAULT_MIN_ROWS = 1000  # flexmf.yaml validation.min_rows overrides
-
-
-def synthetic_fingerprint(preset: str) -> str:
-    """A stable sha256 for a synthetic preset: its generator parameters (no download involved)."""
-    from flexmf_assets.datasets import synthetic
-
-    params = dataclasses.asdict(synthetic.SYNTHETIC_DATASETS[preset])
-    blob = json.dumps({"preset": preset, "params": params}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def build_data_assets(dataset_partitions: dg.PartitionsDefinition):
-    @dg.asset(
-        partitions_def=dataset_partitions,
-        group_name="data",
-        kinds={"http", "zip"},
-        code_version=CODE_VERSIONS["archive"],
+    data_asset = functools.partial(dg.asset, partitions_def=dataset_partitions, group_name="data")
+
+    @data_asset(
+        kinds={"http", "zip"}, code_version=CODE_VERSIONS["archive"],
         description="The dataset's source archive, downloaded (streaming, retried, sha256-verified) into "
         "the cache; an unchanged archive keeps its data version so nothing downstream goes stale.",
     )
@@ -137,11 +128,8 @@ def build_data_assets(dataset_partitions: dg.PartitionsDefinition):
             "preview": md_table(items, 5) if items.height else "no item metadata in this format",
         })
 
-    @dg.asset(
-        partitions_def=dataset_partitions,
-        group_name="data",
-        kinds={"polars", "parquet"},
-        code_version=CODE_VERSIONS["split"],
+    @data_asset(
+        kinds={"polars", "parquet"}, code_version=CODE_VERSIONS["split"],
         description="Train / validation / test frames by the split protocol in flexmf.yaml (seeded). "
         "Validation is carved from train for early stopping.",
     )
