@@ -148,4 +148,7 @@ IMPLICIT_HPARAM_SETS: dict[str, dict[str, Any]] = {
     "bpr": {"preset": "bpr", "embedding_size": 64, "epochs": 40, "learning_rate": 0.005},
     "warp": {"preset": "warp", "embedding_size": 32, "epochs": 30},
     "best": {"loss": "pairwise", "negative_strategy": "misranked", "embedding_size": 32, "epochs": 30},
+    # weighted alternating least squares (benchmarks/als_probe.py implicit --set als)
+    "als": {"solver": "als", "embedding_size": 256, "epochs": 15, "regularization": 10.0, "weight": 1.0,
+            "cg_steps": 3},
 }
