@@ -367,3 +367,182 @@ def test_kernels_declare_the_als_entry_points():
         fn = getattr(lib, name)
         assert _abi.KERNELS[name] is struct
         assert fn.argtypes == [ctypes.POINTER(struct)] and fn.restype is ctypes.c_int64
+
+
+# ----------------------------------------------------------------------------------------------
+# solver: als in the scorer core (the strategies ExplicitALSStrategy / ImplicitALSStrategy)
+# ----------------------------------------------------------------------------------------------
+
+EXPLICIT_ALS = {"solver": "als", "embedding_size": 4, "epochs": 5, "regularization": 0.05}
+IMPLICIT_ALS = {"solver": "als", "embedding_size": 8, "epochs": 5, "regularization": 1.0, "weight": 4.0}
+
+
+def _clicks_frame(clicks):
+    import polars as pl
+
+    u, i, _, _ = clicks
+    return pl.DataFrame({"user_id": u, "item_id": i, "rating": np.ones(len(u), np.float32)})
+
+
+@pytest.mark.parametrize("bias", ["damped", "learned"])
+def test_the_scorer_trains_what_the_solver_trains(ratings, bias):
+    """FlexMFExplicitScorer(solver="als") runs ExplicitALS on views of its tables: the same
+    initialization (the core's draws are the solver's), the same predictions, the engine 'als'."""
+    from flexmf_assets.flexmf import FlexMFExplicitScorer
+
+    scorer = FlexMFExplicitScorer({**EXPLICIT_ALS, "bias": bias}).fit(ratings)
+    als, users, items = explicit(ratings, bias=bias)
+    want, keep = explicit_predict(als, users, items, ratings)
+    got = scorer.predict(ratings["user_id"], ratings["item_id"])
+    lo, hi = float(ratings["rating"].min()), float(ratings["rating"].max())
+    np.testing.assert_allclose(got[keep], np.clip(want, lo, hi), atol=1e-4)
+    assert scorer.engine == "als" and scorer.epochs_run == 5
+    # the history's train_loss is the data term per rating (the squared error), falling
+    losses = [h["train_loss"] for h in scorer.history]
+    assert losses == sorted(losses, reverse=True) and losses[-1] == pytest.approx(als.data_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("track", ["explicit", "implicit"])
+def test_native_and_torch_engines_agree_through_the_scorer(ratings, clicks, monkeypatch, track):
+    from flexmf_assets.flexmf import FlexMFExplicitScorer, FlexMFImplicitScorer
+
+    if not HAS_CC:
+        pytest.skip("no C compiler")
+    cls, cfg, frame = ((FlexMFExplicitScorer, EXPLICIT_ALS, ratings) if track == "explicit"
+                       else (FlexMFImplicitScorer, IMPLICIT_ALS, _clicks_frame(clicks)))
+    native = cls(cfg).fit(frame)
+    monkeypatch.setenv("FLEXMF_NATIVE", "0")
+    reference = cls(cfg).fit(frame)
+    assert _native.kernels() is None
+    np.testing.assert_allclose(native.user_table.numpy(), reference.user_table.numpy(), atol=2e-3)
+    np.testing.assert_allclose(native.predict(frame["user_id"], frame["item_id"]),
+                               reference.predict(frame["user_id"], frame["item_id"]), atol=2e-3)
+
+
+def test_validation_history_and_early_stopping_per_iteration(planted):
+    """Every iteration is validated; with patience the loop stops once the validation RMSE has not
+    improved for that many iterations and the best iteration's tables are kept."""
+    from flexmf_assets.flexmf import FlexMFExplicitScorer
+
+    train, test = planted
+    # 40 factors with almost no ridge overfit rank-4 data after a few iterations
+    scorer = FlexMFExplicitScorer(solver="als", embedding_size=40, epochs=30, regularization=0.001,
+                                  patience=2).fit(train, test)
+    val = [h["val_rmse"] for h in scorer.history]
+    assert all(v is not None for v in val)
+    assert scorer.epochs_run < 30 and scorer.epochs_run == scorer.best_epoch + 2
+    assert min(val) == val[scorer.best_epoch - 1]
+    kept = rmse(scorer.predict(test["user_id"], test["item_id"]), test["rating"].to_numpy())
+    assert kept == pytest.approx(min(val), abs=1e-4) and kept < val[-1]
+
+
+@pytest.mark.parametrize("track", ["explicit", "implicit"])
+def test_save_and_load_round_trip(ratings, clicks, tmp_path, track):
+    from flexmf_assets.flexmf import FlexMFExplicitScorer, FlexMFImplicitScorer
+
+    cls, cfg, frame = ((FlexMFExplicitScorer, {**EXPLICIT_ALS, "bias": "damped", "damping": 10.0}, ratings)
+                       if track == "explicit" else
+                       (FlexMFImplicitScorer, {**IMPLICIT_ALS, "confidence": "log", "epsilon": 0.5}, _clicks_frame(clicks)))
+    model = cls(cfg).fit(frame)
+    model.save(tmp_path / "m")
+    back = cls.load(tmp_path / "m")
+    assert back.engine == "als" and back.config == model.config and back.config.solver == "als"
+    np.testing.assert_array_equal(back.predict(frame["user_id"], frame["item_id"]),
+                                  model.predict(frame["user_id"], frame["item_id"]))
+    assert back.recommend(n=5).equals(model.recommend(n=5))
+    if track == "implicit":  # weighted ALS fits no biases: none saved
+        assert set(back.parameters()) == {"user_embedding", "item_embedding"}
+
+
+def test_singular_systems_through_the_scorer_name_regularization(ratings):
+    from flexmf_assets.flexmf import FlexMFExplicitScorer
+
+    with pytest.raises(TrainingError, match=r"^ALS diverged at epoch 1 \(user half-step\): objective is nan; the "
+                                            r"systems of \d+ user rows are not positive definite; raise "
+                                            r"regularization \(now 0\)$"):
+        FlexMFExplicitScorer(solver="als", regularization=0.0, init_scale=0.0, epochs=2).fit(ratings)
+
+
+@pytest.mark.parametrize("track, values, message", [
+    ("explicit", {"solver": "als", "learning_rate": 0.1},
+     r"^FlexMFExplicitConfig.learning_rate: applies only to solver 'sgd', not to solver 'als'; leave it out "
+     r"\(got 0.1\)$"),
+    ("explicit", {"solver": "als", "optimizer": "adam"}, r"optimizer: applies only to solver 'sgd'"),
+    ("explicit", {"damping": 2.0}, r"^FlexMFExplicitConfig.damping: applies only to solver 'als', not to solver 'sgd'"),
+    ("explicit", {"reg_exponent": 0.5}, r"reg_exponent: applies only to solver 'als'"),
+    ("explicit", {"bias": "damped"}, r"^FlexMFExplicitConfig.bias: 'damped' applies only to solver 'als'; solver "
+                                     r"'sgd' takes true or false$"),
+    ("explicit", {"solver": "als", "bias": False}, r"bias: solver 'als' always fits biases: 'learned' \(or true\) "
+                                                   r"or 'damped', got False"),
+    ("explicit", {"solver": "als", "bias": "biased"}, r"bias: expected true or false, got 'biased'|bias: 'biased' "
+                                                      r"is not one of"),
+    ("explicit", {"solver": "alternating"}, r"solver: 'alternating' is not one of 'sgd', 'als'"),
+    ("explicit", {"solver": "als", "reg_exponent": 9.0}, r"reg_exponent: must be >= 0 and <= 4, got 9.0"),
+    ("explicit", {"solver": "als", "bias_regularization": -1.0}, r"bias_regularization: must be >= 0"),
+    ("implicit", {"solver": "als", "preset": "bpr"}, r"^FlexMFImplicitConfig.preset: applies only to solver 'sgd'"),
+    ("implicit", {"solver": "als", "loss": "warp"}, r"loss: applies only to solver 'sgd'"),
+    ("implicit", {"solver": "als", "user_bias": True}, r"user_bias: applies only to solver 'sgd'"),
+    ("implicit", {"weight": 2.0}, r"weight: applies only to solver 'als', not to solver 'sgd'"),
+    ("implicit", {"cg_steps": 5}, r"cg_steps: applies only to solver 'als'"),
+    ("implicit", {"solver": "als", "cg_steps": 0}, r"cg_steps: must be >= 1 and <= 1,000, got 0"),
+    ("implicit", {"solver": "als", "confidence": "sqrt"}, r"confidence: 'sqrt' is not one of 'linear', 'log'"),
+    ("implicit", {"solver": "als", "epsilon": 0.0}, r"epsilon: must be > 0"),
+    ("implicit", {"solver": "als", "weight": -1.0}, r"weight: must be >= 0"),
+])
+def test_solver_fields_are_validated_in_one_line(track, values, message):
+    from flexmf_assets.flexmf import FlexMFExplicitConfig, FlexMFImplicitConfig
+
+    cls = FlexMFExplicitConfig if track == "explicit" else FlexMFImplicitConfig
+    with pytest.raises(ConfigError, match=message) as info:
+        cls.from_dict(values)
+    assert "\n" not in str(info.value)
+
+
+def test_fields_of_the_other_solver_at_a_neutral_value_change_nothing():
+    """A key read as overrides of the implicit ``default`` set (loss logistic, uniform negatives) with
+    ``solver=als`` is the same configuration as ``solver=als`` alone: such values are the defaults."""
+    from flexmf_assets.flexmf import FlexMFImplicitConfig
+
+    plain = FlexMFImplicitConfig(solver="als")
+    filled = FlexMFImplicitConfig.from_dict({"loss": "logistic", "negative_strategy": "uniform", "item_bias": False,
+                                             "solver": "als"})
+    assert filled == plain and filled.loss is None and filled.item_bias is True
+    assert FlexMFImplicitConfig.from_dict(plain.to_dict()) == plain
+
+
+def test_keys_with_solver_fields_round_trip(tmp_path):
+    from flexmf_assets.project import load_project
+
+    (tmp_path / "flexmf.yaml").write_text("implicit_hparams:\n  default: {loss: logistic, negative_strategy: uniform}\n")
+    project = load_project(tmp_path / "flexmf.yaml", env={"FLEXMF_DATA_DIR": str(tmp_path)})
+    key = "solver=als;embedding_size=128"
+    cfg = project.resolve_hparams("explicit", key)
+    assert (cfg.solver, cfg.embedding_size, cfg.bias) == ("als", 128, True)
+    assert project.canonical_key("explicit", "bias=damped;solver=als;damping=2.5") == \
+        "bias=damped;solver=als;damping=2.5"
+    assert project.resolve_hparams("explicit", "solver=als;bias=damped").bias == "damped"
+    icfg = project.resolve_hparams("implicit", "solver=als;weight=1;confidence=log;exact=true")
+    assert (icfg.solver, icfg.weight, icfg.confidence, icfg.exact) == ("als", 1.0, "log", True)
+    for track in ("explicit", "implicit"):  # the named sets als, and their fingerprints equal their keys'
+        named = project.resolve_hparams(track, "als")
+        assert named.solver == "als"
+        cls = type(named)
+        spelled = cls.canonical_key({k: v for k, v in named.to_dict().items() if v != getattr(cls(), k)})
+        assert project.fingerprint(track, spelled) == project.fingerprint(track, "als"), spelled
+    with pytest.raises(ConfigError, match=r"bias=maybe is not true or false \(nor one of 'learned', 'damped'\)"):
+        project.resolve_hparams("explicit", "solver=als;bias=maybe")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("track", ["explicit", "implicit"])
+def test_cuda_matches_the_cpu(ratings, clicks, track):
+    """The GPU path (torch engine, batched float32 solves) trains the model the CPU trains."""
+    from flexmf_assets.flexmf import FlexMFExplicitScorer, FlexMFImplicitScorer
+
+    cls, cfg, frame = ((FlexMFExplicitScorer, EXPLICIT_ALS, ratings) if track == "explicit"
+                       else (FlexMFImplicitScorer, IMPLICIT_ALS, _clicks_frame(clicks)))
+    cpu, gpu = cls(cfg).fit(frame), cls(cfg, device="cuda").fit(frame)
+    assert gpu.user_table.is_cuda and gpu.engine == "als"
+    np.testing.assert_allclose(gpu.predict(frame["user_id"], frame["item_id"]),
+                               cpu.predict(frame["user_id"], frame["item_id"]), atol=5e-3)
