@@ -1,29 +1,25 @@
 """Quality and speed probe of the ALS solvers (flexmf/als.py) on ml-latest-small; prints figures.
 
-    python benchmarks/als_probe.py explicit [--set NAME:k=v,k=v ...] [--lenskit NAME:k=v,...] [--threads N]
-    python benchmarks/als_probe.py implicit [--set NAME:k=v,...] [--folds 5] [--implicit NAME:k=v,...]
+    python benchmarks/als_probe.py explicit [--set NAME:k=v,k=v ...] [--threads N] [--engine auto|native|torch]
+    python benchmarks/als_probe.py implicit [--set NAME:k=v,...] [--folds 5]
     python benchmarks/als_probe.py search [--threads N]
+
+The solvers alone (no scorer core), for tuning and profiling; the comparison with LensKit's ALS
+scorers and ``implicit``'s ALS on the same split files is ``compare_lenskit.py --models
+als-explicit,als-implicit``. Protocols (state them beside every figure):
+  * explicit: ml-latest-small, random 80/20 split seed 42 (``common.random_split``); test RMSE over
+    every test rating: ``mu + b_u + b_i + p_u . q_i``, bias-only for users or items unseen in
+    training, clamped to the training rating range (as our scorer predicts) and unclamped;
+  * implicit: the library's ``crossfold_users(5 folds, 5 held-out ratings per test user, seed 42)``,
+    unique (user, item) pairs with value 1; top 10 of all items unseen in training; NDCG@10 with the
+    1/log2(rank+1) discount (``topn_metrics``), macro-averaged over test users, mean over folds;
+    fit time: id indexing, ``setup`` (CSR built) and the epochs (the kernels loaded before).
 
 ``search``: the explicit set ``als`` chosen on a validation split: the explicit protocol's training
 80% split again at random (seed 43) into 90% fit and 10% validation; each grid point is one fit of
 ``FlexMFExplicitScorer(solver="als")`` on the 90% for up to 20 iterations, scored on the validation
 ratings after every iteration (the best iteration counts); the best point is then fitted on the whole
 training split and its test RMSE printed (the test ratings play no part in the choice).
-
-Protocols (state them beside every figure):
-  * explicit: ml-latest-small, random 80/20 split seed 42 (``common.random_split``); test RMSE over
-    every test rating: ``mu + b_u + b_i + p_u . q_i``, bias-only for users or items unseen in
-    training, clamped to the training rating range (as our scorer predicts) and unclamped;
-  * implicit: ``common.crossfold_users(5 folds, 5 held-out ratings per test user, seed 42)``, unique
-    (user, item) pairs with value 1; top 10 of all items unseen in training; NDCG@10 with the
-    1/log2(rank+1) discount (``topn_metrics``), macro-averaged over test users, mean over folds;
-  * ``--implicit`` runs ``implicit`` 0.7.3's ``AlternatingLeastSquares`` (venv
-    ``benchmarks/.venvs/als-implicit``, made by ``common.ensure_venv`` when missing) in a fresh child
-    process on the same fold files through ``_baselines_runner.py``; its fit time is model construction
-    plus ``fit`` (CSR built untimed), ours is id indexing, ``setup`` (CSR built) and the epochs (the
-    kernels loaded before); one fit per fold each, at ``--threads``. At equal hyperparameters: ``implicit``'s confidence
-    is ``alpha * r``, ours ``1 + weight * r``: on binary data ``alpha = a`` is ``weight = a - 1``
-    (``--implicit`` entries name ``implicit``'s parameters; ``--equal`` adds our run at the same ones).
 
 A ``--set`` value is ``NAME:field=value,...`` of :class:`ALSSettings` fields (``--set als`` alone is
 the settings recommended for the named set ``als``).
@@ -33,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -45,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from flexmf_assets.datasets.split import crossfold_users  # noqa: E402
 from flexmf_assets.evaluation.topn import topn_metrics  # noqa: E402
 from flexmf_assets.flexmf import _native  # noqa: E402
 from flexmf_assets.flexmf.ids import IdIndex  # noqa: E402
@@ -55,7 +51,6 @@ RECOMMENDED = {
     "explicit": {"embedding_size": 100, "epochs": 10, "regularization": 1.2, "reg_exponent": 0.5, "bias": "learned"},
     "implicit": {"embedding_size": 256, "epochs": 15, "regularization": 10.0, "weight": 1.0, "cg_steps": 3},
 }
-IMPLICIT_PKGS = ["implicit==0.7.3", "pandas", "pyarrow"]
 
 
 def parse_spec(spec: str, types: dict[str, type]) -> tuple[str, dict[str, Any]]:
@@ -73,8 +68,6 @@ def parse_spec(spec: str, types: dict[str, type]) -> tuple[str, dict[str, Any]]:
 
 SETTING_TYPES = {f.name: {"int": int, "str": str, "bool": bool}.get(str(f.type), float)
                  for f in dataclasses.fields(ALSSettings)}
-IMPLICIT_TYPES = {"factors": int, "regularization": float, "alpha": float, "iterations": int}
-LENSKIT_TYPES = {"embedding_size": int, "epochs": int, "regularization": float, "damping": float, "weight": float}
 
 
 def settings_of(spec: str, track: str) -> tuple[str, ALSSettings]:
@@ -92,7 +85,7 @@ def run_explicit(args: argparse.Namespace) -> None:
     train, test = common.random_split(common.load_movielens(args.zip))
     print(f"explicit: ml-latest-small random 80/20 seed 42: {train.height} train, {test.height} test ratings; "
           f"threads {args.threads}; load {_load()}", flush=True)
-    for spec in args.set or ([] if args.lenskit else ["als"]):
+    for spec in args.set or ["als"]:
         name, s = settings_of(spec, "explicit")
         users, u = IdIndex.fit(train["user_id"])
         items, i = IdIndex.fit(train["item_id"])
@@ -120,22 +113,6 @@ def run_explicit(args: argparse.Namespace) -> None:
         print(f"{name:>14}  RMSE {clamped:.4f} (unclamped {raw:.4f}; known pairs {known:.4f})  fit {best:.2f} s "
               f"({als.engine}, best of {args.repeat})  objective {history[0]:.4f} -> {history[-1]:.4f}  "
               f"{_settings_text(s, 'explicit')}", flush=True)
-    for spec in args.lenskit:
-        name, cfg = parse_spec(spec, LENSKIT_TYPES)
-        split = {"train": str(common.OUT / "splits-als" / "explicit-train.parquet"),
-                 "test": str(common.OUT / "splits-als" / "explicit-test.parquet")}
-        common.write_parquet(train.select("user_id", "item_id", "rating"), Path(split["train"]))
-        common.write_parquet(test.select("user_id", "item_id", "rating"), Path(split["test"]))
-        out, sec = _lenskit(cfg, "explicit", split, args, name)
-        joined = test.join(out, on=["user_id", "item_id"], how="left")
-        pred = joined["prediction"].cast(pl.Float64).to_numpy()
-        truth = joined["rating"].cast(pl.Float64).to_numpy()
-        ok = np.isfinite(pred)
-        known = ok & test["user_id"].is_in(train["user_id"].implode()).to_numpy() \
-            & test["item_id"].is_in(train["item_id"].implode()).to_numpy()
-        rmse_all, rmse_known = (float(np.sqrt(np.mean((pred[m] - truth[m]) ** 2))) for m in (ok, known))
-        print(f"{name:>14}  RMSE {rmse_all:.4f} over {ok.sum()} of {len(ok)} test ratings (unclamped; known pairs "
-              f"{rmse_known:.4f})  fit {sec:.2f} s  LensKit BiasedMFScorer {json.dumps(cfg)}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +125,7 @@ def _folds(args: argparse.Namespace) -> list[dict[str, str]]:
     ratings = common.load_movielens(args.zip)
     out = common.OUT / "splits-als"
     folds = []
-    for n, (train, test) in enumerate(common.crossfold_users(ratings)):
+    for n, (train, test) in enumerate(crossfold_users(ratings)):
         if n >= args.folds:
             break
         paths = {part: str(out / f"implicit-fold{n}-{part}.parquet") for part in ("train", "test")}
@@ -190,78 +167,20 @@ def _ours_implicit(s: ALSSettings, fold: dict[str, str], args: argparse.Namespac
     return float(ndcg), times[-1]
 
 
-def _theirs_implicit(py: Path, config: dict[str, Any], fold: dict[str, str], args: argparse.Namespace,
-                     tag: str) -> tuple[float, float]:
-    """(NDCG@10, fit seconds) of ``implicit``'s ALS on one fold: one fit in a fresh child process."""
-    stem = common.OUT / "als-probe" / tag
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    job = {"model": "implicit-als", "train": fold["train"], "test": fold["test"], "config": config, "fits": 1,
-           "threads": args.threads, "n": 10, "output": f"{stem}.parquet", "result": f"{stem}.json"}
-    common.write_json(job, Path(f"{stem}.job.json"))
-    env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
-    res = common.run_child([str(py), str(common.BENCH / "_baselines_runner.py"), f"{stem}.job.json"],
-                           Path(job["result"]), 600, env)
-    if "error" in res:
-        raise SystemExit(f"implicit failed: {res['error']}")
-    out = pl.read_parquet(job["output"]).with_columns(pl.col("user_id", "item_id").cast(pl.Int64))
-    test = pl.read_parquet(fold["test"]).select("user_id", "item_id")
-    return float(topn_metrics(out, test, ks=(10,), discount="log2").means["ndcg@10"]), res["fit_s"][-1]
-
-
-def _lenskit(config: dict[str, Any], track: str, split: dict[str, str], args: argparse.Namespace,
-             tag: str) -> tuple[pl.DataFrame, float]:
-    """(output frame, fit seconds) of LensKit's ALS scorer for ``track``, in a fresh child process
-    (venv ``benchmarks/.venvs/lenskit``, made as ``compare_lenskit.py`` makes it)."""
-    from compare_lenskit import LENSKIT_PKGS, LENSKIT_PY
-
-    py = common.ensure_venv("lenskit", LENSKIT_PY, LENSKIT_PKGS, "lenskit.als",
-                            common.OUT / "logs" / "lenskit-install.log")
-    if py is None:
-        raise SystemExit("LensKit's venv could not be made")
-    stem = common.OUT / "als-probe" / f"lenskit-{tag}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    job = {"track": track, "train": split["train"], "test": split["test"], "config": config, "threads": args.threads,
-           "n": 10, "output": f"{stem}.parquet", "result": f"{stem}.json"}
-    common.write_json(job, Path(f"{stem}.job.json"))
-    env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
-           "LK_NUM_THREADS": str(args.threads)}
-    res = common.run_child([str(py), str(common.BENCH / "_lenskit_als_runner.py"), f"{stem}.job.json"],
-                           Path(job["result"]), 1200, env)
-    if "error" in res:
-        raise SystemExit(f"LensKit failed: {res['error']}")
-    out = pl.read_parquet(job["output"]).with_columns(pl.col("user_id", "item_id").cast(pl.Int64))
-    return out, res["fit_s"][-1]
-
-
 def run_implicit(args: argparse.Namespace) -> None:
     folds = _folds(args)
-    print(f"implicit: ml-latest-small crossfold_users(5, 5 held out) seed 42 (benchmarks/common.py), folds run "
+    print(f"implicit: ml-latest-small crossfold_users(5, 5 held out) seed 42 (flexmf_assets.datasets.split), folds run "
           f"{len(folds)}; threads {args.threads}; load {_load()}", flush=True)
     runs: list[tuple[str, str, Any]] = [("ours", *settings_of(spec, "implicit")) for spec in args.set]
-    if args.implicit:
-        py = common.ensure_venv("als-implicit", sys.executable, IMPLICIT_PKGS, "implicit,pyarrow",
-                                common.OUT / "logs" / "als-implicit-install.log")
-        if py is None:
-            raise SystemExit("implicit's venv could not be made")
-        for spec in args.implicit:
-            name, cfg = parse_spec(spec, IMPLICIT_TYPES)
-            runs.append(("implicit", name, cfg))
-            if args.equal:
-                s = ALSSettings(embedding_size=cfg.get("factors", 100), regularization=cfg.get("regularization", 0.01),
-                                weight=cfg.get("alpha", 1.0) - 1.0, epochs=cfg.get("iterations", 15))
-                runs.append(("ours", f"{name} (ours)", s))
     results: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for _, name, _ in runs}
-    for n, fold in enumerate(folds):  # fold by fold, every run in turn: a shared machine's load hits all alike
-        for lib, name, what in runs:
-            if lib == "ours":
-                ndcg, sec = _ours_implicit(what, fold, args)
-            else:
-                ndcg, sec = _theirs_implicit(py, what, fold, args, f"{name}-fold{n}")
+    for fold in folds:  # fold by fold, every run in turn: a shared machine's load hits all alike
+        for _, name, what in runs:
+            ndcg, sec = _ours_implicit(what, fold, args)
             results[name][0].append(ndcg)
             results[name][1].append(sec)
-    for lib, name, what in runs:
+    for _, name, what in runs:
         scores, times = results[name]
-        desc = _settings_text(what, "implicit") if lib == "ours" else f"implicit {json.dumps(what)}"
+        desc = _settings_text(what, "implicit")
         print(f"{name:>22}  NDCG@10 {np.mean(scores):.4f}  (folds {' '.join(f'{x:.4f}' for x in scores)})  "
               f"fit {np.mean(times):.2f} s/fold  {desc}", flush=True)
 
@@ -337,10 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("track", choices=["explicit", "implicit", "search"])
     ap.add_argument("--set", action="append", default=[], metavar="NAME:k=v,...")
-    ap.add_argument("--implicit", action="append", default=[], metavar="NAME:factors=..,regularization=..,alpha=..")
-    ap.add_argument("--equal", action="store_true", help="also run ours at each --implicit's hyperparameters")
-    ap.add_argument("--lenskit", action="append", default=[], metavar="NAME:k=v,...",
-                    help="explicit: also LensKit's BiasedMFScorer with this config ('lk:' = its defaults)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1, help="explicit: fits per set (the best time is printed)")
@@ -353,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.track == "search":
         run_search(args)
     else:
-        if not args.set and not args.implicit:
+        if not args.set:
             args.set = ["als"]
         run_implicit(args)
     return 0
