@@ -49,6 +49,44 @@ static void als_cholesky_solve(const double *restrict U, double *restrict b, int
 
 static inline int als_threads(int64_t nthreads) { return nthreads < 1 ? 1 : (int)nthreads; }
 
+/* A row with fewer entries n than unknowns m solves the same ridge system (F^T F + D) x = F^T t in
+ * its dual form x = D^-1 F^T (F D^-1 F^T + I)^-1 t: an n x n system instead of m x m (D the diagonal
+ * ridge: `ridge` on the factors, `bias_ridge` on a learned bias, both > 0). Most items of a catalogue
+ * have fewer ratings than factors. K is [n, n] scratch followed by n more; x goes to b. Returns 0, or
+ * 1 when the system is not positive definite (only with non-finite inputs). */
+static int als_explicit_dual(const flexmf_als_explicit_args *a, int64_t lo, int64_t hi, double fixed,
+                             double ridge, double bias_ridge, double *restrict K, double *restrict b) {
+    const int64_t k = a->k, n = hi - lo;
+    double *restrict z = K + n * n;
+    const double extra = a->learn_bias ? 1.0 / bias_ridge : 0.0;
+    for (int64_t p = 0; p < n; p++) {
+        const int64_t op = a->indices[lo + p];
+        const float *yp = a->Y + op * a->ldy;
+        for (int64_t q = p; q < n; q++) {
+            const float *yq = a->Y + a->indices[lo + q] * a->ldy;
+            double s = 0.0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t c = 0; c < k; c++) s += (double)yp[c] * (double)yq[c];
+            K[p * n + q] = s / ridge + extra + (p == q ? 1.0 : 0.0);
+        }
+        z[p] = (double)a->values[lo + p] - fixed - (a->yb ? (double)a->yb[op * a->syb] : 0.0);
+    }
+    if (als_cholesky(K, n)) return 1;
+    als_cholesky_solve(K, z, n);
+    double zsum = 0.0;
+    for (int64_t c = 0; c < k; c++) b[c] = 0.0;
+    for (int64_t p = 0; p < n; p++) {
+        const float *yp = a->Y + a->indices[lo + p] * a->ldy;
+        const double zp = z[p];
+#pragma omp simd
+        for (int64_t c = 0; c < k; c++) b[c] += zp * (double)yp[c];
+        zsum += zp;
+    }
+    for (int64_t c = 0; c < k; c++) b[c] /= ridge;
+    if (a->learn_bias) b[k] = zsum / bias_ridge;
+    return 0;
+}
+
 /* Explicit (biased) ALS, one side. Row r's entries are indptr[r] .. indptr[r+1]: the other side's
  * row indices[j] and the target values[j] (rating - global mean), from which the other side's
  * bias is taken, and this side's bias too when it is held fixed (damped means). Each row solves
@@ -75,29 +113,36 @@ int64_t flexmf_als_explicit_half(flexmf_als_explicit_args *a) {
                 continue;
             }
             const double fixed = (!a->learn_bias && a->xb) ? a->xb[r * a->sxb] : 0.0;
-            for (int64_t c = 0; c < m * m + m; c++) A[c] = 0.0;
-            f[k] = 1.0;
-            for (int64_t j = lo; j < hi; j++) {
-                const int64_t o = a->indices[j];
-                const float *y = a->Y + o * a->ldy;
-                double t = (double)a->values[j] - fixed - (a->yb ? (double)a->yb[o * a->syb] : 0.0);
-                for (int64_t c = 0; c < k; c++) f[c] = y[c];
-                for (int64_t i = 0; i < m; i++) {
-                    double fi = f[i], *restrict ai = A + i * m;
-#pragma omp simd
-                    for (int64_t c = i; c < m; c++) ai[c] += fi * f[c];
-                    b[i] += t * fi;
-                }
-            }
             const double n = (double)(hi - lo), scale = a->reg_exponent == 1.0 ? n : pow(n, a->reg_exponent);
             const double ridge = a->reg * scale, bias_ridge = a->bias_reg * scale;
-            for (int64_t i = 0; i < k; i++) A[i * m + i] += ridge;
-            if (a->learn_bias) A[k * m + k] += bias_ridge;
-            if (als_cholesky(A, m)) {
-                loss[0] = loss[1] = NAN;
-                continue;
+            if (hi - lo < m && ridge > 0.0 && (!a->learn_bias || bias_ridge > 0.0)) {
+                if (als_explicit_dual(a, lo, hi, fixed, ridge, bias_ridge, A, b)) {
+                    loss[0] = loss[1] = NAN;
+                    continue;
+                }
+            } else {
+                for (int64_t c = 0; c < m * m + m; c++) A[c] = 0.0;
+                f[k] = 1.0;
+                for (int64_t j = lo; j < hi; j++) {
+                    const int64_t o = a->indices[j];
+                    const float *y = a->Y + o * a->ldy;
+                    double t = (double)a->values[j] - fixed - (a->yb ? (double)a->yb[o * a->syb] : 0.0);
+                    for (int64_t c = 0; c < k; c++) f[c] = y[c];
+                    for (int64_t i = 0; i < m; i++) {
+                        double fi = f[i], *restrict ai = A + i * m;
+#pragma omp simd
+                        for (int64_t c = i; c < m; c++) ai[c] += fi * f[c];
+                        b[i] += t * fi;
+                    }
+                }
+                for (int64_t i = 0; i < k; i++) A[i * m + i] += ridge;
+                if (a->learn_bias) A[k * m + k] += bias_ridge;
+                if (als_cholesky(A, m)) {
+                    loss[0] = loss[1] = NAN;
+                    continue;
+                }
+                als_cholesky_solve(A, b, m);
             }
-            als_cholesky_solve(A, b, m);
             double sq = 0.0;
             for (int64_t c = 0; c < k; c++) {
                 x[c] = (float)b[c];
