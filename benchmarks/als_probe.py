@@ -192,7 +192,7 @@ SEARCH_BASE = {"solver": "als", "embedding_size": 100, "epochs": 20, "regulariza
                "bias": "learned"}
 #: stage 1: the ridge; stage 2: around stage 1's best, one field at a time
 SEARCH_STAGES = [
-    {"regularization": [0.8, 1.0, 1.2, 1.5, 2.0], "reg_exponent": [0.4, 0.5, 0.6]},
+    {"regularization": [0.8, 1.2, 2.0, 3.0, 5.0, 8.0], "reg_exponent": [0.2, 0.3, 0.4, 0.5, 0.6]},
     {"embedding_size": [64, 150, 200], "bias_regularization": [0.1, 0.5, 2.0, 5.0], "bias": ["damped"],
      "damping": [2.0, 10.0, 25.0]},
 ]
