@@ -117,7 +117,7 @@ EXPLICIT_HPARAM_SETS: dict[str, dict[str, object]] = {
         "reg_method": "L2",
         "optimizer": "sgd",
     },
-    # biased alternating least squares (benchmarks/als_probe.py search chose it on a validation split)
+    # biased alternating least squares (how it was chosen: docs/benchmarks.md "Alternating least squares")
     "als": {"solver": "als", "embedding_size": 100, "epochs": 10, "regularization": 1.2, "reg_exponent": 0.5,
             "bias": "learned"},
 }
