@@ -4,6 +4,7 @@
     flexmf materialize                   # data + explicit/implicit `default` for the default dataset
     flexmf materialize --dataset ml-1m --explicit tuned --implicit bpr warp
     flexmf sweep                         # every set of flexmf.yaml on the swept datasets + leaderboards
+    flexmf tune --track explicit --trials 40   # an Optuna study; a second call resumes it to 40
     flexmf leaderboard                   # print them
     flexmf dev                           # dagster dev on 127.0.0.1 with the project's DAGSTER_HOME
 
@@ -219,6 +220,49 @@ def sweep(project: ProjectConfig, session: Session, *, instance=None) -> bool:
     return ok and session.ok
 
 
+def tune(project: ProjectConfig, track: str, dataset: str, trials: int | None, session: Session, *,
+         instance=None, timeout: float | None = None) -> bool:
+    """An Optuna study of ``track`` on ``dataset`` up to ``trials`` trials (the study's total; default
+    ``tune.<track>.trials``), each trial a run of the track's job in this process, one line per trial;
+    then the leaderboards and the tuning report. True when the study reached its total."""
+    import dagster as dg
+
+    from flexmf_assets.defs.definitions import build_definitions
+    from flexmf_assets.defs.records import latest_materialization
+    from flexmf_assets.defs.tuning import open_track_study, outcome_text, result_of, tune_in_process
+    from flexmf_assets.tuning import finished_count
+    from flexmf_assets.tracks import track as get_track
+
+    instance = instance or dg.DagsterInstance.get()
+    spec = project.tune_spec(track)
+    project.dataset(dataset)
+    total = trials or spec.trials
+    ensure_pools(instance, session.note)
+    defs = build_definitions(project)
+    session.total = max(0, total - finished_count(open_track_study(project, instance, track, dataset))) + 2
+    if latest_materialization(instance, "split", dataset) is None:
+        session.total += 1
+        if not session.run(defs, instance, "data_job", dataset).ok:
+            session.note(f"no tune: the data of {dataset} did not materialize")
+            return False
+    epochs = {**project.hparam_sets(track).get("default", {}), **spec.base}.get("epochs")
+
+    def run_job(job, partition, tags, text, describe):
+        outcome = session.run(defs, instance, job, partition, epochs=epochs, tags=tags, text=text,
+                              describe=lambda o: describe(result_of(track, o.assets, o.run_id, o.ok)))
+        return result_of(track, outcome.assets, outcome.run_id, outcome.ok, outcome.error)
+
+    outcome = tune_in_process(project, instance, track, dataset, total, run_job, say=session.note,
+                              timeout=timeout)
+    session.echo(f"flexmf: {outcome_text(outcome, get_track(track).val_key)}")
+    session.run(defs, instance, "leaderboard_job", dataset)
+    session.run(defs, instance, "tuning_report_job", dataset, text=f"tuning report {track} {dataset}",
+                selection=[dg.AssetKey(f"{track}_tuning_report")],
+                describe=lambda o: f"{o.assets.get(f'{track}_tuning_report', {}).get('trials', 0)} trials")
+    print_report(session, instance, _io_manager(defs))
+    return outcome.done >= total and session.ok
+
+
 def print_leaderboards(project: ProjectConfig, dataset: str) -> bool:
     """Print the materialized leaderboards of ``dataset`` (from the project's storage)."""
     import polars as pl
@@ -282,6 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("sweep", parents=[verbose],
                    help="train every registered/declared set on the swept datasets, then "
                    "rank them (what the sweep sensor does, without the daemon)")
+    tun = sub.add_parser("tune", parents=[verbose],
+                         help="an Optuna study (flexmf.yaml tune:), each trial an hparams partition trained by "
+                         "a run; a second call resumes the study to its total")
+    tun.add_argument("--track", default=next(iter(TRACKS)), choices=list(TRACKS))
+    tun.add_argument("--dataset", help="dataset partition (default: flexmf.yaml default_dataset)")
+    tun.add_argument("--trials", type=int, help="the study's total number of trials (default: tune.<track>.trials)")
+    tun.add_argument("--timeout", type=float, help="seconds after which no new trial starts "
+                     "(default: tune.<track>.timeout)")
     board = sub.add_parser("leaderboard", parents=[verbose], help="print the leaderboards of a dataset")
     board.add_argument("--dataset", help="dataset partition (default: flexmf.yaml default_dataset)")
     dev = sub.add_parser("dev", parents=[verbose], help="start `dagster dev` (webserver + daemon) on 127.0.0.1")
@@ -302,6 +354,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"flexmf: {track}_hparams: {len(names)} new partition(s)"
                       + (f": {', '.join(names)}" if names else ""))
             return 0
+        if args.command == "tune":
+            if args.trials is not None and args.trials < 1:
+                raise ConfigError(f"--trials: expected a positive integer, got {args.trials}")
+            dataset = args.dataset or project.default_dataset
+            project.tune_spec(args.track)
+            session = Session(project.data_dir / "logs", "tune", verbose=verbose_on)
+            with session:
+                session.echo(f"flexmf: tune {args.track} on {dataset}; Dagster's events go to {show(session.log_path)}")
+                ok = tune(project, args.track, dataset, args.trials, session, timeout=args.timeout)
+            return 0 if ok else 1
         if args.command in ("materialize", "sweep"):
             session = Session(project.data_dir / "logs", args.command, verbose=verbose_on)
             with session:

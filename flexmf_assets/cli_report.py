@@ -28,7 +28,7 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 from urllib.parse import quote
 
 from flexmf_assets.tracks import TRACKS
@@ -231,14 +231,18 @@ class Session:
         self._line = None
 
     # -- runs ----------------------------------------------------------------------------------
-    def run(self, defs, instance, job_name: str, key, *, epochs: int | None = None) -> Outcome:
+    def run(self, defs, instance, job_name: str, key, *, epochs: int | None = None,
+            tags: dict[str, str] | None = None, text: str | None = None,
+            describe: Callable[[Outcome], str] | None = None, selection: list | None = None) -> Outcome:
         """Execute one job for one partition in this process; never raises for a failed run (the
-        outcome says what happened, stderr gets one line naming the run and the log file)."""
+        outcome says what happened, stderr gets one line naming the run and the log file). ``text``
+        replaces the run's label, ``describe`` the result text of its line (a tune's trial lines);
+        ``selection`` (asset keys) narrows the job."""
         key = str(key)
         index = len(self.outcomes) + 1
         self.total = max(self.total, index)
         self.epochs = epochs
-        text = label(job_name, key)
+        text = text or label(job_name, key)
         self._open_line(f"[{index}/{self.total}] {text}")
         start = time.monotonic()
         outcome = Outcome(job_name, key, text, ok=False, seconds=0.0)
@@ -248,8 +252,8 @@ class Session:
             # The run records the assets it targets, so a running daemon's automation does not take
             # this run's model update for a new one and refresh its evaluation a second time.
             result = job.execute_in_process(run_config={"loggers": {"flexmf": {}}}, instance=instance,
-                                            partition_key=key, raise_on_error=False,
-                                            asset_selection=list(job.asset_layer.selected_asset_keys))
+                                            partition_key=key, raise_on_error=False, tags=tags,
+                                            asset_selection=selection or list(job.asset_layer.selected_asset_keys))
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # e.g. a partition key Dagster refuses before the run starts
@@ -268,7 +272,8 @@ class Session:
         outcome.seconds = time.monotonic() - start
         self.outcomes.append(outcome)
         if outcome.ok:
-            self._close_line("  ".join(filter(None, [f"done in {outcome.seconds:.1f} s", _result_text(outcome)])))
+            result_text = describe(outcome) if describe else _result_text(outcome)
+            self._close_line("  ".join(filter(None, [f"done in {outcome.seconds:.1f} s", result_text])))
         else:
             self._close_line(f"FAILED after {outcome.seconds:.1f} s")
             run = f" (run {outcome.run_id})" if outcome.run_id else ""
@@ -352,7 +357,8 @@ def summary_rows(session: Session, instance) -> list[list[str]]:
 
     def row(track: str, dataset: str, hparams: str, meta: dict[str, Any], train: str) -> list[str]:
         name, key, base = TEST_METRIC[track]
-        mark = "* champion" if champions.get((track, dataset)) == hparams else ""
+        mark = "* champion" if champions.get((track, dataset)) == hparams else \
+            "pruned" if meta.get("state") == "pruned" else ""
         return [track, f"{dataset}|{hparams}", name, _fmt(meta.get(TRACKS[track].validation_metric)),
                 _fmt(meta.get(key)), _fmt(meta.get(base)), train, mark]
 

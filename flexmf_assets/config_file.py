@@ -26,7 +26,7 @@ MAX_YAML_DEPTH = 100  # nesting levels of the YAML document
 _TOP_KEYS = (
     "default_dataset", "datasets", "split", "download", "device", "recommendations",
     "explicit_hparams", "implicit_hparams", "explicit_grid", "implicit_grid", "sweep", "schedule",
-    "validation", "dataset_partitions",
+    "validation", "dataset_partitions", "tune",
 )
 
 

@@ -69,4 +69,25 @@ def read_json_object(path: str | os.PathLike) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-__all__ = ["read_json_object", "atomic_write_text", "jsonable", "sha256_file"]
+def process_alive_since(pid: int, started: float) -> bool:
+    """Whether process ``pid`` is running and existed at time ``started`` (a process created later
+    merely reuses the number of a dead one; a zombie is dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    try:  # Linux: state and start time from /proc; elsewhere kill(0) is all we know
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return True
+    if fields[0] in ("Z", "X"):
+        return False
+    created = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, clock ticks after boot
+    return created <= started + 2.0  # btime has a one-second resolution
+
+
+__all__ = ["atomic_write_text", "jsonable", "process_alive_since", "read_json_object", "sha256_file"]

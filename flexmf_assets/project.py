@@ -93,6 +93,8 @@ class ProjectConfig:
     user_datasets: tuple[str, ...] = ()
     #: ``dataset_partitions:``, the explicit list of the dataset dimension (empty: derived)
     partition_datasets: tuple[str, ...] = ()
+    #: ``tune:``, the search of each track that has one (:class:`flexmf_assets.tuning.TuneSpec`)
+    tune: dict[str, Any] = field(default_factory=dict)
 
     # -- paths ---------------------------------------------------------------------------
     @property
@@ -163,6 +165,14 @@ class ProjectConfig:
         """A digest of the configuration ``key`` resolves to: equal for keys that train the same model
         (``default`` and ``embedding_size=64;learning_rate=0.01`` when they resolve alike)."""
         return config_fingerprint(track, self.resolve_hparams(track, key))
+
+    def tune_spec(self, track: str):
+        """The ``tune:`` entry of ``track`` (a one-line :class:`ConfigError` when there is none)."""
+        get_track(track)
+        if track not in self.tune:
+            raise ConfigError(f"{self._where}: no tune.{track} section; add a search space for {track} "
+                              "(docs/configuration.md#tune-hyperparameter-search)")
+        return self.tune[track]
 
     def dataset_partition_names(self) -> list[str]:
         """The ``dataset`` partitions of the code location: ``dataset_partitions`` when given, else the
@@ -246,6 +256,10 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
         raise ConfigError(f"{where} dataset_partitions: expected a list of known dataset names, got {listed!r}"
                           f"; known: {', '.join(datasets)}")
 
+    from flexmf_assets.tuning import parse_tune
+
+    tune = parse_tune(where, raw.get("tune"), {t: config_class(t) for t in TRACKS},
+                      {t: hparams[t].get("default", {}) for t in TRACKS})
     project = ProjectConfig(
         path=cfg_path,
         data_dir=data_dir,
@@ -261,6 +275,7 @@ def load_project(path: str | os.PathLike | None = None, env: Mapping[str, str] |
         min_rows=validation.get("min_rows"),
         user_datasets=tuple(user_names),
         partition_datasets=tuple(listed),
+        tune=tune,
     )
     return project
 

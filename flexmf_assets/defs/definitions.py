@@ -17,6 +17,7 @@ from flexmf_assets.defs.partitions import dataset_partitions
 from flexmf_assets.defs.profiles import select_profile, uses_cuda
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
 from flexmf_assets.defs.slots import build_slots_sensor
+from flexmf_assets.defs.tuning import TUNING_GROUP, build_tune_job, build_tuning_assets
 from flexmf_assets.project import ProjectConfig, load_project
 from flexmf_assets.tracks import TRACKS
 
@@ -35,6 +36,7 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
     model_assets = [a for track in TRACKS for a in build_track_assets(project, track, pool=pool,
                                                                       op_tags=profile.training_tags)]
     board_assets = build_leaderboard_assets(datasets)
+    tuning_assets = build_tuning_assets(datasets)
     resources = {
         "project_config": ProjectResource(config_path=config_path or (str(project.path) if project.path else None)),
         "device": DeviceResource(
@@ -56,14 +58,17 @@ def build_definitions(project: ProjectConfig, *, config_path: str | None = None,
         "leaderboard_job": dg.define_asset_job(
             "leaderboard_job", selection=dg.AssetSelection.groups("leaderboard"),
             description="Rank every trained hparams partition of a dataset and publish the champions."),
+        "tuning_report_job": dg.define_asset_job(
+            "tuning_report_job", selection=dg.AssetSelection.groups(TUNING_GROUP),
+            description="The tuning reports of a dataset: every track's Optuna study, figures and trials."),
     }
-    assets = [*data_assets, *model_assets, *board_assets]
+    assets = [*data_assets, *model_assets, *board_assets, *tuning_assets]
     automated = [key for a in assets for key, cond in a.automation_conditions_by_key.items() if cond]
     sensors, schedules = build_automation(project, jobs, automated)
     return dg.Definitions(
         assets=assets,
         resources=resources,
-        jobs=list(jobs.values()),
+        jobs=[*jobs.values(), build_tune_job()],
         sensors=[*sensors, build_slots_sensor()],
         schedules=schedules,
         executor=profile.executor,

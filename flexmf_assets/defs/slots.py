@@ -14,11 +14,10 @@ default in the daemon; it never launches a run) and at the start of ``flexmf``'s
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import dagster as dg
 from dagster._core.events import DagsterEventType
+
+from flexmf_assets.files import process_alive_since
 
 #: a run in one of these states claims slots through a process of its own, which may have died
 _RUNNING = (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
@@ -71,28 +70,7 @@ def _orchestrator_pid(instance: dg.DagsterInstance, run: dg.DagsterRun) -> int |
     if not starts or starts[-1].dagster_event is None or starts[-1].dagster_event.pid is None:
         return None
     pid = starts[-1].dagster_event.pid
-    return None if _alive_since(pid, starts[-1].timestamp) else pid
-
-
-def _alive_since(pid: int, started: float) -> bool:
-    """Whether process ``pid`` is running and existed at time ``started`` (a process created later
-    merely reuses the number of a dead one; a zombie is dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process
-    try:  # Linux: state and start time from /proc; elsewhere kill(0) is all we know
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, StopIteration, IndexError, ValueError):
-        return True
-    if fields[0] in ("Z", "X"):
-        return False
-    created = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, clock ticks after boot
-    return created <= started + 2.0  # btime has a one-second resolution
+    return None if process_alive_since(pid, starts[-1].timestamp) else pid
 
 
 def build_slots_sensor() -> dg.SensorDefinition:

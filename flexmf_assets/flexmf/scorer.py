@@ -46,7 +46,9 @@ from flexmf_assets.flexmf.training import (
     requested_threads,
 )
 
-Callback = Callable[[dict[str, Any]], None]
+#: called with each epoch's record; a callback that returns True stops training after that epoch (the
+#: best epoch is kept as with early stopping: a tuner's pruning)
+Callback = Callable[[dict[str, Any]], "bool | None"]
 Device = DeviceSettings | str | torch.device | None
 _PREDICT_CHUNK = 1 << 20
 
@@ -197,7 +199,8 @@ class FlexMFScorer:
     def fit(self, train: pl.DataFrame, validation: pl.DataFrame | None = None, *,
             callback: Callback | None = None) -> "FlexMFScorer":
         """Train on ``train``; ``validation`` (if given) is scored after every epoch: the best epoch's
-        parameters are kept and ``patience`` epochs without improvement stop training."""
+        parameters are kept and ``patience`` epochs without improvement stop training, as does a
+        ``callback`` that returns True."""
         t0 = time.perf_counter()
         cfg, dev = self.config, self.device
         pairs = self._training_pairs(train)
@@ -250,8 +253,8 @@ class FlexMFScorer:
                     else:
                         stale += 1
                 self.history.append(record)
-                if callback is not None:
-                    callback(dict(record))
+                if callback is not None and callback(dict(record)):
+                    break
                 if val is not None and cfg.patience is not None and stale >= cfg.patience:
                     break
             strategy.finish()

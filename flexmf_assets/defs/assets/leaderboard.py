@@ -45,7 +45,7 @@ def leaderboard_frame(instance: dg.DagsterInstance, board: Track, dataset: str) 
         if record is None or record.asset_materialization is None:
             continue
         meta = record.asset_materialization.metadata
-        row = {"hparams": name, "partition": f"{dataset}|{name}",
+        row = {"hparams": name, "partition": f"{dataset}|{name}", "state": _value(meta, "state") or "trained",
                "validation": _raw(meta, board.validation_metric)}
         row.update({m: _raw(meta, m) for m in board.board_columns})
         row.update({"epochs_run": _value(meta, "epochs_run"), "best_epoch": _value(meta, "best_epoch"),
@@ -53,7 +53,8 @@ def leaderboard_frame(instance: dg.DagsterInstance, board: Track, dataset: str) 
                     "fingerprint": _value(meta, "config_fingerprint"), "run_id": record.run_id})
         rows.append(row)
     if not rows:  # an empty board (this track was not trained on the dataset) is not an error
-        return pl.DataFrame(schema={"hparams": pl.String, "partition": pl.String, "validation": pl.Float64,
+        return pl.DataFrame(schema={"hparams": pl.String, "partition": pl.String, "state": pl.String,
+                                    "validation": pl.Float64,
                                     "same_as": pl.String, "champion": pl.Boolean, "position": pl.Int64})
     first: dict[str, str] = {}
     for row in rows:  # registration order: the first key of a configuration is the one others point at
@@ -63,11 +64,13 @@ def leaderboard_frame(instance: dg.DagsterInstance, board: Track, dataset: str) 
             row["same_as"] = None
     frame = pl.DataFrame(rows, infer_schema_length=None).with_columns(
         pl.col("validation").cast(pl.Float64), pl.col("same_as").cast(pl.String))
-    # rows without a validation score (no validation split) rank last; duplicates after their original
-    frame = frame.sort(["validation", pl.col("same_as").is_not_null(), "hparams"],
-                       descending=[not board.lower_is_better, False, False], nulls_last=True)
-    top = frame.row(0, named=True)
-    champion = top["partition"] if top["validation"] is not None and top["same_as"] is None else None
+    # pruned trials after the trained sets; rows without a validation score (no validation split) rank
+    # last; duplicates after their original. The champion is the first trained, scored original.
+    pruned = pl.col("state") == "pruned"
+    frame = frame.sort([pruned, "validation", pl.col("same_as").is_not_null(), "hparams"],
+                       descending=[False, not board.lower_is_better, False, False], nulls_last=True)
+    top = frame.filter(~pruned & pl.col("validation").is_not_null() & pl.col("same_as").is_null()).head(1)
+    champion = top["partition"][0] if top.height else None
     return frame.with_columns(
         (pl.col("partition") == champion).fill_null(False).alias("champion"),
         pl.int_range(1, frame.height + 1).alias("position"),
@@ -174,7 +177,7 @@ def _leaderboard_asset(board: Track, dataset_partitions: dg.PartitionsDefinition
             context.log.warning(f"no {board.name}_evaluation is materialized for {dataset}: the board is "
                                 f"empty until a {board.name} hparams partition is trained")
         champion = frame.filter(pl.col("champion"))
-        shown = [c for c in ("position", "hparams", "validation", *board.board_columns, "same_as", "champion",
+        shown = [c for c in ("position", "hparams", "state", "validation", *board.board_columns, "same_as", "champion",
                              "epochs_run", "best_epoch", "train_seconds") if c in frame.columns]
         metadata = {
             "champion": champion["partition"][0] if champion.height else "none",

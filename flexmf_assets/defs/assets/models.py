@@ -20,6 +20,7 @@ from flexmf_assets.defs.failures import user_errors
 from flexmf_assets.defs.metadata import rounded, table
 from flexmf_assets.defs.partitions import BY_DATASET, model_partitions, split_key
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
+from flexmf_assets.defs.tuning import trial_reporter
 from flexmf_assets.files import jsonable
 from flexmf_assets.errors import ConfigError
 from flexmf_assets.project import ProjectConfig, config_fingerprint
@@ -119,10 +120,17 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         _check_storage_path(cfg, model_name, dataset, hparams)
         context.log.info(f"training {track_name} {dataset}|{hparams}: {config.to_dict()}")
         scorer = track.scorer_class(config, device=device.settings())
+        # a run tagged as an Optuna trial reports every epoch's validation value; the pruner may stop it
+        trial = trial_reporter(context, cfg, track_name, dataset)
 
-        def log_epoch(rec: dict) -> None:
+        def log_epoch(rec: dict) -> bool:
             context.log.info(f"epoch {rec.get('epoch')}: " + ", ".join(
                 f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items() if k != "epoch"))
+            if trial is not None and trial(rec):
+                context.log.info(f"epoch {rec.get('epoch')}: trial {trial.trial.number + 1} pruned by the median "
+                                 "pruner; training stops here (the best epoch is kept)")
+                return True
+            return False
 
         scorer.fit(split["train"], split["validation"], callback=log_epoch)
         history = list(scorer.history)
@@ -131,6 +139,9 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         metadata = {
             "dataset": dataset,
             "hparams_set": hparams,
+            # trained, or pruned (an Optuna trial stopped early by the pruner: never champion)
+            "state": "pruned" if trial is not None and trial.pruned_at is not None else "trained",
+            **({"trial": trial.trial.number + 1} if trial is not None else {}),
             # the configuration this key resolved to: equal for keys that train the same model
             "config_fingerprint": config_fingerprint(track_name, config),
             # retraining compares this with the dataset's current split version
@@ -178,9 +189,12 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         report = track.report(model, split["train"], split["test"])
         best = next((h for h in model.history if h.get("epoch") == model.best_epoch), {})
         metadata: dict[str, Any] = {k: rounded(v) for k, v in report.metrics.items()}
+        trained = latest_materialization(context.instance, model_name, str(model_partition_key(dataset, hparams)))
+        state = trained.asset_materialization.metadata.get("state") if trained is not None else None
         metadata.update({
             "dataset": dataset,
             "hparams_set": hparams,
+            "state": state.value if state is not None else "trained",
             "config_fingerprint": config_fingerprint(track_name, model.config),
             track.validation_metric: rounded(best.get(track.val_key)),
             "epochs_run": model.epochs_run,
