@@ -217,6 +217,7 @@ def test_ctypes_structs_mirror_the_header(tmp_path):
         "FLEXMF_UNKNOWN_OPTIMIZER": _abi.UNKNOWN_OPTIMIZER, "FLEXMF_BAD_NEGATIVES": _abi.BAD_NEGATIVES,
         "FLEXMF_SGD": _abi.SGD, "FLEXMF_ADAM": _abi.ADAM, "FLEXMF_MAX_NEGATIVES": _abi.MAX_NEGATIVES,
         "FLEXMF_BAD_SIZE": _abi.BAD_SIZE, "FLEXMF_TOPN_PANEL": _abi.TOPN_PANEL, "FLEXMF_TOPN_USERS": _abi.TOPN_USERS,
+        "FLEXMF_ALS_LANES": _abi.ALS_LANES, "FLEXMF_ALS_WORK(64, 7)": _abi.als_work(64, 7),
         **{f"FLEXMF_LOSS_{name.upper()}": loss.kind for name, loss in LOSSES.items()},
     }
     for name, value in constants.items():

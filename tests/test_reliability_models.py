@@ -263,7 +263,7 @@ FORGERIES: dict[str, tuple[str, Callable[[Path], None], str]] = {
                                    r"metadata\.json: field 'best_epoch': expected an integer >= 1 and <= 2 or "
                                    r"null, got 99"),
     "unknown engine": ("explicit", set_meta("engine", "quantum"),
-                       r"metadata\.json: field 'engine': expected one of 'native', 'torch', got 'quantum'"),
+                       r"metadata\.json: field 'engine': expected one of 'native', 'torch', 'als', got 'quantum'"),
     "format_version true": ("explicit", set_meta("format_version", True),
                             r"metadata\.json: unsupported format_version True"),
     "JSON nested 100,000 deep": ("explicit", raw_meta("history", "[" * 100_000 + "]" * 100_000),

@@ -19,12 +19,6 @@
 
 #include "_kernels.h"
 #include "_kernels_rows.h"
-#ifdef _OPENMP
-#include <omp.h>
-#else /* built without OpenMP (a compiler without it): one thread, same results */
-static inline int omp_get_thread_num(void) { return 0; }
-static inline int omp_get_num_threads(void) { return 1; }
-#endif
 
 /* Catch every row of both tables up to step a->step (end of an epoch: dense AdamW's values). */
 int64_t flexmf_adam_flush(flexmf_train *a) {

@@ -1,5 +1,5 @@
 /*
- * The interface of the fused CPU kernels (_kernels.c): one argument struct per kernel, the enums and
+ * The interface of the fused CPU kernels (_kernels.c, _kernels_als.c): one argument struct per kernel, the enums and
  * the optimizer constants. Python mirrors every struct and enum in _abi.py (ctypes.Structure);
  * tests/test_native.py compiles a program against this header and checks every size, offset and
  * value of the mirror. Change both together.
@@ -128,11 +128,59 @@ typedef struct {
     int64_t *out_count;           /* [m] the filled slots of each row (k, or fewer when seen items leave fewer) */
 } flexmf_topn_args;
 
+/* Alternating least squares (_kernels_als.c): one call solves every row of one side given the other,
+ * in place; the rows of the CSR side are indptr[r] .. indptr[r + 1] of indices/values. */
+#define FLEXMF_ALS_LANES 4 /* implicit rows solved together, sharing each pass over the Gram matrix */
+/* scratch doubles per thread: a (k + 1)-system and right-hand side, then (implicit CG) 6 vectors of k
+ * floats and 2 per-entry buffers of m floats for each of the FLEXMF_ALS_LANES rows */
+#define FLEXMF_ALS_WORK(k, m) (((k) + 1) * ((k) + 4) + 3 * FLEXMF_ALS_LANES * (k) + FLEXMF_ALS_LANES * (m))
+
+/* Explicit (biased) ALS, one side: ridge solves of [p_r | b_r] against the other side's rows. */
+typedef struct {
+    float *X;
+    int64_t ldx;
+    float *xb; /* this side's biases (NULL: none) */
+    int64_t sxb;
+    const float *Y;
+    int64_t ldy;
+    const float *yb; /* the other side's biases (NULL: none) */
+    int64_t syb;
+    const int64_t *indptr, *indices;
+    const float *values;
+    int64_t n_rows, k, learn_bias, nthreads;
+    double reg, reg_exponent; /* a row's ridge: reg * n_r^reg_exponent */
+    double bias_reg;          /* learn_bias: the bias's ridge is bias_reg * n_r^reg_exponent */
+    double *work;     /* [nthreads, FLEXMF_ALS_WORK(k, 0)] (uses (k + 1) * (k + 4)) */
+    double *row_loss; /* [n_rows, 2] */
+    double data, penalty; /* out */
+    int64_t failed;       /* out */
+} flexmf_als_explicit_args;
+
+/* Implicit (weighted) ALS, one side: CG steps or exact solves with Y^T Y given (gram). */
+typedef struct {
+    float *X;
+    int64_t ldx;
+    const float *Y;
+    int64_t ldy;
+    const int64_t *indptr, *indices;
+    const float *conf;
+    const float *gram; /* [k, k] */
+    int64_t n_rows, k, cg_steps, nthreads;
+    int64_t max_count; /* the most entries of a row */
+    double reg;
+    double *work;     /* [nthreads, FLEXMF_ALS_WORK(k, max_count)] */
+    double *row_loss; /* [n_rows, 2] */
+    double data, penalty; /* out */
+    int64_t failed;       /* out */
+} flexmf_als_implicit_args;
+
 int64_t flexmf_explicit_epoch(flexmf_explicit_args *a);
 int64_t flexmf_implicit_batches(flexmf_implicit_args *a);
 /* catch every row of both tables up to a->step (what dense AdamW's parameters would be now) */
 int64_t flexmf_adam_flush(flexmf_train *a);
 int64_t flexmf_contains(const flexmf_contains_args *a);
 int64_t flexmf_topn(const flexmf_topn_args *a);
+int64_t flexmf_als_explicit_half(flexmf_als_explicit_args *a);
+int64_t flexmf_als_implicit_half(flexmf_als_implicit_args *a);
 
 #endif

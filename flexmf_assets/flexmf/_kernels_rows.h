@@ -12,6 +12,12 @@
 #include <string.h>
 
 #include "_kernels.h"
+#ifdef _OPENMP
+#include <omp.h>
+#else /* built without OpenMP (a compiler without it): one thread, same results */
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
 
 #define B1 FLEXMF_ADAM_B1
 #define B2 FLEXMF_ADAM_B2

@@ -6,7 +6,8 @@ temporaries plus per-op dispatch; on a 2-core machine that caps MF training near
 from the memory-bound ceiling. The kernels do the same minibatch step (same gradients, same
 optimizers, same batch semantics) in two passes, in place on the torch tensors' storage.
 
-How: ``_kernels.c`` (including ``_kernels.h``, the interface, and ``_kernels_rows.h``) is compiled
+How: ``_kernels.c`` and ``_kernels_als.c`` (including ``_kernels.h``, the interface, and
+``_kernels_rows.h``) are compiled
 once per machine with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
 a second; at most ``$FLEXMF_NATIVE_BUILD_TIMEOUT`` seconds, default 120) into
 ``$FLEXMF_NATIVE_CACHE`` (default ``~/.cache/flexmf-assets/native``), keyed by the source, the
@@ -52,8 +53,8 @@ from flexmf_assets.flexmf import _abi
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_kernels.c")
-#: every C file of the library: the training kernels and the top-N scoring kernel
-SOURCES = (SOURCE, Path(__file__).with_name("_kernels_topn.c"))
+#: every C file of the library: the minibatch kernels, the ALS solvers, the top-N scoring kernel
+SOURCES = (SOURCE, Path(__file__).with_name("_kernels_als.c"), Path(__file__).with_name("_kernels_topn.c"))
 #: the interface (_kernels.h, mirrored by _abi.py) and the row machinery the kernels share
 HEADERS = (Path(__file__).with_name("_kernels.h"), Path(__file__).with_name("_kernels_rows.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")

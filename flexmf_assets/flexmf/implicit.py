@@ -24,6 +24,7 @@ import torch
 
 from flexmf_assets.errors import DataValidationError
 from flexmf_assets.flexmf import _abi, _native
+from flexmf_assets.flexmf.als import ImplicitALSStrategy
 from flexmf_assets.flexmf.implicit_config import FlexMFImplicitConfig
 from flexmf_assets.flexmf.losses import backprop, loss_named, score_gradients, warp_rank_weights
 from flexmf_assets.flexmf.model_files import expect_tensor
@@ -83,7 +84,10 @@ class FlexMFImplicitScorer(FlexMFScorer):
 
     @property
     def layout(self) -> TableLayout:
-        return TableLayout(self.config.embedding_size, bool(self.config.user_bias), self.config.item_bias)
+        cfg = self.config
+        if cfg.solver == "als":  # weighted ALS fits no biases
+            return TableLayout(cfg.embedding_size, False, False)
+        return TableLayout(cfg.embedding_size, bool(cfg.user_bias), cfg.item_bias)
 
     def _training_pairs(self, train: pl.DataFrame) -> pl.DataFrame:
         pairs = interactions(train, self.config.min_rating)
@@ -119,6 +123,8 @@ class FlexMFImplicitScorer(FlexMFScorer):
         return loss + l2 * (2 + c) * k * cfg.init_scale**2
 
     def _strategy(self) -> Strategy:
+        if self.config.solver == "als":
+            return ImplicitALSStrategy()
         native = _native.usable(self.device) and self.config.negative_count <= _abi.MAX_NEGATIVES
         return NativeEngine() if native else TorchEngine()
 

@@ -114,7 +114,7 @@ class FlexMFScorer:
     metric: str
     higher_is_better: bool
     #: the strategies a saved model may name as its ``engine``
-    engines: tuple[str, ...] = ("native", "torch")
+    engines: tuple[str, ...] = ("native", "torch", "als")
     #: set by ``fit`` or ``load``
     users: IdIndex
     items: IdIndex
@@ -220,7 +220,7 @@ class FlexMFScorer:
             self.item_table = self.layout.table(item_emb, dev, user_side=False)
         strategy = self._strategy()
         self.engine = strategy.name
-        guard = DivergenceGuard(self._initial_loss(data), cfg.learning_rate)
+        guard = strategy.guard(self, data)
         self._epochs(strategy, data, val, guard, callback)
         self.train_seconds = time.perf_counter() - t0
         self.updates_per_second = self.epochs_run * len(data) / max(self.train_seconds, 1e-9)
@@ -232,7 +232,8 @@ class FlexMFScorer:
         cfg, dev = self.config, self.device
         self.history, self.best_epoch, self.epochs_run = [], None, 0
         best, best_state, stale = math.nan, None, 0
-        with oom_guard(cfg.batch_size), hot_loop_threads(dev, requested_threads(self._device_spec)), \
+        sizes = None if cfg.solver == "sgd" else f"embedding_size={cfg.embedding_size}"  # ALS: no batches
+        with oom_guard(cfg.batch_size, setting=sizes), hot_loop_threads(dev, requested_threads(self._device_spec)), \
                 torch.no_grad():
             strategy.setup(self, data)
             for epoch in range(1, cfg.epochs + 1):
