@@ -87,6 +87,20 @@ static int als_explicit_dual(const flexmf_als_explicit_args *a, int64_t lo, int6
     return 0;
 }
 
+/* The sums of the rows' [data, penalty] losses (serial: the same bits for any thread count); returns
+ * the number of rows whose data loss is NaN. */
+static int64_t sum_row_losses(const double *row_loss, int64_t n_rows, double *data, double *penalty) {
+    double d = 0.0, p = 0.0;
+    int64_t failed = 0;
+    for (int64_t r = 0; r < n_rows; r++) {
+        failed += isnan(row_loss[2 * r]);
+        d += row_loss[2 * r];
+        p += row_loss[2 * r + 1];
+    }
+    *data = d, *penalty = p;
+    return failed;
+}
+
 /* Explicit (biased) ALS, one side. Row r's entries are indptr[r] .. indptr[r+1]: the other side's
  * row indices[j] and the target values[j] (rating - global mean), from which the other side's
  * bias is taken, and this side's bias too when it is held fixed (damped means). Each row solves
@@ -164,14 +178,7 @@ int64_t flexmf_als_explicit_half(flexmf_als_explicit_args *a) {
             loss[1] = ridge * sq + bias_ridge * own * own;
         }
     }
-    double data = 0.0, penalty = 0.0;
-    int64_t failed = 0;
-    for (int64_t r = 0; r < a->n_rows; r++) {
-        failed += isnan(a->row_loss[2 * r]);
-        data += a->row_loss[2 * r];
-        penalty += a->row_loss[2 * r + 1];
-    }
-    a->data = data, a->penalty = penalty, a->failed = failed;
+    a->failed = sum_row_losses(a->row_loss, a->n_rows, &a->data, &a->penalty);
     return FLEXMF_OK;
 }
 
@@ -340,13 +347,6 @@ int64_t flexmf_als_implicit_half(flexmf_als_implicit_args *a) {
             }
         }
     }
-    double data = 0.0, penalty = 0.0;
-    int64_t failed = 0;
-    for (int64_t r = 0; r < a->n_rows; r++) {
-        failed += isnan(a->row_loss[2 * r]);
-        data += a->row_loss[2 * r];
-        penalty += a->row_loss[2 * r + 1];
-    }
-    a->data = data, a->penalty = penalty, a->failed = failed;
+    a->failed = sum_row_losses(a->row_loss, a->n_rows, &a->data, &a->penalty);
     return FLEXMF_OK;
 }

@@ -137,6 +137,21 @@ def _check_rows(rows: torch.Tensor, n: int, name: str) -> None:
         raise ValueError(f"ALS setup: {name} must lie in [0, {n}), got [{int(rows.min())}, {int(rows.max())}]")
 
 
+def _triples(user_rows: Any, item_rows: Any, values: Any, what: str, n_users: int, n_items: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (user row, item row, value) entries as int64, int64 and float64 tensors on ``device``,
+    checked: as many of each (at least one), rows inside the tables."""
+    u = _as(user_rows, torch.int64, device, "user_rows")
+    i = _as(item_rows, torch.int64, device, "item_rows")
+    r = _as(values, torch.float64, device, what)
+    if not len(u) == len(i) == len(r) or len(r) == 0:
+        raise ValueError(f"ALS setup: need as many user rows, item rows and {what} (>= 1), got "
+                         f"{len(u)}, {len(i)}, {len(r)}")
+    _check_rows(u, n_users, "user_rows")
+    _check_rows(i, n_items, "item_rows")
+    return u, i, r
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return _abi.ptr(t, strided=True)
 
@@ -252,14 +267,7 @@ class ExplicitALS(_ALS):
               P: torch.Tensor, Q: torch.Tensor, bu: torch.Tensor, bi: torch.Tensor, mu: float,
               *, init: bool = True) -> "ExplicitALS":
         s, dev, k = self.settings, self.device, self.settings.embedding_size
-        u = _as(user_rows, torch.int64, dev, "user_rows")
-        i = _as(item_rows, torch.int64, dev, "item_rows")
-        r = _as(ratings, torch.float64, dev, "ratings")
-        if not len(u) == len(i) == len(r) or len(r) == 0:
-            raise ValueError(f"ALS setup: need as many user rows, item rows and ratings (>= 1), got "
-                             f"{len(u)}, {len(i)}, {len(r)}")
-        _check_rows(u, n_users, "user_rows")
-        _check_rows(i, n_items, "item_rows")
+        u, i, r = _triples(user_rows, item_rows, ratings, "ratings", n_users, n_items, dev)
         if not bool(torch.isfinite((r - mu).float()).all()):
             raise DataValidationError(f"ratings: ALS needs finite ratings (float32) and global mean, got mu={mu!r} "
                                       f"and ratings in [{float(r.min())}, {float(r.max())}]")
@@ -326,14 +334,7 @@ class ImplicitALS(_ALS):
     def setup(self, user_rows: Any, item_rows: Any, values: Any, n_users: int, n_items: int,
               X: torch.Tensor, Y: torch.Tensor, *, init: bool = True) -> "ImplicitALS":
         s, dev, k = self.settings, self.device, self.settings.embedding_size
-        u = _as(user_rows, torch.int64, dev, "user_rows")
-        i = _as(item_rows, torch.int64, dev, "item_rows")
-        r = _as(values, torch.float64, dev, "values")
-        if not len(u) == len(i) == len(r) or len(r) == 0:
-            raise ValueError(f"ALS setup: need as many user rows, item rows and values (>= 1), got "
-                             f"{len(u)}, {len(i)}, {len(r)}")
-        _check_rows(u, n_users, "user_rows")
-        _check_rows(i, n_items, "item_rows")
+        u, i, r = _triples(user_rows, item_rows, values, "values", n_users, n_items, dev)
         if not bool((torch.isfinite(r) & (r >= 0)).all()):
             raise DataValidationError("values: implicit ALS needs finite interaction values >= 0")
         _check_table(X, (n_users, k), dev, "X")
