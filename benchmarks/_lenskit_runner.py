@@ -10,7 +10,8 @@ Runs inside ``benchmarks/.venvs/lenskit`` (Python 3.13; no project imports). Thr
     ``implicit-foldN-train.parquet`` / ``-test.parquet`` for the first FOLDS folds.
 ``python _lenskit_runner.py JOB.json``
     ``fits`` trainings of the configured scorer in this one process (the first includes
-    ``torch.compile``), then test predictions through ``predict_pipeline`` (explicit, BiasScorer
+    ``torch.compile``): FlexMF, or LensKit's ALS (``model`` ``biasedmf``: ``BiasedMFScorer``,
+    ``implicitmf``: ``ImplicitMFScorer``), then test predictions through ``predict_pipeline`` (explicit, BiasScorer
     fallback for unknown users/items) or top-``n`` lists through ``topn_pipeline`` (implicit;
     LensKit's default candidate selector: every item not in the user's training data). Timed:
     ``scorer.train(dataset)``; building the ``Dataset`` is timed separately.
@@ -99,11 +100,16 @@ def run(job_path: str) -> None:
 
     times = []
     scorer = None
+    # the model: FlexMF (explicit / implicit by track), or LensKit's ALS scorers
+    if job.get("model") in ("biasedmf", "implicitmf"):
+        from lenskit.als import BiasedMFConfig, BiasedMFScorer, ImplicitMFConfig, ImplicitMFScorer
+
+        cfg_cls, scorer_cls = (BiasedMFConfig, BiasedMFScorer) if explicit else (ImplicitMFConfig, ImplicitMFScorer)
+    else:
+        cfg_cls, scorer_cls = ((FlexMFExplicitConfig, FlexMFExplicitScorer) if explicit
+                               else (FlexMFImplicitConfig, FlexMFImplicitScorer))
     for _ in range(job["fits"]):
-        if explicit:
-            scorer = FlexMFExplicitScorer(FlexMFExplicitConfig(**job["config"]))
-        else:
-            scorer = FlexMFImplicitScorer(FlexMFImplicitConfig(**job["config"]))
+        scorer = scorer_cls(cfg_cls(**job["config"]))
         t0 = time.perf_counter()
         scorer.train(ds, TrainingOptions(rng=42))
         times.append(time.perf_counter() - t0)
@@ -123,7 +129,6 @@ def run(job_path: str) -> None:
         out = recs.to_df()[["user_id", "item_id", "rank"]]
     score_s = time.perf_counter() - t0
     _write_parquet(out, job["output"])
-    cfg_cls = FlexMFExplicitConfig if explicit else FlexMFImplicitConfig
     _write_json(
         {
             "library": "lenskit",

@@ -1,6 +1,6 @@
 """Side by side: our FlexMF engine vs LensKit 2026.4.0 FlexMF, Surprise SVD and ``implicit``.
 
-    python benchmarks/compare_lenskit.py [--quick] [--rounds N] [--folds N] [--models explicit,logistic,bpr,warp]
+    python benchmarks/compare_lenskit.py [--quick] [--rounds N] [--folds N] [--models explicit,logistic,bpr,warp,als-explicit,als-implicit]
 
 One command from a clean checkout: creates the venvs it needs (``benchmarks/.venvs/lenskit`` with
 Python 3.13 + ``lenskit==2026.4.0``; ``benchmarks/.venvs/baselines`` with scikit-surprise and
@@ -19,6 +19,10 @@ Protocol (see docs/benchmarks.md):
     interactions / steady seconds; peak RSS = the child's ``ru_maxrss``;
   * quality is computed here, with OUR metrics, on every library's output: test RMSE (explicit);
     NDCG@10 with the 1/log2(rank+1) discount over all items unseen in training (implicit).
+  * ALS (``als-explicit``, ``als-implicit``): our named sets ``als`` against LensKit's
+    ``BiasedMFScorer`` / ``ImplicitMFScorer`` (its defaults, and at our set's size) and ``implicit``'s
+    ``AlternatingLeastSquares`` (its defaults, and at our set's hyperparameters: ``alpha = weight + 1``
+    on binary data), on the same split files; use ``--our-threads`` equal to ``--threads``.
 Results: printed tables, ``benchmarks/out/compare_lenskit.json`` and ``.md``.
 """
 
@@ -44,7 +48,7 @@ LENSKIT_PY = str(Path.home() / ".pyenv" / "versions" / "3.13.0" / "bin" / "pytho
 BASELINES_PY = sys.executable
 LENSKIT_PKGS = ["lenskit==2026.4.0"]
 BASELINE_PKGS = ["scikit-surprise", "implicit>=0.7,<0.8", "pandas", "pyarrow"]
-MODELS = ("explicit", "logistic", "bpr", "warp")
+MODELS = ("explicit", "logistic", "bpr", "warp", "als-explicit", "als-implicit")
 SHARED = {"embedding_size": 64, "batch_size": 8192, "learning_rate": 0.01, "epochs": 10}
 
 #: LensKit 2026.4.0's defaults, used when its venv is missing (the live values win when present)
@@ -180,7 +184,8 @@ class Runner:
                "output": f"{stem}.parquet", "result": f"{stem}.json"}
         common.write_json(job, Path(f"{stem}.job.json"))
         script = self.scripts[lib if lib in ("ours", "lenskit") else "baselines"]
-        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(threads),
+        # the same OpenMP wait policy for every library (ours sets passive on import; see docs/benchmarks.md)
+        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "passive",
                "PYTHONWARNINGS": "ignore"}
         res = common.run_child([str(py), *script, f"{stem}.job.json"], Path(job["result"]), self.timeout, env)
         res["output"] = job["output"]
@@ -236,8 +241,30 @@ def write_splits(runner: Runner, folds: int) -> dict[str, Any]:
     return info
 
 
+def als_implementations(model: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """The ALS rows: our set ``als``, LensKit's ALS scorers and ``implicit``'s ALS."""
+    if model == "als-explicit":
+        ours = EXPLICIT_HPARAM_SETS["als"]
+        return [("ours, set als", "ours", "explicit", dict(ours)),
+                ("LensKit BiasedMF", "lenskit", "biasedmf", {}),
+                ("LensKit BiasedMF k, epochs of als", "lenskit", "biasedmf",
+                 {"embedding_size": ours["embedding_size"], "epochs": ours["epochs"]})]
+    ours = IMPLICIT_HPARAM_SETS["als"]
+    equal = {"factors": ours["embedding_size"], "regularization": ours["regularization"],
+             "alpha": ours["weight"] + 1.0, "iterations": ours["epochs"]}
+    return [("ours, set als", "ours", "implicit", dict(ours)),
+            ("implicit ALS defaults", "baselines", "implicit-als", {}),
+            ("implicit ALS at set als", "baselines", "implicit-als", equal),
+            ("LensKit ImplicitMF", "lenskit", "implicitmf", {}),
+            ("LensKit ImplicitMF at set als", "lenskit", "implicitmf",
+             {"embedding_size": ours["embedding_size"], "regularization": ours["regularization"],
+              "weight": ours["weight"], "epochs": ours["epochs"]})]
+
+
 def implementations(model: str, lk: dict[str, Any], quick: bool) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(label, library, runner model name, config) of everything timed for ``model``."""
+    if model.startswith("als-"):
+        return als_implementations(model)
     rows: list[tuple[str, str, str, dict[str, Any]]] = [("ours", "ours", model, ours_config(model, lk))]
     if model == "explicit":
         rows.append(("ours (sgd)", "ours", model, ours_config(model, lk, optimizer="sgd")))
@@ -281,8 +308,8 @@ def summarize(runs: list[dict[str, Any]], qualities: list[dict[str, float]]) -> 
 def table_rows(model: str, results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """One table per model. Ratios are LensKit / implementation: throughput (updates/s, so runs with
     other epoch counts compare fairly) and first-fit wall time (what a user waits)."""
-    qkey, qname = ("rmse", "RMSE") if model == "explicit" else ("ndcg@10", "NDCG@10")
-    lk = results.get("LensKit FlexMF", {})
+    qkey, qname = ("rmse", "RMSE") if model in ("explicit", "als-explicit") else ("ndcg@10", "NDCG@10")
+    lk = next((r for label, r in results.items() if label.startswith("LensKit")), {})
     headers = ["implementation", "epochs", "first fit s", "steady s", "updates/s", "peak RSS MiB", qname,
                "updates/s ratio vs LensKit", "first-fit speedup vs LensKit"]
     rows = []
@@ -357,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_install:
         lk_py = common.VENVS / "lenskit" / "bin" / "python"
         bl_py = common.VENVS / "baselines" / "bin" / "python"
+        if not bl_py.exists():  # als_probe's venv holds implicit (not Surprise): enough for the ALS rows
+            bl_py = common.VENVS / "als-implicit" / "bin" / "python"
         runner.pythons["lenskit"] = lk_py if lk_py.exists() else None
         runner.pythons["baselines"] = bl_py if bl_py.exists() else None
     else:
@@ -381,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                               "lenskit_defaults": lk, "command": " ".join(["python", "benchmarks/compare_lenskit.py", *(argv or sys.argv[1:])]),
                               "models": {}}
     for model in models:
-        track = "explicit" if model == "explicit" else "implicit"
+        track = "explicit" if model in ("explicit", "als-explicit") else "implicit"
         split0 = splits["explicit"] if track == "explicit" else splits["implicit"][0]
         impls = implementations(model, lk, args.quick)
         runs: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in impls}

@@ -43,9 +43,9 @@ implicit_hparams:
 
 #: the built-in sets, shrunk so a sweep stays quick
 SMALL_BUILTINS = {
-    "explicit": "  tuned: {epochs: 2, embedding_size: 4}",
+    "explicit": "  tuned: {epochs: 2, embedding_size: 4}\n  als: {solver: als, epochs: 2, embedding_size: 4}",
     "implicit": "\n".join(f"  {name}: {{preset: {name}, epochs: 1, embedding_size: 4}}" for name in ("bpr", "warp"))
-    + "\n  best: {loss: pairwise, epochs: 1, embedding_size: 4}",
+    + "\n  best: {loss: pairwise, epochs: 1, embedding_size: 4}\n  als: {solver: als, epochs: 1, embedding_size: 4}",
 }
 
 
@@ -96,7 +96,7 @@ def test_materialize_prints_a_line_per_run_and_a_summary(tmp_path, http_server, 
     env = project_env(tmp_path, http_server, http_root)
     out = flexmf("register", env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "explicit_hparams: 2 new partition(s): default, tuned" in out.stdout
+    assert "explicit_hparams: 3 new partition(s): default, tuned, als" in out.stdout
     home = tmp_path / "data" / "dagster_home"
     assert (home / "dagster.yaml").exists()  # DAGSTER_HOME defaults under data/ beside flexmf.yaml
     again = flexmf("register", env=env, cwd=tmp_path)
@@ -177,8 +177,8 @@ def test_sweep_survives_failing_partitions(tmp_path, http_server, http_root):
                         r"TrainingError: training diverged at epoch \d+", e) for e in errors), out.stderr
     assert re.search(r"^explicit\s+mine\|diverge\s+FAILED: TrainingError: training diverged", out.stdout, re.M)
     # the other partitions trained, after the failures too
-    trained = {("explicit", "default"), ("explicit", "tuned"), ("implicit", "default"), ("implicit", "bpr"),
-               ("implicit", "warp"), ("implicit", "best")}
+    trained = {("explicit", "default"), ("explicit", "tuned"), ("explicit", "als"), ("implicit", "default"),
+               ("implicit", "bpr"), ("implicit", "warp"), ("implicit", "best"), ("implicit", "als")}
     with open_instance(tmp_path) as instance:
         for track, name in trained:
             meta = latest_meta(instance, f"{track}_evaluation", f"mine|{name}")
@@ -191,7 +191,7 @@ def test_sweep_survives_failing_partitions(tmp_path, http_server, http_root):
             limit=1).records == []
         # the leaderboards were refreshed with what trained; the summary marks their champions
         board = latest_meta(instance, "explicit_leaderboard", "mine")
-        assert board["entries"] == 2 and board["champion"] in ("mine|default", "mine|tuned")
+        assert board["entries"] == 3 and board["champion"] in ("mine|default", "mine|tuned", "mine|als")
         implicit_champion = latest_meta(instance, "implicit_leaderboard", "mine")["champion"]
     assert summary_row(out.stdout, "explicit", board["champion"])[-1] == "champion"
     assert summary_row(out.stdout, "implicit", implicit_champion)[-1] == "champion"

@@ -224,3 +224,18 @@ def test_predict_matches_recommend_and_unknown_ids_are_finite():
     out = model.predict([10**9, user, 10**9], [item, 10**9, 10**9])
     assert np.isfinite(out).all() and out[2] == 0.0
     assert out[0] == pytest.approx(float(model.parameters()["item_bias"][model.items.lookup([item])[0]]))
+
+
+@pytest.mark.parametrize("ids", ["int", "str", "huge"])
+def test_interactions_keep_the_first_of_each_pair_in_order(ids):
+    """Distinct pairs in first-seen order, whether the ids are small integers (the fast distinctness
+    check), strings or integers too large for its keys; already distinct pairs come back as they are."""
+    from flexmf_assets.flexmf.implicit import interactions
+
+    users, items = [3, 1, 3, 2, 1, 3], [7, 7, 7, 9, 8, 9]
+    conv = {"int": lambda x: x, "str": lambda x: f"u{x}", "huge": lambda x: x + 2**62}[ids]
+    frame = pl.DataFrame({"user_id": [conv(u) for u in users], "item_id": items, "rating": [1.0] * 6})
+    got = interactions(frame, None)
+    assert got.rows() == [(conv(3), 7), (conv(1), 7), (conv(2), 9), (conv(1), 8), (conv(3), 9)]
+    distinct = frame.filter(pl.Series([True, True, False, True, True, True]))
+    assert interactions(distinct, None).rows() == got.rows()

@@ -216,6 +216,8 @@ def test_ctypes_structs_mirror_the_header(tmp_path):
         "FLEXMF_OK": _abi.OK, "FLEXMF_UNKNOWN_LOSS": _abi.UNKNOWN_LOSS,
         "FLEXMF_UNKNOWN_OPTIMIZER": _abi.UNKNOWN_OPTIMIZER, "FLEXMF_BAD_NEGATIVES": _abi.BAD_NEGATIVES,
         "FLEXMF_SGD": _abi.SGD, "FLEXMF_ADAM": _abi.ADAM, "FLEXMF_MAX_NEGATIVES": _abi.MAX_NEGATIVES,
+        "FLEXMF_BAD_SIZE": _abi.BAD_SIZE, "FLEXMF_TOPN_PANEL": _abi.TOPN_PANEL, "FLEXMF_TOPN_USERS": _abi.TOPN_USERS,
+        "FLEXMF_ALS_LANES": _abi.ALS_LANES, "FLEXMF_ALS_WORK(64, 7)": _abi.als_work(64, 7),
         **{f"FLEXMF_LOSS_{name.upper()}": loss.kind for name, loss in LOSSES.items()},
     }
     for name, value in constants.items():
@@ -268,3 +270,20 @@ def test_an_unknown_loss_is_an_error_in_every_engine(ratings, monkeypatch, nativ
     object.__setattr__(config, "loss", "hinge")
     with pytest.raises(ConfigError, match=r"^loss: 'hinge' is not one of 'logistic', 'pairwise', 'warp'$"):
         FlexMFImplicitScorer(config, device="cpu").fit(ratings)
+
+
+@pytest.mark.parametrize("preset", [None, "active"])
+def test_importing_the_package_makes_openmp_wait_passively(preset):
+    """OpenMP threads that spin while waiting starve the working thread on a busy machine (two kernel
+    threads were 3-5x slower than one); the package sets OMP_WAIT_POLICY=passive before torch loads
+    OpenMP, unless the user chose a policy."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import flexmf_assets.flexmf, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == (preset or "passive")

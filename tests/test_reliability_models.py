@@ -263,7 +263,7 @@ FORGERIES: dict[str, tuple[str, Callable[[Path], None], str]] = {
                                    r"metadata\.json: field 'best_epoch': expected an integer >= 1 and <= 2 or "
                                    r"null, got 99"),
     "unknown engine": ("explicit", set_meta("engine", "quantum"),
-                       r"metadata\.json: field 'engine': expected one of 'native', 'torch', got 'quantum'"),
+                       r"metadata\.json: field 'engine': expected one of 'native', 'torch', 'als', got 'quantum'"),
     "format_version true": ("explicit", set_meta("format_version", True),
                             r"metadata\.json: unsupported format_version True"),
     "JSON nested 100,000 deep": ("explicit", raw_meta("history", "[" * 100_000 + "]" * 100_000),
@@ -293,6 +293,9 @@ FORGERIES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "negative seen item": ("explicit", set_tensor("seen_indices", lambda t: with_value(t, 3, -7)),
                            r"tensors\.safetensors: tensor 'seen_indices' holds item rows outside 0\.\.\d+ "
                            r"\(min -7, max \d+\)"),
+    "seen items out of order": ("explicit", set_tensor("seen_indices", lambda t: t.flip(0)),
+                                r"tensors\.safetensors: tensor 'seen_indices' is not ascending within a user "
+                                r"\(at position \d+\)"),
     "seen_indptr not rising": ("explicit", set_tensor("seen_indptr", lambda t: with_value(t, 5, 0)),
                                r"tensors\.safetensors: tensor 'seen_indptr' is not a CSR index over \d+ seen "
                                r"items \(must rise from 0 to \d+\)"),

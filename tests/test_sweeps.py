@@ -102,7 +102,7 @@ def test_nothing_trains_unasked_sweep_sensor_is_opt_in(env):
     sensor, ctx = context(env, "register_sets")
     first = sensor.evaluate_tick(ctx)
     added = {r.partitions_def_name: set(r.partition_keys) for r in first.dynamic_partitions_requests}
-    assert added["explicit_hparams"] == {"default", "tuned", "short"}
+    assert added["explicit_hparams"] == {"default", "tuned", "als", "short"}
     assert added["implicit_hparams"] >= {"default", "bpr", "warp", "best"}
     assert not first.run_requests
     env.apply(env.tick())

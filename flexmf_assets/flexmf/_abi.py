@@ -15,8 +15,9 @@ import torch
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 
 #: enum flexmf_status
-OK, UNKNOWN_LOSS, UNKNOWN_OPTIMIZER, BAD_NEGATIVES = 0, 1, 2, 3
+OK, UNKNOWN_LOSS, UNKNOWN_OPTIMIZER, BAD_NEGATIVES, BAD_SIZE = 0, 1, 2, 3, 4
 STATUS = {
+    BAD_SIZE: "k or width below 1, n_items outside 1..2^32-1, or unknown_row outside the user table",
     UNKNOWN_LOSS: "unknown loss kind",
     UNKNOWN_OPTIMIZER: "unknown optimizer",
     BAD_NEGATIVES: "negatives per positive outside 1..MAX_NEGATIVES (WARP: not 1)",
@@ -27,6 +28,15 @@ SGD, ADAM = 0, 1
 MAX_NEGATIVES = 64
 #: most threads the kernels use (bounds the scratch's per-thread padding)
 MAX_THREADS = 64
+#: FLEXMF_TOPN_PANEL, FLEXMF_TOPN_USERS: the top-N kernel's item panel and user block
+TOPN_PANEL, TOPN_USERS = 16, 192
+#: FLEXMF_ALS_LANES: implicit ALS rows solved together
+ALS_LANES = 4
+
+
+def als_work(k: int, max_count: int) -> int:
+    """FLEXMF_ALS_WORK: the ALS kernels' scratch doubles per thread."""
+    return (k + 1) * (k + 4) + 3 * ALS_LANES * k + ALS_LANES * max_count
 
 
 class Table(ctypes.Structure):
@@ -60,13 +70,39 @@ class ContainsArgs(ctypes.Structure):
                 ("items", _P), ("n", _I), ("c", _I), ("out", _P)]
 
 
-STRUCTS = (Table, Train, ExplicitArgs, ImplicitArgs, ContainsArgs)
+class TopNArgs(ctypes.Structure):
+    C_NAME = "flexmf_topn_args"
+    _fields_ = [("users", _P), ("n_user_rows", _I), ("unknown_row", _I), ("items", _P), ("n_items", _I),
+                ("width", _I), ("rows", _P), ("m", _I), ("seen_indptr", _P), ("seen_indices", _P),
+                ("n_seen_users", _I), ("offset", _D), ("k", _I), ("threads", _I), ("packed", _P), ("upack", _P),
+                ("out_scores", _P), ("out_items", _P), ("out_count", _P)]
+
+
+class ALSExplicitArgs(ctypes.Structure):
+    C_NAME = "flexmf_als_explicit_args"
+    _fields_ = [("X", _P), ("ldx", _I), ("xb", _P), ("sxb", _I), ("Y", _P), ("ldy", _I), ("yb", _P), ("syb", _I),
+                ("indptr", _P), ("indices", _P), ("values", _P), ("n_rows", _I), ("k", _I), ("learn_bias", _I),
+                ("nthreads", _I), ("reg", _D), ("reg_exponent", _D), ("bias_reg", _D), ("work", _P),
+                ("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
+
+
+class ALSImplicitArgs(ctypes.Structure):
+    C_NAME = "flexmf_als_implicit_args"
+    _fields_ = [("X", _P), ("ldx", _I), ("Y", _P), ("ldy", _I), ("indptr", _P), ("indices", _P), ("conf", _P),
+                ("gram", _P), ("n_rows", _I), ("k", _I), ("cg_steps", _I), ("nthreads", _I), ("max_count", _I),
+                ("reg", _D), ("work", _P), ("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
+
+
+STRUCTS = (Table, Train, ExplicitArgs, ImplicitArgs, ContainsArgs, TopNArgs, ALSExplicitArgs, ALSImplicitArgs)
 #: every entry point: name -> its argument struct (each kernel returns an enum flexmf_status)
 KERNELS: dict[str, type[ctypes.Structure]] = {
     "flexmf_explicit_epoch": ExplicitArgs,
     "flexmf_implicit_batches": ImplicitArgs,
     "flexmf_contains": ContainsArgs,
     "flexmf_adam_flush": Train,
+    "flexmf_topn": TopNArgs,
+    "flexmf_als_explicit_half": ALSExplicitArgs,
+    "flexmf_als_implicit_half": ALSImplicitArgs,
 }
 
 
@@ -84,12 +120,14 @@ def call(lib: ctypes.CDLL, name: str, args: ctypes.Structure) -> None:
         raise RuntimeError(f"{name}: {STATUS.get(status, f'status {status}')}")
 
 
-def ptr(t: torch.Tensor | None) -> int | None:
-    """Address of a contiguous CPU tensor's first element (None passes NULL)."""
+def ptr(t: torch.Tensor | None, *, strided: bool = False) -> int | None:
+    """Address of a contiguous CPU tensor's first element (None passes NULL); ``strided``: the rows of a
+    table (or the values of a vector) may be apart, the kernel taking the stride (the ALS kernels)."""
     if t is None:
         return None
-    if t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError("native kernels need contiguous CPU tensors")
+    dense = (t.ndim < 2 or t.stride(-1) == 1) if strided else t.is_contiguous()
+    if t.device.type != "cpu" or not dense:
+        raise ValueError("native kernels need contiguous CPU tensors" + (" (rows may be strided)" if strided else ""))
     return t.data_ptr()
 
 
@@ -112,5 +150,5 @@ def table(rows: torch.Tensor, scratch: Scratch, const_col: int | None, last: tor
                  slot=ptr(scratch.slot))
 
 
-__all__ = ["ContainsArgs", "ExplicitArgs", "ImplicitArgs", "KERNELS", "Scratch", "Table", "Train", "call", "declare",
-           "ptr", "table"]
+__all__ = ["ALSExplicitArgs", "ALSImplicitArgs", "ContainsArgs", "ExplicitArgs", "ImplicitArgs", "KERNELS", "Scratch",
+           "Table", "TopNArgs", "Train", "als_work", "call", "declare", "ptr", "table"]

@@ -19,12 +19,6 @@
 
 #include "_kernels.h"
 #include "_kernels_rows.h"
-#ifdef _OPENMP
-#include <omp.h>
-#else /* built without OpenMP (a compiler without it): one thread, same results */
-static inline int omp_get_thread_num(void) { return 0; }
-static inline int omp_get_num_threads(void) { return 1; }
-#endif
 
 /* Catch every row of both tables up to step a->step (end of an epoch: dense AdamW's values). */
 int64_t flexmf_adam_flush(flexmf_train *a) {
@@ -98,7 +92,8 @@ int64_t flexmf_explicit_epoch(flexmf_explicit_args *A) {
 /* ------------------------------------------------------------------------------------------------
  * Implicit: positives and sampled negatives, Adam(W) whose idle steps are caught up in closed form.
  * A loss is one function: d(pair loss)/d(score) of the positive (dj[0]) and of each negative
- * (dj[1 + x]), divided by the batch size, and the pair's loss. Masked negatives add nothing.
+ * (dj[1 + x]), divided by the batch size, and the pair's loss (added to a SoftplusSum, or returned).
+ * Masked negatives add nothing.
  * ------------------------------------------------------------------------------------------------ */
 typedef struct {
     float s0;                   /* the positive's score */
@@ -109,31 +104,21 @@ typedef struct {
     double pos_weight;          /* logistic */
 } PairScores;
 
-static inline double loss_logistic(const PairScores *s, float *dj) {
-    double sp = 0.0, total;
-    dj[0] = (sigmoid_softplus(s->s0, &sp) - 1.0f) * (float)s->pos_weight * s->inv_b;
-    total = s->pos_weight * (sp - (double)s->s0); /* softplus(-x) = softplus(x) - x */
-    for (int64_t x = 0; x < s->c; x++) {
-        dj[1 + x] = s->vj[x] ? sigmoid_softplus(s->sn[x], &sp) * s->inv_b : 0.0f;
-        if (s->vj[x]) total += sp;
-    }
-    return total;
+static inline void loss_logistic(const PairScores *s, float *dj, SoftplusSum *acc) {
+    /* softplus(-x) = softplus(x) - x */
+    dj[0] = (sigmoid_softplus(s->s0, s->pos_weight, acc) - 1.0f) * (float)s->pos_weight * s->inv_b;
+    acc->lin -= s->pos_weight * (double)s->s0;
+    for (int64_t x = 0; x < s->c; x++) dj[1 + x] = s->vj[x] ? sigmoid_softplus(s->sn[x], 1.0, acc) * s->inv_b : 0.0f;
 }
 
-static inline double loss_pairwise(const PairScores *s, float *dj) {
-    double sp = 0.0, total = 0.0;
+static inline void loss_pairwise(const PairScores *s, float *dj, SoftplusSum *acc) {
     float sum = 0.0f;
     for (int64_t x = 0; x < s->c; x++) {
-        float g = 0.0f;
-        if (s->vj[x]) {
-            g = sigmoid_softplus(s->sn[x] - s->s0, &sp);
-            total += sp;
-        }
+        float g = s->vj[x] ? sigmoid_softplus(s->sn[x] - s->s0, 1.0, acc) : 0.0f;
         dj[1 + x] = g * s->inv_b;
         sum += g;
     }
     dj[0] = -sum * s->inv_b;
-    return total;
 }
 
 static inline double loss_warp(const PairScores *s, float *dj) { /* one negative */
@@ -219,6 +204,7 @@ static inline __attribute__((always_inline)) double implicit_batch(const flexmf_
     const uint8_t *valid = A->valid;
     float inv_b = 1.0f / (float)(end - start);
     double total = 0.0;
+    SoftplusSum sp = {0.0, 1.0, 0.0, 0};
     Acc au = acc_for(&tr->user, w, tid, T), ai = acc_for(&tr->item, w, tid, T);
     int64_t lo = start + (end - start) * tid / T, hi = start + (end - start) * (tid + 1) / T;
     for (int64_t j = lo; j < hi; j++) {
@@ -247,8 +233,8 @@ static inline __attribute__((always_inline)) double implicit_batch(const flexmf_
         }
         PairScores ps = {s0, sn, vj, c, inv_b, A->weight ? A->weight[j] : 0.0f, A->positive_weight};
         switch (kind) { /* checked on entry */
-        case FLEXMF_LOSS_LOGISTIC: total += loss_logistic(&ps, dj); break;
-        case FLEXMF_LOSS_PAIRWISE: total += loss_pairwise(&ps, dj); break;
+        case FLEXMF_LOSS_LOGISTIC: loss_logistic(&ps, dj, &sp); break;
+        case FLEXMF_LOSS_PAIRWISE: loss_pairwise(&ps, dj, &sp); break;
         case FLEXMF_LOSS_WARP: total += loss_warp(&ps, dj); break;
         }
         if (T == 1 && c == 1) implicit_accumulate1(&au, &ai, U, I, stride, users[j], pos[j], nj[0], dj, 0, 1, w);
@@ -266,6 +252,7 @@ static inline __attribute__((always_inline)) double implicit_batch(const flexmf_
         }
 #pragma omp barrier
     }
+    total += softplus_total(&sp);
     RowStep rs = {tr, stride, 1.0f, A->k, inv_b, opt, tnow};
     total += step_rows(&au, &tr->user, &rs);
     total += step_rows(&ai, &tr->item, &rs);
@@ -283,10 +270,13 @@ int64_t flexmf_implicit_batches(flexmf_implicit_args *A) {
     if (c < 1 || c > FLEXMF_MAX_NEGATIVES || (kind == FLEXMF_LOSS_WARP && c != 1)) return FLEXMF_BAD_NEGATIVES;
     const int nt = threads_of(tr->threads);
     const int64_t w = tr->width, n = A->n, batch = A->batch;
-    double total = 0.0;
+    double total = 0.0, idle[4 * IDLE_CACHE];
+    Adam first = adam_at(tr->lr, tr->decay, tr->step + 1);
+    idle_table(idle, &first);
     for (int64_t start = 0; start < n; start += batch) {
         int64_t end = start + batch < n ? start + batch : n;
         Adam opt = adam_at(tr->lr, tr->decay, ++tr->step);
+        opt.idle = idle;
         int64_t tnow = tr->step;
         if (nt == 1) {
             total += implicit_batch(A, w, start, end, &opt, tnow, 0, 1);

@@ -1,5 +1,5 @@
 /*
- * The interface of the fused CPU kernels (_kernels.c): one argument struct per kernel, the enums and
+ * The interface of the fused CPU kernels (_kernels.c, _kernels_als.c): one argument struct per kernel, the enums and
  * the optimizer constants. Python mirrors every struct and enum in _abi.py (ctypes.Structure);
  * tests/test_native.py compiles a program against this header and checks every size, offset and
  * value of the mirror. Change both together.
@@ -25,6 +25,7 @@ enum flexmf_status {
     FLEXMF_UNKNOWN_LOSS = 1,
     FLEXMF_UNKNOWN_OPTIMIZER = 2,
     FLEXMF_BAD_NEGATIVES = 3, /* negatives outside 1..FLEXMF_MAX_NEGATIVES, or not 1 for WARP */
+    FLEXMF_BAD_SIZE = 4,      /* top-N: k or width below 1, n_items outside 1..2^32-1, or a bad unknown_row */
 };
 
 /* the implicit losses (losses.py LOSSES: each entry names its kind) */
@@ -102,10 +103,84 @@ typedef struct {
     uint8_t *out;         /* [n, c] */
 } flexmf_contains_args;
 
+/* Top-N scoring (_kernels_topn.c): the best k items of each user row by user_row . item_row + offset,
+ * seen items excluded; ties go to the lower item index. Output rows are best first. */
+#define FLEXMF_TOPN_PANEL 16 /* items per packed panel */
+#define FLEXMF_TOPN_USERS 192 /* users per thread block (a multiple of 6) */
+typedef struct {
+    const float *users;           /* [n_user_rows, width] */
+    int64_t n_user_rows;
+    int64_t unknown_row;          /* the row a user outside 0..n_user_rows-1 (e.g. -1) scores as */
+    const float *items;           /* [n_items, width] (row-major, rows `width` apart) */
+    int64_t n_items, width;
+    const int64_t *rows;          /* [m] the user rows to score */
+    int64_t m;
+    const int64_t *seen_indptr;   /* [n_seen_users + 1] CSR of each row's items, ascending; NULL: none */
+    const int64_t *seen_indices;
+    int64_t n_seen_users;
+    double offset;
+    int64_t k;
+    int64_t threads;
+    float *packed;                /* scratch [ceil(n_items / PANEL) * PANEL * width] */
+    float *upack;                 /* scratch [threads * FLEXMF_TOPN_USERS * width] */
+    float *out_scores;            /* [m, k] best first */
+    int64_t *out_items;           /* [m, k] */
+    int64_t *out_count;           /* [m] the filled slots of each row (k, or fewer when seen items leave fewer) */
+} flexmf_topn_args;
+
+/* Alternating least squares (_kernels_als.c): one call solves every row of one side given the other,
+ * in place; the rows of the CSR side are indptr[r] .. indptr[r + 1] of indices/values. */
+#define FLEXMF_ALS_LANES 4 /* implicit rows solved together, sharing each pass over the Gram matrix */
+/* scratch doubles per thread: a (k + 1)-system and right-hand side, then (implicit CG) 6 vectors of k
+ * floats and 2 per-entry buffers of m floats for each of the FLEXMF_ALS_LANES rows */
+#define FLEXMF_ALS_WORK(k, m) (((k) + 1) * ((k) + 4) + 3 * FLEXMF_ALS_LANES * (k) + FLEXMF_ALS_LANES * (m))
+
+/* Explicit (biased) ALS, one side: ridge solves of [p_r | b_r] against the other side's rows. */
+typedef struct {
+    float *X;
+    int64_t ldx;
+    float *xb; /* this side's biases (NULL: none) */
+    int64_t sxb;
+    const float *Y;
+    int64_t ldy;
+    const float *yb; /* the other side's biases (NULL: none) */
+    int64_t syb;
+    const int64_t *indptr, *indices;
+    const float *values;
+    int64_t n_rows, k, learn_bias, nthreads;
+    double reg, reg_exponent; /* a row's ridge: reg * n_r^reg_exponent */
+    double bias_reg;          /* learn_bias: the bias's ridge is bias_reg * n_r^reg_exponent */
+    double *work;     /* [nthreads, FLEXMF_ALS_WORK(k, 0)] (uses (k + 1) * (k + 4)) */
+    double *row_loss; /* [n_rows, 2] */
+    double data, penalty; /* out */
+    int64_t failed;       /* out */
+} flexmf_als_explicit_args;
+
+/* Implicit (weighted) ALS, one side: CG steps or exact solves with Y^T Y given (gram). */
+typedef struct {
+    float *X;
+    int64_t ldx;
+    const float *Y;
+    int64_t ldy;
+    const int64_t *indptr, *indices;
+    const float *conf;
+    const float *gram; /* [k, k] */
+    int64_t n_rows, k, cg_steps, nthreads;
+    int64_t max_count; /* the most entries of a row */
+    double reg;
+    double *work;     /* [nthreads, FLEXMF_ALS_WORK(k, max_count)] */
+    double *row_loss; /* [n_rows, 2] */
+    double data, penalty; /* out */
+    int64_t failed;       /* out */
+} flexmf_als_implicit_args;
+
 int64_t flexmf_explicit_epoch(flexmf_explicit_args *a);
 int64_t flexmf_implicit_batches(flexmf_implicit_args *a);
 /* catch every row of both tables up to a->step (what dense AdamW's parameters would be now) */
 int64_t flexmf_adam_flush(flexmf_train *a);
 int64_t flexmf_contains(const flexmf_contains_args *a);
+int64_t flexmf_topn(const flexmf_topn_args *a);
+int64_t flexmf_als_explicit_half(flexmf_als_explicit_args *a);
+int64_t flexmf_als_implicit_half(flexmf_als_implicit_args *a);
 
 #endif

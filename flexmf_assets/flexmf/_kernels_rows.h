@@ -9,8 +9,15 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "_kernels.h"
+#ifdef _OPENMP
+#include <omp.h>
+#else /* built without OpenMP (a compiler without it): one thread, same results */
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
 
 #define B1 FLEXMF_ADAM_B1
 #define B2 FLEXMF_ADAM_B2
@@ -28,10 +35,26 @@ static inline void axpyf(float *restrict y, float a, const float *restrict x, in
     for (int64_t c = 0; c < w; c++) y[c] += a * x[c];
 }
 
-/* sigmoid(x) and log(1 + e^x), stable, sharing one exp */
-static inline float sigmoid_softplus(float x, double *softplus) {
+/* A sum of softplus terms, log(1 + e^x) = max(x, 0) + log(1 + e^-|x|): the linear parts added, the
+ * log parts of unit weight as the log of their product (each factor is in (1, 2]: one log per 64
+ * terms instead of one per term). */
+typedef struct {
+    double lin, prod, logs;
+    int n;
+} SoftplusSum;
+
+static inline double softplus_total(const SoftplusSum *a) { return a->lin + a->logs + log(a->prod); }
+
+/* sigmoid(x), stable; adds weight * log(1 + e^x) to `acc` (sharing the one exp) */
+static inline float sigmoid_softplus(float x, double weight, SoftplusSum *acc) {
     float e = expf(-fabsf(x));
-    if (softplus) *softplus = (double)fmaxf(x, 0.0f) + (double)logf(1.0f + e);
+    if (weight == 1.0) {
+        acc->lin += (double)fmaxf(x, 0.0f);
+        acc->prod *= 1.0 + (double)e;
+        if (++acc->n == 64) acc->logs += log(acc->prod), acc->prod = 1.0, acc->n = 0;
+    } else {
+        acc->lin += weight * ((double)fmaxf(x, 0.0f) + log1p((double)e));
+    }
     return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
 }
 
@@ -104,13 +127,30 @@ static double adam_step_size(double lr, int64_t t) {
     return lr * sqrt(1.0 - pow(B2, (double)t)) / (1.0 - pow(B1, (double)t));
 }
 
-/* Adam(W) at step t: its step size, and what the closed-form catch-up of idle steps needs */
-typedef struct { double lr, wd, step_prev, step_t, log_a, log_q, q, log_b1, log_b2; } Adam;
+/* the idle-step factors of d = 0..IDLE_CACHE-1 idle steps are tabulated once per kernel call */
+#define IDLE_CACHE 512
+
+/* Adam(W) at step t: its step size, and what the closed-form catch-up of idle steps needs (`idle`:
+ * a table of IDLE_CACHE x {a^d, q^d, b1^d, b2^d}, or NULL) */
+typedef struct {
+    double lr, wd, step_prev, step_t, log_a, log_q, q, log_b1, log_b2;
+    const double *idle;
+} Adam;
 
 static Adam adam_at(double lr, double wd, int64_t t) {
     double a = 1.0 - lr * wd, q = B1 / sqrt(B2) / a;
-    Adam o = {lr, wd, adam_step_size(lr, t - 1), adam_step_size(lr, t), log(a), log(q), q, log(B1), log(B2)};
+    Adam o = {lr, wd, adam_step_size(lr, t - 1), adam_step_size(lr, t), log(a), log(q), q, log(B1), log(B2), 0};
     return o;
+}
+
+/* Fill `table` (IDLE_CACHE x 4) with the idle-step factors of `o` (they do not depend on the step). */
+static void idle_table(double *table, const Adam *o) {
+    for (int64_t d = 0; d < IDLE_CACHE; d++) {
+        table[4 * d] = exp((double)d * o->log_a);
+        table[4 * d + 1] = exp((double)d * o->log_q);
+        table[4 * d + 2] = exp((double)d * o->log_b1);
+        table[4 * d + 3] = exp((double)d * o->log_b2);
+    }
 }
 
 /* One Adam(W) step of row p with the gradient sign * g + reg * p (`plain`: g itself; a constant, so
@@ -128,27 +168,50 @@ static inline __attribute__((always_inline)) void adam_step(float *restrict p, c
     }
 }
 
+/* The catch-up of a row's idle steps (below) and then, when `step`, its AdamW step with the gradient
+ * sign * g + reg * p (`plain`: g itself), in one pass over the row. */
+static inline __attribute__((always_inline)) void idle_then_step(float *restrict p, const float *restrict g,
+                                                                 float sign, float reg, int64_t w, const float f[4],
+                                                                 const Adam *o, const int step, const int plain) {
+    float *restrict m = p + w, *restrict v = p + 2 * w;
+    float keep = (float)(1.0 - o->lr * o->wd), st = (float)o->step_t;
+#pragma omp simd
+    for (int64_t c = 0; c < w; c++) {
+        float pc = p[c] * f[0] - m[c] * f[1] / (sqrtf(v[c]) + EPS), mc = m[c] * f[2], vc = v[c] * f[3];
+        if (step) {
+            float gc = plain ? g[c] : sign * g[c] + reg * pc;
+            mc += (float)(1.0 - B1) * (gc - mc);
+            vc = (float)B2 * vc + (float)(1.0 - B2) * gc * gc;
+            pc = pc * keep - st * mc / (sqrtf(vc) + EPS);
+        }
+        p[c] = pc, m[c] = mc, v[c] = vc;
+    }
+}
+
 /* `idle` zero-gradient steps in closed form: idle step j does p <- a p - step q^j a^j m / sqrt(v)
  * with a = 1 - lr wd and q a = b1 / sqrt(b2); after d steps p a^d - step m / sqrt(v) a^d
  * sum_{j=1..d} q^j, m b1^d, v b2^d. Then (g != NULL) one AdamW step with the gradient
  * sign * g + reg * p. */
 static void adam_row(float *restrict p, const float *restrict g, float sign, float reg, int64_t w, int64_t cst,
                      int64_t idle, const Adam *o) {
-    float *restrict m = p + w, *restrict v = p + 2 * w;
+    const int plain = sign == 1.0f && reg == 0.0f;
     if (idle > 0) {
-        double d = (double)idle, decay = exp(d * o->log_a);
-        double tail = (1.0 - exp(d * o->log_q)) * decay * o->step_prev * o->q / (1.0 - o->q);
-        float fdecay = o->wd != 0.0 ? (float)decay : 1.0f, ftail = (float)tail;
-        float mb = (float)exp(d * o->log_b1), vb = (float)exp(d * o->log_b2);
-#pragma omp simd
-        for (int64_t c = 0; c < w; c++) {
-            p[c] = p[c] * fdecay - m[c] * ftail / (sqrtf(v[c]) + EPS);
-            m[c] *= mb;
-            v[c] *= vb;
+        double d = (double)idle, e[4];
+        if (o->idle && idle < IDLE_CACHE) {
+            memcpy(e, o->idle + 4 * idle, sizeof e);
+        } else {
+            e[0] = exp(d * o->log_a), e[1] = exp(d * o->log_q), e[2] = exp(d * o->log_b1), e[3] = exp(d * o->log_b2);
         }
+        double tail = (1.0 - e[1]) * e[0] * o->step_prev * o->q / (1.0 - o->q);
+        float f[4] = {o->wd != 0.0 ? (float)e[0] : 1.0f, (float)tail, (float)e[2], (float)e[3]};
+        if (g == 0) idle_then_step(p, g, sign, reg, w, f, o, 0, 0);
+        else if (plain) idle_then_step(p, g, sign, reg, w, f, o, 1, 1);
+        else idle_then_step(p, g, sign, reg, w, f, o, 1, 0);
+    } else if (g != 0 && plain) {
+        adam_step(p, g, sign, reg, w, o, 1);
+    } else if (g != 0) {
+        adam_step(p, g, sign, reg, w, o, 0);
     }
-    if (g != 0 && sign == 1.0f && reg == 0.0f) adam_step(p, g, sign, reg, w, o, 1);
-    else if (g != 0) adam_step(p, g, sign, reg, w, o, 0);
     if (cst >= 0) p[cst] = 1.0f; /* the constant column (its moments are never read) */
 }
 

@@ -6,7 +6,8 @@ temporaries plus per-op dispatch; on a 2-core machine that caps MF training near
 from the memory-bound ceiling. The kernels do the same minibatch step (same gradients, same
 optimizers, same batch semantics) in two passes, in place on the torch tensors' storage.
 
-How: ``_kernels.c`` (including ``_kernels.h``, the interface, and ``_kernels_rows.h``) is compiled
+How: ``_kernels.c`` and ``_kernels_als.c`` (including ``_kernels.h``, the interface, and
+``_kernels_rows.h``) are compiled
 once per machine with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, about
 a second; at most ``$FLEXMF_NATIVE_BUILD_TIMEOUT`` seconds, default 120) into
 ``$FLEXMF_NATIVE_CACHE`` (default ``~/.cache/flexmf-assets/native``), keyed by the source, the
@@ -52,6 +53,8 @@ from flexmf_assets.flexmf import _abi
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_kernels.c")
+#: every C file of the library: the minibatch kernels, the ALS solvers, the top-N scoring kernel
+SOURCES = (SOURCE, Path(__file__).with_name("_kernels_als.c"), Path(__file__).with_name("_kernels_topn.c"))
 #: the interface (_kernels.h, mirrored by _abi.py) and the row machinery the kernels share
 HEADERS = (Path(__file__).with_name("_kernels.h"), Path(__file__).with_name("_kernels_rows.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
@@ -88,7 +91,7 @@ def cache_dir() -> Path:
 
 def _key(cc: str) -> str:
     """The cache key of a build: the source and headers, the flags, the compiler and the CPU."""
-    sources = [p.read_bytes() for p in (SOURCE, *HEADERS)]
+    sources = [p.read_bytes() for p in (*SOURCES, *HEADERS)]
     return hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), cc.encode(),
                                       platform.machine().encode(), _cpu_key().encode()])).hexdigest()[:20]
 
@@ -184,6 +187,16 @@ def _validate(lib: ctypes.CDLL) -> None:
                        step=1, threads=1)
     _abi.call(lib, "flexmf_adam_flush", flush)
     got, want = got + [*state.flatten().tolist(), float(last)], want + [0.9715255, 0.45, 0.24975, 1.0]
+    # top-2 of user [1, 2] over items [1, 0], [0, 1], [1, 1] (scores 1, 2, 3), item 0 seen, plus 0.5
+    U, V, rows = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), zero
+    indptr, indices, scratch = torch.tensor([0, 1]), torch.tensor([0]), torch.empty(2 * _abi.TOPN_USERS * 16)
+    top_s, top_i, count = torch.empty(2), torch.empty(2, dtype=torch.int64), torch.empty(1, dtype=torch.int64)
+    _abi.call(lib, "flexmf_topn", _abi.TopNArgs(
+        users=_abi.ptr(U), n_user_rows=2, unknown_row=1, items=_abi.ptr(V), n_items=3, width=2, rows=_abi.ptr(rows),
+        m=1, seen_indptr=_abi.ptr(indptr), seen_indices=_abi.ptr(indices), n_seen_users=1, offset=0.5, k=2,
+        threads=2, packed=_abi.ptr(scratch), upack=_abi.ptr(scratch[16 * 2:]), out_scores=_abi.ptr(top_s),
+        out_items=_abi.ptr(top_i), out_count=_abi.ptr(count)))
+    got, want = got + [*top_s.tolist(), *top_i.tolist(), float(count)], want + [3.5, 2.5, 2.0, 1.0, 2.0]
     if not all(math.isclose(g, w, rel_tol=1e-5, abs_tol=1e-6) for g, w in zip(got, want)):
         raise RuntimeError(f"its self-test computed {[round(g, 6) for g in got]}, expected {want}")
 
@@ -245,14 +258,14 @@ def _build_timeout() -> float:
 
 
 def _compile(cc: str, out: Path) -> None:
-    """Compile ``SOURCE`` into ``out`` (without OpenMP when the compiler refuses it) within the timeout;
+    """Compile ``SOURCES`` into ``out`` (without OpenMP when the compiler refuses it) within the timeout;
     a compiler still running then is killed with every process it started."""
     limit = _build_timeout()
     deadline = time.monotonic() + limit
     failure = ""
     for flags in (FLAGS, [f for f in FLAGS if f != "-fopenmp"]):
         with tempfile.TemporaryFile() as err:  # a file, not a pipe: an orphaned child cannot block the read
-            proc = subprocess.Popen([cc, *flags, "-I", str(SOURCE.parent), "-o", str(out), str(SOURCE), "-lm"],
+            proc = subprocess.Popen([cc, *flags, "-I", str(SOURCE.parent), "-o", str(out), *map(str, SOURCES), "-lm"],
                                     stdin=subprocess.DEVNULL,
                                     stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
             try:
@@ -268,7 +281,7 @@ def _compile(cc: str, out: Path) -> None:
                                    "(FLEXMF_NATIVE_BUILD_TIMEOUT)") from None
             err.seek(0)
             failure = failure or " ".join(err.read().decode(errors="replace").split())[:500]
-    raise RuntimeError(f"{cc} failed to compile {SOURCE.name}: {failure}")
+    raise RuntimeError(f"{cc} failed to compile {' + '.join(p.name for p in SOURCES)}: {failure}")
 
 
 def _build(cc: str, key: str, cache: Path | None, build: Path) -> ctypes.CDLL:

@@ -18,6 +18,9 @@ T = TypeVar("T", bound="ConfigBase")
 
 #: how ``regularization`` applies (see the scorer configs); ``None`` disables it
 RegMethod = Literal["L2", "AdamW"]
+#: how a scorer is trained: minibatch gradients (``optimizer``, ``learning_rate``, ...) or alternating
+#: least squares (:mod:`.als`)
+Solver = Literal["sgd", "als"]
 
 
 def suggest(name: str, valid: list[str]) -> str:
@@ -88,6 +91,13 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "positive_weight": (0, 1e6, True),
     "eval_k": (1, 1000, False),
     "min_rating": (-1e6, 1e6, False),
+    # alternating least squares (solver: als)
+    "reg_exponent": (0, 4, False),
+    "bias_regularization": (0, 1e6, False),
+    "damping": (0, 1e6, False),
+    "weight": (0, 1e6, False),
+    "epsilon": (0, 1e6, True),
+    "cg_steps": (1, 1000, False),
 }
 
 
@@ -95,7 +105,8 @@ def _bound(value: float) -> str:
     return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
 
 
-#: fields that may be None (``patience``: train all epochs; ``min_rating``: keep every rating)
+#: fields that may be None (``patience``: train all epochs; ``min_rating``: keep every rating); so may
+#: any field whose default is None
 OPTIONAL_RANGES = ("patience", "min_rating")
 
 
@@ -141,12 +152,13 @@ class ConfigBase:
     def _check_common(self) -> None:
         """Range checks shared by the scorer configs: every numeric field within :data:`RANGES`."""
         name = type(self).__name__
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         for field, (low, high, low_open) in RANGES.items():
             if not hasattr(self, field):
                 continue
             value = getattr(self, field)
-            if value is None and field in OPTIONAL_RANGES:
-                continue
+            if value is None and (field in OPTIONAL_RANGES or defaults.get(field, 0) is None):
+                continue  # optional, or left unset for the solver that does not read it
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name}.{field}: expected a number, got {value!r}")
             too_low = value <= low if low_open else value < low
@@ -156,6 +168,25 @@ class ConfigBase:
         reg_method = getattr(self, "reg_method", None)
         if reg_method not in (*typing.get_args(RegMethod), None):
             raise ConfigError(f"{name}.reg_method: {reg_method!r} is not one of 'L2', 'AdamW', None")
+
+    def _check_solver(self, only: Mapping[str, tuple[str, ...]],
+                      neutral: Mapping[str, tuple[Any, ...]] | None = None) -> None:
+        """``solver`` is one of ``only``'s keys, and no field that only the OTHER solvers read is set:
+        each must keep its default (or a value of ``neutral[field]``, which changes nothing either),
+        so a setting that would be ignored is refused in one line (a neutral value becomes the default:
+        equal models have equal configurations)."""
+        name = type(self).__name__
+        solver = getattr(self, "solver")
+        if solver not in only:
+            raise ConfigError(f"{name}.solver: {solver!r} is not one of {', '.join(map(repr, only))}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        for other, fields in only.items():
+            for field in fields if other != solver else ():
+                value = getattr(self, field)
+                if value != defaults[field] and value not in (neutral or {}).get(field, ()):
+                    raise ConfigError(f"{name}.{field}: applies only to solver {other!r}, not to "
+                                      f"solver {solver!r}; leave it out (got {value!r})")
+                object.__setattr__(self, field, defaults[field])  # a neutral value: one spelling
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -247,7 +278,11 @@ def _parse_literal(key: str, field: str, annotation: Any, raw: str) -> Any:
     if bool in kinds:
         if raw.lower() in ("true", "false"):
             return raw.lower() == "true"
-        raise ConfigError(f"hparams key {key!r}: {field}={raw} is not true or false")
+        words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+        if raw in words:  # a boolean or a word (explicit ``bias``: true, false, learned, damped)
+            return raw
+        alternatives = f" (nor one of {', '.join(map(repr, words))})" if words else ""
+        raise ConfigError(f"hparams key {key!r}: {field}={raw} is not true or false{alternatives}")
     if int in kinds:
         if _INT_TEXT.fullmatch(raw):
             return int(raw)

@@ -25,6 +25,7 @@ import torch
 
 from flexmf_assets.errors import DataValidationError
 from flexmf_assets.flexmf import _abi, _native
+from flexmf_assets.flexmf.als import ExplicitALSStrategy
 from flexmf_assets.flexmf.explicit_config import FlexMFExplicitConfig
 from flexmf_assets.flexmf.model_files import Fields, expect_tensor
 from flexmf_assets.flexmf.optim import RowGroups
@@ -61,7 +62,7 @@ class FlexMFExplicitScorer(FlexMFScorer):
 
     @property
     def layout(self) -> TableLayout:
-        return TableLayout(self.config.embedding_size, self.config.bias, self.config.bias)
+        return TableLayout(self.config.embedding_size, self.config.has_bias, self.config.has_bias)
 
     def _training_pairs(self, train: pl.DataFrame) -> pl.DataFrame:
         _check_frame(train, "train")
@@ -90,6 +91,8 @@ class FlexMFExplicitScorer(FlexMFScorer):
         return self._rating_variance + self.config.embedding_size * self.config.init_scale**4
 
     def _strategy(self) -> Strategy:
+        if self.config.solver == "als":
+            return ExplicitALSStrategy()
         return NativeEngine() if _native.usable(self.device) else TorchEngine()
 
     def _validation_set(self, frame: pl.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,15 +6,28 @@ from dataclasses import dataclass
 from typing import Literal
 
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf.config_base import ConfigBase, RegMethod
+from flexmf_assets.flexmf.config_base import ConfigBase, RegMethod, Solver
 
 Optimizer = Literal["sgd", "adam"]
+#: explicit ALS biases: solved with the factors, or LensKit's damped means computed once
+BiasMode = Literal["learned", "damped"]
+#: the fields only one solver reads (a field of the other solver must keep its default)
+SOLVER_FIELDS = {
+    "sgd": ("batch_size", "learning_rate", "reg_method", "optimizer", "lr_decay"),
+    "als": ("damping", "reg_exponent", "bias_regularization"),
+}
 
 
 @dataclass(frozen=True)
 class FlexMFExplicitConfig(ConfigBase):
     """Biased matrix factorization trained on squared error.
 
+    solver: ``"sgd"`` (minibatch gradients: ``optimizer``, ``batch_size``, ``learning_rate``,
+        ``reg_method``, ``lr_decay``) or ``"als"`` (biased alternating least squares as LensKit's
+        ``BiasedMFScorer``: ``epochs`` iterations of ridge solves per user then per item row, the
+        penalty ``regularization * n ** reg_exponent`` of a row with ``n`` ratings; ``bias``,
+        ``damping``, ``bias_regularization``). A field of the other solver set to anything but
+        its default is refused.
     embedding_size: number of latent factors k.
     batch_size: ratings per minibatch (shuffled per epoch).
     learning_rate: step size (per rating for ``sgd``, scaled by ``1/sqrt(c)`` for a row with ``c``
@@ -36,8 +49,13 @@ class FlexMFExplicitConfig(ConfigBase):
         ``None`` trains all epochs. With validation data the best epoch's parameters are kept.
     init_scale: embeddings start as N(0, init_scale); biases start at 0.
     bias: learn user and item biases (the global mean is always used). Biases share
-        ``regularization`` with the embeddings.
+        ``regularization`` with the embeddings. With ``als``: ``"learned"`` (or ``true``: solved with
+        the factors, starting from the damped means) or ``"damped"`` (LensKit's damped means,
+        computed once); ``false`` is refused (ALS always fits biases).
     clamp: clip predictions to the training rating range.
+    damping (als): the damping of the bias means, ``b_i = sum(r - mu) / (n_i + damping)`` (LensKit's).
+    reg_exponent (als): a row's ridge penalty is ``regularization * n ** reg_exponent`` (LensKit: 1).
+    bias_regularization (als, learned biases): the biases' penalty factor; ``None``: ``regularization``.
     """
 
     embedding_size: int = 64
@@ -51,14 +69,30 @@ class FlexMFExplicitConfig(ConfigBase):
     seed: int = 42
     patience: int | None = None
     init_scale: float = 0.1
-    bias: bool = True
+    bias: bool | BiasMode = True
     clamp: bool = True
+    solver: Solver = "sgd"
+    damping: float = 5.0
+    reg_exponent: float = 1.0
+    bias_regularization: float | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         self._check_common()
+        self._check_solver(SOLVER_FIELDS)
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"{name}.optimizer: {self.optimizer!r} is not one of 'sgd', 'adam'")
+        if self.solver == "sgd" and not isinstance(self.bias, bool):
+            raise ConfigError(f"{name}.bias: {self.bias!r} applies only to solver 'als'; solver 'sgd' takes "
+                              "true or false")
+        if self.solver == "als" and self.bias not in (True, "learned", "damped"):
+            raise ConfigError(f"{name}.bias: solver 'als' always fits biases: 'learned' (or true) or 'damped', "
+                              f"got {self.bias!r}")
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the model has user and item biases (a ``bias`` mode of ALS counts)."""
+        return self.bias is not False
 
 
 #: Named hyperparameter sets (flexmf.yaml's ``explicit_hparams`` adds to and overrides them);
@@ -83,4 +117,7 @@ EXPLICIT_HPARAM_SETS: dict[str, dict[str, object]] = {
         "reg_method": "L2",
         "optimizer": "sgd",
     },
+    # biased alternating least squares (how it was chosen: docs/benchmarks.md "Alternating least squares")
+    "als": {"solver": "als", "embedding_size": 100, "epochs": 10, "regularization": 1.2, "reg_exponent": 0.5,
+            "bias": "learned"},
 }

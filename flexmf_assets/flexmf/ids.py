@@ -134,6 +134,12 @@ class SeenItems:
         if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= n_items):
             raise ConfigError(f"{tensor_file}: tensor 'seen_indices' holds item rows outside 0..{n_items - 1} "
                               f"(min {int(indices.min())}, max {int(indices.max())})")
+        starts = torch.zeros(len(indices), dtype=torch.bool, device=indices.device)
+        starts[indptr[:-1][steps > 0]] = True
+        falls = (indices[1:] < indices[:-1]) & ~starts[1:]
+        if bool(falls.any()):  # the top-N kernel walks each user's items in ascending order
+            raise ConfigError(f"{tensor_file}: tensor 'seen_indices' is not ascending within a user "
+                              f"(at position {int(falls.nonzero()[0]) + 1})")
         return cls(indptr, indices)
 
     def pairs(self, user_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch
 
 from flexmf_assets.errors import DataValidationError
 from flexmf_assets.flexmf import _abi, _native
+from flexmf_assets.flexmf.als import ImplicitALSStrategy
 from flexmf_assets.flexmf.implicit_config import FlexMFImplicitConfig
 from flexmf_assets.flexmf.losses import backprop, loss_named, score_gradients, warp_rank_weights
 from flexmf_assets.flexmf.model_files import expect_tensor
@@ -49,7 +50,26 @@ def interactions(frame: pl.DataFrame, min_rating: float | None, *, what: str = "
                 f"{what} frame has no 'rating' column but min_rating={min_rating} is set"
             )
         frame = frame.filter(pl.col("rating") >= min_rating)
-    return frame.select("user_id", "item_id").unique(maintain_order=True)
+    pairs = frame.select("user_id", "item_id")
+    if _all_distinct(pairs):  # ratings usually are (a tenth of polars' order-keeping unique)
+        return pairs
+    return pairs.unique(maintain_order=True)
+
+
+def _all_distinct(pairs: pl.DataFrame) -> bool:
+    """True when the integer ``user_id, item_id`` pairs are known to be distinct (False: not known)."""
+    if pairs.height < 2:
+        return True
+    for col in pairs.iter_columns():
+        if not col.dtype.is_integer() or col.null_count() or not -(1 << 61) <= col.min() <= col.max() < 1 << 61:
+            return False
+    u, i = (pairs[c].to_numpy().astype(np.int64) for c in ("user_id", "item_id"))
+    u, i = u - u.min(), i - i.min()
+    span = int(i.max()) + 1
+    if (int(u.max()) + 1) * span >= 1 << 62:
+        return False
+    keys = np.sort(u * span + i)
+    return bool((keys[1:] != keys[:-1]).all())
 
 
 class FlexMFImplicitScorer(FlexMFScorer):
@@ -64,7 +84,10 @@ class FlexMFImplicitScorer(FlexMFScorer):
 
     @property
     def layout(self) -> TableLayout:
-        return TableLayout(self.config.embedding_size, bool(self.config.user_bias), self.config.item_bias)
+        cfg = self.config
+        if cfg.solver == "als":  # weighted ALS fits no biases
+            return TableLayout(cfg.embedding_size, False, False)
+        return TableLayout(cfg.embedding_size, bool(cfg.user_bias), cfg.item_bias)
 
     def _training_pairs(self, train: pl.DataFrame) -> pl.DataFrame:
         pairs = interactions(train, self.config.min_rating)
@@ -100,6 +123,8 @@ class FlexMFImplicitScorer(FlexMFScorer):
         return loss + l2 * (2 + c) * k * cfg.init_scale**2
 
     def _strategy(self) -> Strategy:
+        if self.config.solver == "als":
+            return ImplicitALSStrategy()
         native = _native.usable(self.device) and self.config.negative_count <= _abi.MAX_NEGATIVES
         return NativeEngine() if native else TorchEngine()
 
@@ -189,7 +214,7 @@ class _Engine(MinibatchStrategy):
         total = torch.zeros((), device=d.users.device, dtype=torch.float64)
         for start in range(0, n, self.chunk):
             idx = perm[start : start + self.chunk]
-            us, ps = d.users[idx], d.items[idx]
+            us, ps = d.users.index_select(0, idx), d.items.index_select(0, idx)  # 4x faster than d.users[idx]
             neg = self._negatives(us, ps)
             weight = None if self.warp_table is None else self.warp_table[neg.trials[:, 0]]
             total += self._batches(us, ps, neg, weight)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf.config_base import ConfigBase, RegMethod
+from flexmf_assets.flexmf.config_base import ConfigBase, RegMethod, Solver
 from flexmf_assets.flexmf.losses import LOSSES
 from flexmf_assets.flexmf.sampling import SAMPLERS
 
@@ -16,12 +16,28 @@ LOSS_PRESETS: dict[str, dict[str, Any]] = {
     "warp": {"loss": "warp", "negative_strategy": "misranked", "misranked_candidates": 64},
 }
 _BASE = {"loss": "logistic", "negative_strategy": "uniform", "negative_count": 1, "misranked_candidates": 20}
+Confidence = Literal["linear", "log"]
+#: the fields only one solver reads (a field of the other solver must keep its default)
+SOLVER_FIELDS = {
+    "sgd": ("batch_size", "learning_rate", "reg_method", "loss", "negative_strategy", "negative_count",
+            "misranked_candidates", "positive_weight", "user_bias", "item_bias", "preset"),
+    "als": ("weight", "confidence", "epsilon", "cg_steps", "exact"),
+}
+#: values of sgd fields that change nothing under als either: what the sgd defaults fill in, no biases
+_ALS_NEUTRAL = {**{field: (value,) for field, value in _BASE.items()}, "user_bias": (False,), "item_bias": (False,)}
 
 
 @dataclass(frozen=True)
 class FlexMFImplicitConfig(ConfigBase):
-    """Matrix factorization on implicit feedback (interactions), trained with sampled negatives.
+    """Matrix factorization on implicit feedback (interactions), trained with sampled negatives or by
+    weighted alternating least squares.
 
+    solver: ``"sgd"`` (minibatch Adam(W) on a loss with sampled negatives: the fields from
+        ``batch_size`` to ``preset`` below) or ``"als"`` (weighted ALS as LensKit's ``ImplicitMFScorer``
+        and ``implicit``: every unobserved pair a 0 of confidence 1, an observed one a 1 of
+        confidence ``1 + weight * r`` (``r = 1``); ``epochs`` iterations of a user then an item
+        half-step; ridge ``regularization``; no biases). A field of the other solver set to anything
+        but its default is refused.
     embedding_size: number of latent factors k.
     batch_size: positive interactions per minibatch (shuffled per epoch).
     learning_rate: Adam's step size.
@@ -51,6 +67,12 @@ class FlexMFImplicitConfig(ConfigBase):
         fields above that are not given explicitly.
     min_rating: ratings >= this count as interactions; ``None`` keeps every rating.
     eval_k: cutoff of the validation NDCG used for early stopping.
+    weight (als): confidence ``1 + weight * r`` of an observed pair (LensKit's ``weight``; ``implicit``'s
+        ``alpha`` is ``weight + 1`` on binary data).
+    confidence (als): ``"linear"`` as above, or ``"log"``: ``1 + weight * log(1 + r / epsilon)``.
+    epsilon (als): the scale of the log confidence.
+    cg_steps (als): conjugate-gradient steps per row and half-step, warm-started from the row.
+    exact (als): solve each row exactly by Cholesky instead (cost k^3 per row: for small k).
     """
 
     embedding_size: int = 64
@@ -72,9 +94,21 @@ class FlexMFImplicitConfig(ConfigBase):
     preset: str | None = None
     min_rating: float | None = None
     eval_k: int = 10
+    solver: Solver = "sgd"
+    weight: float = 40.0
+    confidence: Confidence = "linear"
+    epsilon: float = 1.0
+    cg_steps: int = 3
+    exact: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        if self.solver == "als":  # no loss, sampler or biases to fill in
+            self._check_common()
+            self._check_solver(SOLVER_FIELDS, _ALS_NEUTRAL)
+            if self.confidence not in ("linear", "log"):
+                raise ConfigError(f"{name}.confidence: {self.confidence!r} is not one of 'linear', 'log'")
+            return
 
         def choice(field: str, valid: Any) -> None:
             value = getattr(self, field)
@@ -91,6 +125,7 @@ class FlexMFImplicitConfig(ConfigBase):
             object.__setattr__(self, "user_bias", self.loss == "logistic")
 
         self._check_common()
+        self._check_solver(SOLVER_FIELDS)
         choice("loss", LOSSES)
         choice("negative_strategy", SAMPLERS)
         if LOSSES[self.loss].rank_weighted and not SAMPLERS[self.negative_strategy].needs_model:
@@ -113,4 +148,7 @@ IMPLICIT_HPARAM_SETS: dict[str, dict[str, Any]] = {
     "bpr": {"preset": "bpr", "embedding_size": 64, "epochs": 40, "learning_rate": 0.005},
     "warp": {"preset": "warp", "embedding_size": 32, "epochs": 30},
     "best": {"loss": "pairwise", "negative_strategy": "misranked", "embedding_size": 32, "epochs": 30},
+    # weighted alternating least squares (benchmarks/als_probe.py implicit --set als)
+    "als": {"solver": "als", "embedding_size": 256, "epochs": 15, "regularization": 10.0, "weight": 1.0,
+            "cg_steps": 3},
 }

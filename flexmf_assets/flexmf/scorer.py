@@ -25,6 +25,7 @@ import polars as pl
 import torch
 
 from flexmf_assets.errors import ConfigError, DataValidationError
+from flexmf_assets.flexmf import _native
 from flexmf_assets.flexmf.device import DeviceSettings, resolve_device
 from flexmf_assets.flexmf.ids import IdIndex, SeenItems
 from flexmf_assets.flexmf.model_files import (
@@ -36,6 +37,7 @@ from flexmf_assets.flexmf.model_files import (
     load_model_dir,
     save_model_dir,
 )
+from flexmf_assets.flexmf.topn import native_topn, topk_rows
 from flexmf_assets.flexmf.training import (
     DivergenceGuard,
     Strategy,
@@ -112,7 +114,7 @@ class FlexMFScorer:
     metric: str
     higher_is_better: bool
     #: the strategies a saved model may name as its ``engine``
-    engines: tuple[str, ...] = ("native", "torch")
+    engines: tuple[str, ...] = ("native", "torch", "als")
     #: set by ``fit`` or ``load``
     users: IdIndex
     items: IdIndex
@@ -218,7 +220,7 @@ class FlexMFScorer:
             self.item_table = self.layout.table(item_emb, dev, user_side=False)
         strategy = self._strategy()
         self.engine = strategy.name
-        guard = DivergenceGuard(self._initial_loss(data), cfg.learning_rate)
+        guard = strategy.guard(self, data)
         self._epochs(strategy, data, val, guard, callback)
         self.train_seconds = time.perf_counter() - t0
         self.updates_per_second = self.epochs_run * len(data) / max(self.train_seconds, 1e-9)
@@ -230,7 +232,8 @@ class FlexMFScorer:
         cfg, dev = self.config, self.device
         self.history, self.best_epoch, self.epochs_run = [], None, 0
         best, best_state, stale = math.nan, None, 0
-        with oom_guard(cfg.batch_size), hot_loop_threads(dev, requested_threads(self._device_spec)), \
+        sizes = None if cfg.solver == "sgd" else f"embedding_size={cfg.embedding_size}"  # ALS: no batches
+        with oom_guard(cfg.batch_size, setting=sizes), hot_loop_threads(dev, requested_threads(self._device_spec)), \
                 torch.no_grad():
             strategy.setup(self, data)
             for epoch in range(1, cfg.epochs + 1):
@@ -319,7 +322,10 @@ class FlexMFScorer:
 
         ``users=None`` means every training user; an unknown user gets the items of the highest
         item bias. Scores are unclamped; items the user had in training are excluded when
-        ``exclude_seen``. Users are scored ``batch_size`` at a time on the model's device (memory
+        ``exclude_seen``; equal scores rank the lower item row first. On a CPU with the fused kernels
+        (:func:`.topn.native_topn`) users are scored in blocks against item tiles, keeping a bounded
+        top-``n`` per user (memory: the outputs plus a packed copy of the item table; ``batch_size``
+        is not used); otherwise ``batch_size`` users at a time on the model's device (memory
         ``batch_size x n_items``).
         """
         self._require_fit()
@@ -345,13 +351,17 @@ class FlexMFScorer:
                         batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(position in rows, item row, score, rank)`` of the top ``n`` of each user row (-1: unknown)."""
         P = self.user_table
+        seen = self.seen if exclude_seen else None
+        if _native.usable(P.device):  # the fused kernel: no score block in memory, threads split users
+            _check_sizes(n, batch_size)
+            return native_topn(P, self.item_table[: self.n_items], rows, n, self.score_offset, seen)
         QT = self.item_table[: self.n_items].T.contiguous()
 
         def score(batch: torch.Tensor) -> torch.Tensor:
             safe = torch.where(batch >= 0, batch, torch.full_like(batch, self.n_users))
             return (P.index_select(0, safe) @ QT).add_(self.score_offset)
 
-        return recommend_in_batches(score, rows, n, self.n_items, self.seen if exclude_seen else None, batch_size)
+        return recommend_in_batches(score, rows, n, self.n_items, seen, batch_size)
 
     # ------------------------------------------------------------------------------------------
     # persistence
@@ -409,6 +419,12 @@ class FlexMFScorer:
         self.engine = meta.choice("engine", self.engines, default="torch")
 
 
+def _check_sizes(n: int, batch_size: int) -> None:
+    for name, value in (("n", n), ("batch_size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {value}")
+
+
 def recommend_in_batches(
     score_batch: Callable[[torch.Tensor], torch.Tensor],
     user_rows: torch.Tensor,
@@ -424,9 +440,7 @@ def recommend_in_batches(
     so a user may receive fewer than ``n`` rows. Returns numpy arrays ``(batch position in
     user_rows, item row, score, rank)``, rank 1-based, ordered by user then rank.
     """
-    for name, value in (("n", n), ("batch_size", batch_size)):
-        if value < 1:
-            raise ConfigError(f"{name}: must be >= 1, got {value}")
+    _check_sizes(n, batch_size)
     k = min(n, n_items)
     out_u, out_i, out_s, out_r = [], [], [], []
     if k == 0:
@@ -440,7 +454,7 @@ def recommend_in_batches(
             if seen is not None:
                 pos, items = seen.pairs(rows)
                 scores[pos, items] = float("-inf")
-            top_s, top_i = torch.topk(scores, k, dim=1)
+            top_s, top_i = topk_rows(scores, k)
             keep = torch.isfinite(top_s)
             upos = torch.arange(start, start + len(rows), device=rows.device).unsqueeze(1).expand(-1, k)
             out_u.append(upos[keep].cpu())

@@ -59,6 +59,9 @@ class Strategy(Protocol):
     def finish(self) -> None:
         """Leave ``core.user_table``/``core.item_table`` as plain contiguous tensors; drop the state."""
 
+    def guard(self, core: "FlexMFScorer", data: TrainingData) -> "DivergenceGuard":
+        """The divergence rule of this strategy's epochs (called before ``setup``)."""
+
 
 class MinibatchStrategy:
     """What the minibatch strategies of both tracks (fused kernels, eager torch) share: the core, its
@@ -87,6 +90,9 @@ class MinibatchStrategy:
         core = self.core
         core.user_table, core.item_table = core.user_table.contiguous(), core.item_table.contiguous()
         self.adam = None
+
+    def guard(self, core: "FlexMFScorer", data: TrainingData) -> "DivergenceGuard":
+        return DivergenceGuard(core._initial_loss(data), core.config.learning_rate)
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -119,8 +125,8 @@ def score_bound(user: torch.Tensor, item: torch.Tensor) -> float:
 class DivergenceGuard:
     """The divergence rule every engine, loss and optimizer applies after every epoch.
 
-    Training fails with a one-line :class:`TrainingError` naming the epoch and ``learning_rate``
-    when the epoch's mean training loss is NaN or infinite, when a parameter is, when the
+    Training fails with a one-line :class:`TrainingError` naming the epoch, the ``setting`` to change
+    (``learning_rate=...`` by default) and the ``advice`` when the epoch's mean training loss is NaN or infinite, when a parameter is, when the
     parameters are so large that a score could overflow float32 (``width * max|user| * max|item|``),
     or when the loss is above :data:`DIVERGENCE_FACTOR` times ``initial_loss``: the loss the model
     at its initialization is expected to have (near-zero embeddings score like a constant
@@ -130,26 +136,26 @@ class DivergenceGuard:
     two checks (NaN scores then add nothing to the loss, which looks finite again).
     """
 
-    def __init__(self, initial_loss: float, learning_rate: float):
+    def __init__(self, initial_loss: float, learning_rate: float | None = None, *, setting: str | None = None,
+                 advice: str = "lower learning_rate or raise regularization"):
         self.limit = DIVERGENCE_FACTOR * max(float(initial_loss), 1e-12)
         self.initial_loss = float(initial_loss)
-        self.learning_rate = learning_rate
+        self.setting, self.advice = setting or f"learning_rate={learning_rate}", advice
 
     def _fail(self, epoch: int, what: str) -> NoReturn:
-        raise TrainingError(
-            f"training diverged at epoch {epoch}: {what} (learning_rate={self.learning_rate}); "
-            "lower learning_rate or raise regularization"
-        )
+        raise TrainingError(f"training diverged at epoch {epoch}: {what} ({self.setting}); {self.advice}")
 
     def check(self, epoch: int, loss: float, user: torch.Tensor, item: torch.Tensor) -> None:
         """Raise when epoch ``epoch`` (mean loss ``loss``, parameter tables ``user``/``item``) diverged."""
         if not math.isfinite(loss):
             self._fail(epoch, f"loss is {'nan' if math.isnan(loss) else 'inf'}")
+        largest = []
         for side, table in (("user", user), ("item", item)):
             m = max_abs(table)
             if not math.isfinite(m):
                 self._fail(epoch, f"the {side} parameters are {'nan' if math.isnan(m) else 'inf'}")
-        bound = score_bound(user, item)
+            largest.append(m)
+        bound = user.shape[-1] * largest[0] * largest[1]  # score_bound's value, without a second pass
         if bound > F32_MAX:
             self._fail(epoch, f"parameters grew so large that scores overflow float32 (bound {bound:.3g})")
         if loss > self.limit:

@@ -149,7 +149,8 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
             if split_record else "",
             "hparams": dg.MetadataValue.json(jsonable(config.to_dict())),
             "device": str(scorer.device),
-            # "native": the fused CPU kernels trained it; "torch": the eager torch engine (GPU, fallback)
+            # "native": the fused CPU kernels trained it; "torch": the eager torch engine (GPU, fallback);
+            # "als": alternating least squares (solver: als)
             "engine": scorer.engine,
             "epochs_run": scorer.epochs_run,
             "best_epoch": scorer.best_epoch,
