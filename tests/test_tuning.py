@@ -96,6 +96,12 @@ SPACE = "tune:\n  {track}:\n{body}"
     ("explicit", "    base: {epochs: 5}\n    space:\n      epochs: {low: 1, high: 10}\n",
      "tune.explicit.space.epochs: 'epochs' is both searched and fixed in base"),
     ("explicitt", "    space: {}\n", "tune: unknown key 'explicitt' (did you mean 'explicit'?)"),
+    # one solver per study: a space mixing ALS with the gradient solver's fields does not build
+    ("explicit", "    space:\n      solver: [sgd, als]\n      learning_rate: {low: 0.001, high: 0.1}\n",
+     "tune.explicit.space: the combination solver=als;learning_rate=0.001 does not build: "
+     "FlexMFExplicitConfig.learning_rate: applies only to solver 'sgd'"),
+    ("implicit", "    base: {solver: als}\n    space:\n      loss: [logistic, pairwise]\n",
+     "FlexMFImplicitConfig.loss: applies only to solver 'sgd'"),
 ])
 def test_invalid_search_space_fails_at_load_with_one_line(tmp_path, track, body, message):
     cfg = tmp_path / "flexmf.yaml"
