@@ -118,6 +118,12 @@ static inline void prefetch_row(const float *row, int64_t floats) {
     for (int64_t c = 0; c < floats; c += 16) __builtin_prefetch(row + c);
 }
 
+/* The first w floats of user row u of U and item row i of I (rows `stride` floats apart): a pair's. */
+static inline void prefetch_pair(const float *U, int64_t u, const float *I, int64_t i, int64_t stride, int64_t w) {
+    prefetch_row(U + u * stride, w);
+    prefetch_row(I + i * stride, w);
+}
+
 /* ------------------------------------------------------------------------------------------------
  * Optimizers, one row at a time (optim.py is the torch form). Adam's moments keep the gradient's
  * sign; a row is [p | m | v].
