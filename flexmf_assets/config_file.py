@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from flexmf_assets.errors import ConfigError
-from flexmf_assets.flexmf.config_base import suggest
+from flexmf_assets.flexmf.config_base import check_known
 
 MAX_YAML_NODES = 100_000  # YAML values after alias expansion (an alias bomb is refused)
 MAX_YAML_DEPTH = 100  # nesting levels of the YAML document
@@ -308,11 +308,7 @@ def _read_yaml(path: Path) -> Any:
 
 
 def _check_keys(where: str, data: Mapping[str, Any], valid: tuple[str, ...]) -> None:
-    for key in data:
-        if key not in valid:
-            raise ConfigError(
-                f"{where}: unknown key {key!r}{suggest(str(key), list(valid))}; valid keys: {', '.join(valid)}"
-            )
+    check_known(data, valid, prefix=f"{where}: ")
 
 
 def _mapping(where: str, value: Any) -> dict[str, Any]:

@@ -260,16 +260,13 @@ def user_dataset(name: str, entry: Mapping[str, object], *, where: str = "flexmf
     Every field has a strict type (a boolean is a YAML boolean, a list a list, a number a finite
     number); any violation is a one-line :class:`ConfigError` naming the field.
     """
-    from flexmf_assets.flexmf.config_base import suggest
+    from flexmf_assets.flexmf.config_base import check_known, suggest
 
     check_dataset_name(name, where)
     at = f"{where} datasets.{name}"
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{at}: expected a mapping with url and format, got {type(entry).__name__}")
-    for key in entry:
-        if key not in _USER_KEYS:
-            raise ConfigError(f"{at}: unknown key {key!r}{suggest(str(key), list(_USER_KEYS))}; "
-                              f"valid keys: {', '.join(_USER_KEYS)}")
+    check_known(entry, _USER_KEYS, prefix=f"{at}: ")
     url = entry.get("url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://", "file://")):
         raise ConfigError(f"{at}.url: must be an http://, https:// or file:// URL, got {url!r}")

@@ -34,3 +34,9 @@ def user_errors(fn):
             raise as_failure(exc) from None
 
     return wrapper
+
+
+def flexmf_asset(**kwargs):
+    """``@dg.asset(**kwargs)`` over :func:`user_errors`: the project's assets fail a step on a
+    :class:`FlexMFError` with its one-line message."""
+    return lambda fn: dg.asset(**kwargs)(user_errors(fn))

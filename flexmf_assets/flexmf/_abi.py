@@ -78,22 +78,28 @@ class TopNArgs(ctypes.Structure):
                 ("out_scores", _P), ("out_items", _P), ("out_count", _P)]
 
 
+class ALSLoss(ctypes.Structure):
+    C_NAME = "flexmf_als_loss"
+    _fields_ = [("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
+
+
 class ALSExplicitArgs(ctypes.Structure):
     C_NAME = "flexmf_als_explicit_args"
     _fields_ = [("X", _P), ("ldx", _I), ("xb", _P), ("sxb", _I), ("Y", _P), ("ldy", _I), ("yb", _P), ("syb", _I),
                 ("indptr", _P), ("indices", _P), ("values", _P), ("n_rows", _I), ("k", _I), ("learn_bias", _I),
                 ("nthreads", _I), ("reg", _D), ("reg_exponent", _D), ("bias_reg", _D), ("work", _P),
-                ("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
+                ("loss", ALSLoss)]
 
 
 class ALSImplicitArgs(ctypes.Structure):
     C_NAME = "flexmf_als_implicit_args"
     _fields_ = [("X", _P), ("ldx", _I), ("Y", _P), ("ldy", _I), ("indptr", _P), ("indices", _P), ("conf", _P),
                 ("gram", _P), ("n_rows", _I), ("k", _I), ("cg_steps", _I), ("nthreads", _I), ("max_count", _I),
-                ("reg", _D), ("work", _P), ("row_loss", _P), ("data", _D), ("penalty", _D), ("failed", _I)]
+                ("reg", _D), ("work", _P), ("loss", ALSLoss)]
 
 
-STRUCTS = (Table, Train, ExplicitArgs, ImplicitArgs, ContainsArgs, TopNArgs, ALSExplicitArgs, ALSImplicitArgs)
+STRUCTS = (Table, Train, ExplicitArgs, ImplicitArgs, ContainsArgs, TopNArgs, ALSLoss, ALSExplicitArgs,
+           ALSImplicitArgs)
 #: every entry point: name -> its argument struct (each kernel returns an enum flexmf_status)
 KERNELS: dict[str, type[ctypes.Structure]] = {
     "flexmf_explicit_epoch": ExplicitArgs,
@@ -150,5 +156,5 @@ def table(rows: torch.Tensor, scratch: Scratch, const_col: int | None, last: tor
                  slot=ptr(scratch.slot))
 
 
-__all__ = ["ALSExplicitArgs", "ALSImplicitArgs", "ContainsArgs", "ExplicitArgs", "ImplicitArgs", "KERNELS", "Scratch",
-           "Table", "TopNArgs", "Train", "als_work", "call", "declare", "ptr", "table"]
+__all__ = ["ALSExplicitArgs", "ALSImplicitArgs", "ALSLoss", "ContainsArgs", "ExplicitArgs", "ImplicitArgs", "KERNELS",
+           "Scratch", "Table", "TopNArgs", "Train", "als_work", "call", "declare", "ptr", "table"]

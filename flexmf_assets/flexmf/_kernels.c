@@ -67,10 +67,7 @@ int64_t flexmf_explicit_epoch(flexmf_explicit_args *A) {
             Acc au = acc_for(&tr->user, w, tid, T), ai = acc_for(&tr->item, w, tid, T);
 #pragma omp for schedule(static)
             for (int64_t j = start; j < end; j++) {
-                if (j + PF < end) {
-                    prefetch_row(P + users[j + PF] * stride, w);
-                    prefetch_row(Q + items[j + PF] * stride, w);
-                }
+                if (j + PF < end) prefetch_pair(P, users[j + PF], Q, items[j + PF], stride, w);
                 float e = resid[j] - dotf(P + users[j] * stride, Q + items[j] * stride, w);
                 err[j - start] = e;
                 loss += (double)e * (double)e;
@@ -209,8 +206,7 @@ static inline __attribute__((always_inline)) double implicit_batch(const flexmf_
     int64_t lo = start + (end - start) * tid / T, hi = start + (end - start) * (tid + 1) / T;
     for (int64_t j = lo; j < hi; j++) {
         if (j + PF < hi) {
-            prefetch_row(U + users[j + PF] * stride, w);
-            prefetch_row(I + pos[j + PF] * stride, w);
+            prefetch_pair(U, users[j + PF], I, pos[j + PF], stride, w);
             for (int64_t x = 0; x < c; x++) prefetch_row(I + neg[(j + PF) * c + x] * stride, w);
         }
         const float *pu = U + users[j] * stride;

@@ -135,6 +135,13 @@ typedef struct {
  * floats and 2 per-entry buffers of m floats for each of the FLEXMF_ALS_LANES rows */
 #define FLEXMF_ALS_WORK(k, m) (((k) + 1) * ((k) + 4) + 3 * FLEXMF_ALS_LANES * (k) + FLEXMF_ALS_LANES * (m))
 
+/* A half-step's loss: each row's [data, penalty] terms and their sums (out). */
+typedef struct {
+    double *row_loss; /* [n_rows, 2] */
+    double data, penalty;
+    int64_t failed; /* rows whose data loss is NaN */
+} flexmf_als_loss;
+
 /* Explicit (biased) ALS, one side: ridge solves of [p_r | b_r] against the other side's rows. */
 typedef struct {
     float *X;
@@ -151,9 +158,7 @@ typedef struct {
     double reg, reg_exponent; /* a row's ridge: reg * n_r^reg_exponent */
     double bias_reg;          /* learn_bias: the bias's ridge is bias_reg * n_r^reg_exponent */
     double *work;     /* [nthreads, FLEXMF_ALS_WORK(k, 0)] (uses (k + 1) * (k + 4)) */
-    double *row_loss; /* [n_rows, 2] */
-    double data, penalty; /* out */
-    int64_t failed;       /* out */
+    flexmf_als_loss loss;
 } flexmf_als_explicit_args;
 
 /* Implicit (weighted) ALS, one side: CG steps or exact solves with Y^T Y given (gram). */
@@ -169,9 +174,7 @@ typedef struct {
     int64_t max_count; /* the most entries of a row */
     double reg;
     double *work;     /* [nthreads, FLEXMF_ALS_WORK(k, max_count)] */
-    double *row_loss; /* [n_rows, 2] */
-    double data, penalty; /* out */
-    int64_t failed;       /* out */
+    flexmf_als_loss loss;
 } flexmf_als_implicit_args;
 
 int64_t flexmf_explicit_epoch(flexmf_explicit_args *a);

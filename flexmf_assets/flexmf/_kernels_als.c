@@ -87,9 +87,10 @@ static int als_explicit_dual(const flexmf_als_explicit_args *a, int64_t lo, int6
     return 0;
 }
 
-/* The sums of the rows' [data, penalty] losses (serial: the same bits for any thread count); returns
- * the number of rows whose data loss is NaN. */
-static int64_t sum_row_losses(const double *row_loss, int64_t n_rows, double *data, double *penalty) {
+/* The sums of the rows' [data, penalty] losses and the count of rows whose data loss is NaN (serial:
+ * the same bits for any thread count). */
+static void sum_row_losses(flexmf_als_loss *loss, int64_t n_rows) {
+    const double *row_loss = loss->row_loss;
     double d = 0.0, p = 0.0;
     int64_t failed = 0;
     for (int64_t r = 0; r < n_rows; r++) {
@@ -97,8 +98,7 @@ static int64_t sum_row_losses(const double *row_loss, int64_t n_rows, double *da
         d += row_loss[2 * r];
         p += row_loss[2 * r + 1];
     }
-    *data = d, *penalty = p;
-    return failed;
+    loss->data = d, loss->penalty = p, loss->failed = failed;
 }
 
 /* Explicit (biased) ALS, one side. Row r's entries are indptr[r] .. indptr[r+1]: the other side's
@@ -119,7 +119,7 @@ int64_t flexmf_als_explicit_half(flexmf_als_explicit_args *a) {
         for (int64_t r = 0; r < a->n_rows; r++) {
             const int64_t lo = a->indptr[r], hi = a->indptr[r + 1];
             float *x = a->X + r * a->ldx;
-            double *loss = a->row_loss + 2 * r;
+            double *loss = a->loss.row_loss + 2 * r;
             if (hi == lo) {
                 for (int64_t c = 0; c < k; c++) x[c] = 0.0f;
                 if (a->learn_bias) a->xb[r * a->sxb] = 0.0f;
@@ -178,7 +178,7 @@ int64_t flexmf_als_explicit_half(flexmf_als_explicit_args *a) {
             loss[1] = ridge * sq + bias_ridge * own * own;
         }
     }
-    a->failed = sum_row_losses(a->row_loss, a->n_rows, &a->data, &a->penalty);
+    sum_row_losses(&a->loss, a->n_rows);
     return FLEXMF_OK;
 }
 
@@ -266,12 +266,12 @@ int64_t flexmf_als_implicit_half(flexmf_als_implicit_args *a) {
                 float *x = a->X + row * a->ldx;
                 if (row < a->n_rows && !used[q]) { /* an empty row becomes zero */
                     for (int64_t c = 0; c < k; c++) x[c] = 0.0f;
-                    a->row_loss[2 * row] = a->row_loss[2 * row + 1] = 0.0;
+                    a->loss.row_loss[2 * row] = a->loss.row_loss[2 * row + 1] = 0.0;
                 }
                 for (int64_t c = 0; c < k; c++) X[q * k + c] = used[q] ? x[c] : 0.0f;
                 if (used[q] && a->cg_steps <= 0 && als_implicit_exact(a, a->indptr[row], a->indptr[row + 1],
                                                                       X + q * k, A)) {
-                    a->row_loss[2 * row] = a->row_loss[2 * row + 1] = NAN; /* left as it was */
+                    a->loss.row_loss[2 * row] = a->loss.row_loss[2 * row + 1] = NAN; /* left as it was */
                     used[q] = 0;
                 }
             }
@@ -342,11 +342,11 @@ int64_t flexmf_als_implicit_half(flexmf_als_implicit_args *a) {
                     const double cj = a->conf[j];
                     err += cj * (1.0 - s) * (1.0 - s) - s * s;
                 }
-                a->row_loss[2 * row] = err;
-                a->row_loss[2 * row + 1] = a->reg * sq;
+                a->loss.row_loss[2 * row] = err;
+                a->loss.row_loss[2 * row + 1] = a->reg * sq;
             }
         }
     }
-    a->failed = sum_row_losses(a->row_loss, a->n_rows, &a->data, &a->penalty);
+    sum_row_losses(&a->loss, a->n_rows);
     return FLEXMF_OK;
 }

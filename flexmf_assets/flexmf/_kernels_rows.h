@@ -118,6 +118,12 @@ static inline void prefetch_row(const float *row, int64_t floats) {
     for (int64_t c = 0; c < floats; c += 16) __builtin_prefetch(row + c);
 }
 
+/* The first w floats of user row u of U and item row i of I (rows `stride` floats apart): a pair's. */
+static inline void prefetch_pair(const float *U, int64_t u, const float *I, int64_t i, int64_t stride, int64_t w) {
+    prefetch_row(U + u * stride, w);
+    prefetch_row(I + i * stride, w);
+}
+
 /* ------------------------------------------------------------------------------------------------
  * Optimizers, one row at a time (optim.py is the torch form). Adam's moments keep the gradient's
  * sign; a row is [p | m | v].
@@ -153,31 +159,18 @@ static void idle_table(double *table, const Adam *o) {
     }
 }
 
-/* One Adam(W) step of row p with the gradient sign * g + reg * p (`plain`: g itself; a constant, so
- * each call site gets its own loop). */
-static inline __attribute__((always_inline)) void adam_step(float *restrict p, const float *restrict g, float sign,
-                                                            float reg, int64_t w, const Adam *o, const int plain) {
-    float *restrict m = p + w, *restrict v = p + 2 * w;
-    float keep = (float)(1.0 - o->lr * o->wd), st = (float)o->step_t;
-#pragma omp simd
-    for (int64_t c = 0; c < w; c++) {
-        float gc = plain ? g[c] : sign * g[c] + reg * p[c];
-        m[c] += (float)(1.0 - B1) * (gc - m[c]);
-        v[c] = (float)B2 * v[c] + (float)(1.0 - B2) * gc * gc;
-        p[c] = p[c] * keep - st * m[c] / (sqrtf(v[c]) + EPS);
-    }
-}
-
-/* The catch-up of a row's idle steps (below) and then, when `step`, its AdamW step with the gradient
- * sign * g + reg * p (`plain`: g itself), in one pass over the row. */
+/* The catch-up of a row's idle steps (below; `f` NULL: none) and then, when `step`, its AdamW step with
+ * the gradient sign * g + reg * p (`plain`: g itself), in one pass over the row. `f`, `step` and `plain`
+ * are constants at each call site, so each gets its own loop. */
 static inline __attribute__((always_inline)) void idle_then_step(float *restrict p, const float *restrict g,
-                                                                 float sign, float reg, int64_t w, const float f[4],
+                                                                 float sign, float reg, int64_t w, const float *f,
                                                                  const Adam *o, const int step, const int plain) {
     float *restrict m = p + w, *restrict v = p + 2 * w;
     float keep = (float)(1.0 - o->lr * o->wd), st = (float)o->step_t;
 #pragma omp simd
     for (int64_t c = 0; c < w; c++) {
-        float pc = p[c] * f[0] - m[c] * f[1] / (sqrtf(v[c]) + EPS), mc = m[c] * f[2], vc = v[c] * f[3];
+        float pc = p[c], mc = m[c], vc = v[c];
+        if (f) pc = pc * f[0] - mc * f[1] / (sqrtf(vc) + EPS), mc *= f[2], vc *= f[3];
         if (step) {
             float gc = plain ? g[c] : sign * g[c] + reg * pc;
             mc += (float)(1.0 - B1) * (gc - mc);
@@ -208,9 +201,9 @@ static void adam_row(float *restrict p, const float *restrict g, float sign, flo
         else if (plain) idle_then_step(p, g, sign, reg, w, f, o, 1, 1);
         else idle_then_step(p, g, sign, reg, w, f, o, 1, 0);
     } else if (g != 0 && plain) {
-        adam_step(p, g, sign, reg, w, o, 1);
+        idle_then_step(p, g, sign, reg, w, 0, o, 1, 1);
     } else if (g != 0) {
-        adam_step(p, g, sign, reg, w, o, 0);
+        idle_then_step(p, g, sign, reg, w, 0, o, 1, 0);
     }
     if (cst >= 0) p[cst] = 1.0f; /* the constant column (its moments are never read) */
 }

@@ -310,9 +310,9 @@ class ExplicitALS(_ALS):
             syb=yb.stride(0), indptr=_ptr(this.indptr), indices=_ptr(this.indices), values=_ptr(this.values),
             n_rows=this.n_rows, k=X.shape[1], learn_bias=int(self.learn), nthreads=self.threads,
             reg=self.settings.regularization, reg_exponent=self.settings.reg_exponent, bias_reg=self._bias_reg,
-            work=_ptr(self._work), row_loss=_ptr(self._row_loss))
+            work=_ptr(self._work), loss=_abi.ALSLoss(row_loss=_ptr(self._row_loss)))
         _native.run("flexmf_als_explicit_half", a)
-        return a.data, a.penalty, a.failed
+        return a.loss.data, a.loss.penalty, a.loss.failed
 
     def _half_torch(self, this: Side, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor,
                     yb: torch.Tensor) -> tuple[float, float, int]:
@@ -386,9 +386,10 @@ class ImplicitALS(_ALS):
             X=_ptr(X), ldx=X.stride(0), Y=_ptr(Y), ldy=Y.stride(0), indptr=_ptr(this.indptr),
             indices=_ptr(this.indices), conf=_ptr(this.values), gram=_ptr(gram), n_rows=this.n_rows,
             k=X.shape[1], cg_steps=0 if s.exact else s.cg_steps, nthreads=self.threads,
-            max_count=self._max_count, reg=s.regularization, work=_ptr(self._work), row_loss=_ptr(self._row_loss))
+            max_count=self._max_count, reg=s.regularization, work=_ptr(self._work),
+            loss=_abi.ALSLoss(row_loss=_ptr(self._row_loss)))
         _native.run("flexmf_als_implicit_half", a)
-        return a.data, a.penalty, a.failed
+        return a.loss.data, a.loss.penalty, a.loss.failed
 
     def _half_torch(self, this: Side, X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float, int]:
         s = self.settings

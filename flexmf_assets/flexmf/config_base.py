@@ -10,7 +10,7 @@ import math
 import re
 import types
 import typing
-from typing import Any, Literal, Mapping, TypeVar
+from typing import Any, Iterable, Literal, Mapping, Sequence, TypeVar
 
 from flexmf_assets.errors import ConfigError
 
@@ -27,6 +27,16 @@ def suggest(name: str, valid: list[str]) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_known(names: Iterable[Any], valid: Sequence[str], *, prefix: str, what: str = "key",
+                listed: str = "keys") -> None:
+    """Raise the one-line :class:`ConfigError` for the first of ``names`` not in ``valid``:
+    ``<prefix>unknown <what> 'x' (did you mean 'y'?); valid <listed>: a, b, c``."""
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"{prefix}unknown {what} {name!r}{suggest(str(name), list(valid))}; "
+                              f"valid {listed}: {', '.join(valid)}")
 
 
 def _coerce(cls_name: str, field: str, annotation: Any, value: Any) -> Any:
@@ -135,12 +145,7 @@ class ConfigBase:
         data = dict(data or {})
         prefix = f"{where}: " if where else ""
         valid = cls.field_names()
-        for key in data:
-            if key not in valid:
-                raise ConfigError(
-                    f"{prefix}unknown {cls.__name__} field {key!r}{suggest(key, valid)}; "
-                    f"valid fields: {', '.join(valid)}"
-                )
+        check_known(data, valid, prefix=prefix, what=f"{cls.__name__} field", listed="fields")
         try:
             data = cls._preprocess(data)
             hints = typing.get_type_hints(cls)
@@ -206,16 +211,14 @@ class ConfigBase:
         check_key_syntax(key)
         valid = cls.field_names()
         hints = typing.get_type_hints(cls)
-        fields = ", ".join(valid)
         out: dict[str, Any] = {}
         for part in split_key(key):
             name, eq, raw = part.partition("=")
             if not eq or not name:
                 raise ConfigError(f"hparams key {key!r}: {part!r} is not of the form field=value; "
-                                  f"valid {cls.__name__} fields: {fields}")
-            if name not in valid:
-                raise ConfigError(f"hparams key {key!r}: unknown field {name!r}{suggest(name, valid)}; "
-                                  f"valid {cls.__name__} fields: {fields}")
+                                  f"valid {cls.__name__} fields: {', '.join(valid)}")
+            check_known([name], valid, prefix=f"hparams key {key!r}: ", what="field",
+                        listed=f"{cls.__name__} fields")
             if name in out:
                 raise ConfigError(f"hparams key {key!r}: field {name!r} is given twice")
             out[name] = _parse_literal(key, name, hints[name], raw)

@@ -170,17 +170,11 @@ class NativeEngine(_Engine):
 
     def setup(self, core: FlexMFExplicitScorer, data: TrainingData) -> None:
         super().setup(core, data)
-        layout = core.layout
-        P, Q = (core.user_table, core.item_table) if self.adam is None else (self.adam[0].state, self.adam[1].state)
-        self.tables = (P, Q)
-        self.scratch = (_abi.Scratch(P.shape[0], layout.width), _abi.Scratch(Q.shape[0], layout.width))
+        self.use_native()
         self.err = torch.empty(self.batch)
 
     def _pass(self, users: torch.Tensor, items: torch.Tensor, resid: torch.Tensor) -> float:
-        (P, Q), (su, si), layout = self.tables, self.scratch, self.core.layout
-        train = _abi.Train(user=_abi.table(P, su, layout.user_const), item=_abi.table(Q, si, layout.item_const),
-                           width=layout.width, optimizer=_abi.SGD if self.adam is None else _abi.ADAM, lr=self.lr,
-                           l2=self.l2, decay=self.decay, step=self.step, threads=_native.threads())
+        train = self.native_train(self.lr, self.l2, self.decay)
         args = _abi.ExplicitArgs(train=train, users=_abi.ptr(users), items=_abi.ptr(items), resid=_abi.ptr(resid),
                                  n=len(resid), batch=self.batch, err=_abi.ptr(self.err))
         _native.run("flexmf_explicit_epoch", args)

@@ -251,16 +251,11 @@ class NativeEngine(_Engine):
 
     def setup(self, core: FlexMFImplicitScorer, data: TrainingData) -> None:
         super().setup(core, data)
-        w = self.layout.width
-        self.scratch = (_abi.Scratch(core.n_users + 1, w), _abi.Scratch(core.n_items + 1, w))
+        self.use_native()
         self.ds = torch.empty(self.cfg.batch_size * (1 + self.cfg.negative_count))
 
     def _train(self) -> _abi.Train:
-        (au, ai), (su, si), layout = self.adam, self.scratch, self.layout
-        return _abi.Train(user=_abi.table(au.state, su, layout.user_const, au.last),
-                          item=_abi.table(ai.state, si, layout.item_const, ai.last), width=layout.width,
-                          optimizer=_abi.ADAM, lr=self.cfg.learning_rate, l2=self.l2, decay=self.wd, step=self.step,
-                          threads=_native.threads())
+        return self.native_train(self.cfg.learning_rate, self.l2, self.wd)
 
     def _batches(self, us, pos, neg, weight):
         us, pos, items = us.contiguous(), pos.contiguous(), neg.items.to(torch.int64).contiguous()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Protocol
 import torch
 
 from flexmf_assets.errors import TrainingError
+from flexmf_assets.flexmf import _abi, _native
 from flexmf_assets.flexmf.optim import SparseAdam
 
 if TYPE_CHECKING:
@@ -81,6 +82,26 @@ class MinibatchStrategy:
         self.adam = (SparseAdam(core.user_table, lr, weight_decay, layout.user_const, catch_up),
                      SparseAdam(core.item_table, lr, weight_decay, layout.item_const, catch_up))
         core.user_table, core.item_table = self.adam[0].table, self.adam[1].table
+
+    def use_native(self) -> None:
+        """Train with the fused kernels: the scratch of both tables (their rows and the unknown row)."""
+        w = self.layout.width
+        self.scratch = (_abi.Scratch(self.core.n_users + 1, w), _abi.Scratch(self.core.n_items + 1, w))
+
+    def native_train(self, lr: float, l2: float, decay: float) -> _abi.Train:
+        """The kernels' :class:`_abi.Train` at this step: both tables (Adam's state and idle steps, when
+        training with Adam) with their scratch."""
+        core, layout, (su, si) = self.core, self.layout, self.scratch
+        if self.adam is None:
+            user = _abi.table(core.user_table, su, layout.user_const)
+            item = _abi.table(core.item_table, si, layout.item_const)
+        else:
+            au, ai = self.adam
+            user = _abi.table(au.state, su, layout.user_const, au.last)
+            item = _abi.table(ai.state, si, layout.item_const, ai.last)
+        optimizer = _abi.SGD if self.adam is None else _abi.ADAM
+        return _abi.Train(user=user, item=item, width=layout.width, optimizer=optimizer, lr=lr, l2=l2, decay=decay,
+                          step=self.step, threads=_native.threads())
 
     def permutation(self) -> torch.Tensor:
         """This epoch's order of the training pairs."""

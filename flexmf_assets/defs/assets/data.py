@@ -16,7 +16,7 @@ from flexmf_assets.datasets.validation import DEFAULT_MIN_ROWS
 from flexmf_assets.defs.metadata import column_schema, frame_stats, md_table, rating_histogram
 from flexmf_assets.defs.records import DATA_VERSION_TAG, latest_materialization
 from flexmf_assets.files import jsonable
-from flexmf_assets.defs.failures import user_errors
+from flexmf_assets.defs.failures import flexmf_asset, user_errors
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.project import ProjectConfig
 
@@ -24,14 +24,13 @@ CODE_VERSIONS = {"archive": "1", "ratings": "1", "split": "1"}
 
 
 def build_data_assets(dataset_partitions: dg.PartitionsDefinition):
-    data_asset = functools.partial(dg.asset, partitions_def=dataset_partitions, group_name="data")
+    data_asset = functools.partial(flexmf_asset, partitions_def=dataset_partitions, group_name="data")
 
     @data_asset(
         kinds={"http", "zip"}, code_version=CODE_VERSIONS["archive"],
         description="The dataset's source archive, downloaded (streaming, retried, sha256-verified) into "
         "the cache; an unchanged archive keeps its data version so nothing downstream goes stale.",
     )
-    @user_errors
     def archive(context: dg.AssetExecutionContext, project_config: ProjectResource) -> dg.Output[dict]:
         from flexmf_assets.datasets.download import DEFAULT_MAX_BYTES, fetch
 
@@ -133,7 +132,6 @@ def build_data_assets(dataset_partitions: dg.PartitionsDefinition):
         description="Train / validation / test frames by the split protocol in flexmf.yaml (seeded). "
         "Validation is carved from train for early stopping.",
     )
-    @user_errors
     def split(context: dg.AssetExecutionContext, project_config: ProjectResource,
               ratings: pl.DataFrame) -> dg.Output[dict]:
         from flexmf_assets.datasets.split import split_ratings

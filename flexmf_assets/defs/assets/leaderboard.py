@@ -9,7 +9,7 @@ import polars as pl
 from flexmf_assets.defs.assets.models import lineage_metadata
 from flexmf_assets.defs.automation import follow_any_partition, follow_upstream
 from flexmf_assets.defs.records import latest_materialization, model_partition_key
-from flexmf_assets.defs.failures import user_errors
+from flexmf_assets.defs.failures import flexmf_asset
 from flexmf_assets.defs.metadata import rounded, table
 from flexmf_assets.defs.partitions import BY_DATASET, HPARAMS_PARTITIONS
 from flexmf_assets.files import jsonable
@@ -103,7 +103,7 @@ def build_leaderboard_assets(dataset_partitions: dg.PartitionsDefinition) -> lis
     assets = [_leaderboard_asset(board, dataset_partitions) for board in TRACKS.values()]
     recommendations = [f"{t}_recommendations" for t in TRACKS]
 
-    @dg.asset(
+    @flexmf_asset(
         name="champion_recommendations",
         partitions_def=dataset_partitions,
         deps=[*(f"{t}_leaderboard" for t in TRACKS),
@@ -118,7 +118,6 @@ def build_leaderboard_assets(dataset_partitions: dg.PartitionsDefinition) -> lis
         "champion's partition in every row and its provenance (training run, model, split, ratings and "
         "archive versions) in the metadata. Follows the leaderboards by itself.",
     )
-    @user_errors
     def champion_recommendations(context: dg.AssetExecutionContext):
         dataset = context.partition_key
         io = context.resources.io_manager
@@ -157,7 +156,7 @@ def build_leaderboard_assets(dataset_partitions: dg.PartitionsDefinition) -> lis
 def _leaderboard_asset(board: Track, dataset_partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
     metric = board.val_key
 
-    @dg.asset(
+    @flexmf_asset(
         name=f"{board.name}_leaderboard",
         partitions_def=dataset_partitions,
         deps=[dg.AssetDep(f"{board.name}_evaluation", partition_mapping=BY_DATASET)],
@@ -169,7 +168,6 @@ def _leaderboard_asset(board: Track, dataset_partitions: dg.PartitionsDefinition
         f"champion is the best validation score ({metric}), never the test metric. Keys that resolve to the "
         "same configuration are marked `same_as`. Refreshes itself after any evaluation of the dataset.",
     )
-    @user_errors
     def leaderboard(context: dg.AssetExecutionContext):
         dataset = context.partition_key
         frame = leaderboard_frame(context.instance, board, dataset)

@@ -16,7 +16,7 @@ import polars as pl
 
 from flexmf_assets.defs.automation import follow_upstream, retrain_on_new_split
 from flexmf_assets.defs.records import DATA_VERSION_TAG, SPLIT_VERSION_KEY, latest_materialization, model_partition_key
-from flexmf_assets.defs.failures import user_errors
+from flexmf_assets.defs.failures import flexmf_asset
 from flexmf_assets.defs.metadata import rounded, table
 from flexmf_assets.defs.partitions import BY_DATASET, model_partitions, split_key
 from flexmf_assets.defs.resources import DeviceResource, ProjectResource
@@ -97,7 +97,7 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
     model_name = f"{track_name}_model"
     split_in = {"split": dg.AssetIn("split", partition_mapping=BY_DATASET)}
 
-    @dg.asset(
+    @flexmf_asset(
         name=model_name,
         partitions_def=partitions,
         ins=split_in,
@@ -111,7 +111,6 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         "named by the partition; early stopping on the validation split restores the best epoch. A trained "
         "partition retrains by itself when its split's data version changes.\n\n" + key_grammar(track_name),
     )
-    @user_errors
     def model(context: dg.AssetExecutionContext, project_config: ProjectResource, device: DeviceResource,
               split: dict):
         cfg = project_config.load()
@@ -171,7 +170,7 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
             metadata["loss_curve"] = dg.MetadataValue.md(loss_curve(history, track.val_key))
         return dg.Output(scorer, metadata=metadata)
 
-    @dg.asset(
+    @flexmf_asset(
         name=f"{track_name}_evaluation",
         partitions_def=partitions,
         ins={**split_in, "model": dg.AssetIn(model_name)},
@@ -183,7 +182,6 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         "figures and the training curve; the stored value is the per-user metrics table. Follows its model "
         "by itself.",
     )
-    @user_errors
     def evaluation(context: dg.AssetExecutionContext, model, split: dict):
         dataset, hparams = split_key(context)
         report = track.report(model, split["train"], split["test"])
@@ -213,7 +211,7 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
             metadata["loss_curve"] = dg.MetadataValue.md(loss_curve(model.history, track.val_key))
         return dg.Output(report.per_user, metadata=metadata)
 
-    @dg.asset(
+    @flexmf_asset(
         name=f"{track_name}_recommendations",
         partitions_def=partitions,
         ins={"model": dg.AssetIn(model_name), "items": dg.AssetIn("items", partition_mapping=BY_DATASET)},
@@ -225,7 +223,6 @@ def build_track_assets(project: ProjectConfig, track_name: str, *, pool: str = "
         "and genres, and the model partition; Parquet, and the newest table of each partition is also at "
         "`<storage>/<asset>/<dataset>/<set>/latest.parquet` for DuckDB or polars. Follows its model by itself.",
     )
-    @user_errors
     def recommendations(context: dg.AssetExecutionContext, project_config: ProjectResource, model,
                         items: pl.DataFrame):
         cfg = project_config.load()
