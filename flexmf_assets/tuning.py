@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 from flexmf_assets.config_file import _bool, _check_fields, _check_keys, _choice, _describe, _int, _mapping, _number
 from flexmf_assets.errors import ConfigError
 from flexmf_assets.files import process_alive_since
-from flexmf_assets.flexmf.config_base import MAX_KEY_LENGTH, check_key_syntax, format_literal, suggest
+from flexmf_assets.flexmf.config_base import MAX_KEY_LENGTH, check_key_syntax, check_known, format_literal
 
 #: the fields of one track's ``tune:`` entry
 TUNE_FIELDS = ("trials", "sampler", "seed", "timeout", "pruning", "base", "space", "study")
@@ -160,10 +160,8 @@ def parse_tune(where: str, raw: Any, config_classes: Mapping[str, type],
         cls = config_classes[track]
         valid = cls.field_names()
         base = _mapping(f"{here}.base", data.get("base"))
-        for name in base:
-            if name not in valid:
-                raise ConfigError(f"{here}.base: unknown {cls.__name__} field {name!r}{suggest(str(name), valid)}; "
-                                  f"valid fields: {', '.join(valid)}")
+        field = {"what": f"{cls.__name__} field", "listed": "fields"}
+        check_known(base, valid, prefix=f"{here}.base: ", **field)
         start = {**defaults.get(track, {}), **base}
 
         def check(at: str, value: Any, name: str = "") -> None:
@@ -180,9 +178,7 @@ def parse_tune(where: str, raw: Any, config_classes: Mapping[str, type],
         params = []
         for name, spec in space_raw.items():
             at = f"{here}.space.{name}"
-            if name not in valid:
-                raise ConfigError(f"{at}: unknown {cls.__name__} field {name!r}{suggest(str(name), valid)}; "
-                                  f"valid fields: {', '.join(valid)}")
+            check_known([name], valid, prefix=f"{at}: ", **field)
             if name in base:
                 raise ConfigError(f"{at}: {name!r} is both searched and fixed in base; keep one")
             params.append(_parse_param(at, str(name), spec, cls, lambda a, v, n=name: check(a, v, n)))
