@@ -38,6 +38,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_ZIP = REPO.parent / "shared" / "data" / "movielens" / "ml-latest-small.zip"
 #: the synthetic stand-in's generator config (a preset shaped like ml-latest-small)
 SYNTHETIC = "synthetic-100k"
+#: the head of a test flexmf.yaml whose default dataset `mine` is a csv at ``{url}`` (``str.format``
+#: fills it; literal braces are doubled)
+MINE_CSV = """\
+default_dataset: mine
+validation: {{min_rows: 100}}
+datasets:
+  mine:
+    url: {url}
+    format: csv
+    columns: {{user_id: user_id, item_id: item_id, rating: rating, timestamp: timestamp}}
+"""
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TQDM_DISABLE", "1")

@@ -20,17 +20,11 @@ from dagster._core.instance.ref import InstanceRef
 from flexmf_assets.datasets.synthetic import SyntheticConfig, generate
 
 from _webserver import free_port
+from conftest import MINE_CSV
 
 REPO = Path(__file__).resolve().parents[1]
 
-CONFIG = """
-default_dataset: mine
-validation: {{min_rows: 100}}
-datasets:
-  mine:
-    url: {url}
-    format: csv
-    columns: {{user_id: user_id, item_id: item_id, rating: rating, timestamp: timestamp}}
+CONFIG = MINE_CSV + """\
 sweep: {{datasets: [mine]}}
 schedule: {{enabled: false}}
 explicit_hparams:

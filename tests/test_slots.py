@@ -23,16 +23,10 @@ from flexmf_assets.datasets.synthetic import SyntheticConfig, generate
 from flexmf_assets.defs.slots import free_dead_run_slots
 
 from _webserver import Deployment, free_port
+from conftest import MINE_CSV
 
 POOL = "flexmf_training"
-CONFIG = """\
-default_dataset: mine
-validation: {{min_rows: 100}}
-datasets:
-  mine:
-    url: {url}
-    format: csv
-    columns: {{user_id: user_id, item_id: item_id, rating: rating, timestamp: timestamp}}
+CONFIG = MINE_CSV + """\
 explicit_hparams:
   long: {{epochs: 150, embedding_size: 16, patience: null}}
 implicit_hparams:

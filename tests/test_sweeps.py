@@ -15,16 +15,9 @@ from flexmf_assets.defs.definitions import build_definitions
 from flexmf_assets.defs.resources import ProjectResource
 from flexmf_assets.project import load_project
 
-from conftest import failure_text
+from conftest import MINE_CSV, failure_text
 
-BASE = """
-default_dataset: mine
-validation: {{min_rows: 100}}
-datasets:
-  mine:
-    url: {url}
-    format: csv
-    columns: {{user_id: user_id, item_id: item_id, rating: rating, timestamp: timestamp}}
+BASE = MINE_CSV + """\
 explicit_hparams:
   default: {{epochs: 12, embedding_size: 8, patience: null}}
   short: {{epochs: 1, embedding_size: 8, learning_rate: 0.002}}

@@ -27,15 +27,9 @@ from flexmf_assets.errors import ConfigError
 from flexmf_assets.project import load_project
 from flexmf_assets.tracks import TRACKS
 from flexmf_assets.tuning import STUDY_TAG, TRIAL_TAG, open_study
+from conftest import MINE_CSV
 
-CONFIG = """
-default_dataset: mine
-validation: {{min_rows: 100}}
-datasets:
-  mine:
-    url: {url}
-    format: csv
-    columns: {{user_id: user_id, item_id: item_id, rating: rating, timestamp: timestamp}}
+CONFIG = MINE_CSV + """\
 explicit_hparams:
   default: {{epochs: 6, embedding_size: 4, patience: null}}
 tune:
