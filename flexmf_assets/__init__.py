@@ -7,7 +7,8 @@ Importing the package sets ``OMP_WAIT_POLICY=passive`` unless it is set already 
 effect when this happens before torch is first imported): OpenMP threads that spin while they wait
 take the cores from the thread doing the work. The fused kernels run a parallel region per minibatch
 with Python in between; with the default (spinning) policy two threads trained 3-5x slower than one
-on a busy 2-vCPU machine, and at par with it passive (docs/benchmarks.md, "Performance round 2").
+on a busy 2-vCPU machine, and within 1.25x of one with it passive (docs/benchmarks.md, "Performance
+round 2").
 """
 
 import os as _os
